@@ -1,0 +1,5 @@
+import sys
+
+from minillama.cli import main
+
+sys.exit(main())

@@ -1,0 +1,211 @@
+"""The checkpoint format: a directory with config.json, model.safetensors and (usually) tokenizer.model.
+
+Training adds training_state.pt (optimizer, schedule, data position, RNG) to the same directory. Every file is
+written into a temporary directory that is renamed into place only when complete, so a crash never leaves a
+directory that looks like a checkpoint but is not one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minillama.config import ModelConfig, from_dict, to_dict
+from minillama.errors import MiniLlamaError
+from minillama.model import Transformer, rotary_tables
+from minillama.tokenizer import Tokenizer
+
+FORMAT = "minillama-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TRAINING_STATE_FILE = (
+    "config.json", "model.safetensors", "tokenizer.model", "training_state.pt",
+)
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint directory holds besides the weights."""
+
+    path: Path
+    config: ModelConfig
+    tokenizer_fingerprint: str | None
+    tokenizer_vocab_size: int | None
+    metadata: dict[str, Any]
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        path = self.path / TOKENIZER_FILE
+        return path if path.is_file() else None
+
+
+def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The weights to store: the tied output head is the embedding, so it is stored once."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del state["output.weight"]
+    return state
+
+
+def write_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write into a fresh temporary directory, then rename it to `path` (replacing any old one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        fill(tmp)
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_checkpoint(
+    path: Path,
+    model: Transformer,
+    tokenizer: Tokenizer | None = None,
+    metadata: dict[str, Any] | None = None,
+    training_state: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `model` (or an explicit `state_dict` in its layout) as a checkpoint directory at `path`, atomically.
+
+    `metadata` is free-form JSON (step, run name, ...); `training_state` holds only tensors and plain Python
+    values, so that it loads with torch.load(weights_only=True).
+    """
+    config_json = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": to_dict(model.config),
+        "tokenizer": None if tokenizer is None else {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+        "metadata": metadata or {},
+    }
+
+    def fill(tmp: Path) -> None:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
+        save_file(state_dict if state_dict is not None else model_state_dict(model), str(tmp / WEIGHTS_FILE))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer.path, tmp / TOKENIZER_FILE)
+        if training_state is not None:
+            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+
+    return write_atomically(path, fill)
+
+
+def read_checkpoint_info(path: Path) -> Checkpoint:
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise MiniLlamaError(f"{path} is not a checkpoint directory (expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        data = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise MiniLlamaError(f"{path} has no {CONFIG_FILE}; it is not a Mini Llama checkpoint") from None
+    except json.JSONDecodeError as exc:
+        raise MiniLlamaError(f"{config_path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise MiniLlamaError(f"{config_path}: 'format' is {data.get('format') if isinstance(data, dict) else None!r}; expected '{FORMAT}'")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise MiniLlamaError(
+            f"{config_path}: format_version {data.get('format_version')!r} is not supported; this Mini Llama reads {FORMAT_VERSION}"
+        )
+    tokenizer = data.get("tokenizer") or {}
+    return Checkpoint(
+        path=path,
+        config=from_dict(ModelConfig, data.get("model"), str(config_path)),
+        tokenizer_fingerprint=tokenizer.get("fingerprint"),
+        tokenizer_vocab_size=tokenizer.get("vocab_size"),
+        metadata=data.get("metadata") or {},
+    )
+
+
+def load_state_dict_checked(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
+    """Read model.safetensors and check it against `model`'s keys, shapes and dtypes, naming the first mismatch."""
+    weights_path = Path(path) / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise MiniLlamaError(f"{path} has no {WEIGHTS_FILE}; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MiniLlamaError(f"{weights_path} cannot be read ({exc}); the file is truncated or not safetensors") from None
+    expected = model_state_dict(model)
+    for key in expected.keys() - state.keys():
+        raise MiniLlamaError(f"{weights_path} lacks tensor '{key}'; it does not match its config.json")
+    for key in state.keys() - expected.keys():
+        raise MiniLlamaError(f"{weights_path} has unexpected tensor '{key}'; it does not match its config.json")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise MiniLlamaError(
+                f"{weights_path}: tensor '{key}' has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}"
+            )
+        if not tensor.dtype.is_floating_point:
+            raise MiniLlamaError(f"{weights_path}: tensor '{key}' has dtype {tensor.dtype}; expected a floating-point type")
+    return state
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Transformer, Checkpoint]:
+    """Build the model a checkpoint describes and load its weights (float32 unless the caller casts it)."""
+    info = read_checkpoint_info(path)
+    with torch.device("meta"):
+        model = Transformer(info.config)
+    model = model.to_empty(device=device)  # allocates without initialising; the weights come from the file
+    if info.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # to_empty gives each module its own new storage
+    state = load_state_dict_checked(info.path, model)
+    model.load_state_dict(state, strict=not info.config.tie_embeddings)
+    # Buffers are not stored; recompute them on the real device.
+    cos, sin = rotary_tables(info.config.head_dim, info.config.max_seq_len, info.config.rope_theta)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    return model, info
+
+
+def check_tokenizer(info: Checkpoint, tokenizer: Tokenizer) -> None:
+    """Refuse a tokenizer whose vocabulary differs from the checkpoint's model."""
+    if tokenizer.vocab_size != info.config.vocab_size:
+        raise MiniLlamaError(
+            f"checkpoint {info.path} has vocab {info.config.vocab_size}, tokenizer {tokenizer.path} has "
+            f"{tokenizer.vocab_size}; pass the tokenizer the model was trained with"
+        )
+
+
+def load_checkpoint_tokenizer(info: Checkpoint, override: str | Path | None = None) -> Tokenizer:
+    """The tokenizer stored in the checkpoint, unless the user names another; checked against the model."""
+    from minillama.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(override) if override or info.tokenizer_path is None else Tokenizer(info.tokenizer_path)
+    check_tokenizer(info, tokenizer)
+    return tokenizer
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory as given, or the newest complete checkpoint inside a training run directory."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    candidates = sorted(
+        (p for p in (path / "checkpoints").glob("step_*") if (p / CONFIG_FILE).is_file()),
+        key=lambda p: p.name,
+    )
+    if not candidates:
+        raise MiniLlamaError(f"{path} is neither a checkpoint directory nor a run directory with checkpoints/step_*")
+    return candidates[-1]

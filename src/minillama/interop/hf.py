@@ -1,0 +1,220 @@
+"""Hugging Face transformers' LlamaForCausalLM layout: config, weight names, and directory export/import."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minillama.checkpoint import (
+    load_checkpoint, load_checkpoint_tokenizer, model_state_dict, save_checkpoint, write_atomically,
+)
+from minillama.config import ModelConfig
+from minillama.errors import MiniLlamaError
+from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
+from minillama.model import Transformer
+from minillama.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Mini Llama name -> Hugging Face name, per block and for the rest of the model.
+BLOCK_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+MODEL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def hf_name(name: str) -> str:
+    if name in MODEL_NAMES:
+        return MODEL_NAMES[name]
+    _, layer, rest = name.split(".", 2)
+    return f"model.layers.{layer}.{BLOCK_NAMES[rest]}"
+
+
+def hf_config(config: ModelConfig, bos_id: int = 1, eos_id: int = 2, dtype: str = "float32") -> dict[str, Any]:
+    """config.json for LlamaForCausalLM. rope_theta is written both the transformers 4.x way and the 5.x way."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_hidden_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+    }
+
+
+def to_hf_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename Mini Llama weights to transformers' names and reorder wq/wk rows to its rotary layout."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("attention.wq.weight"):
+            tensor = interleaved_to_halves(tensor, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = interleaved_to_halves(tensor, config.kv_heads)
+        out[hf_name(name)] = tensor.contiguous()
+    return out
+
+
+def from_hf_state_dict(config: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `to_hf_state_dict`; a tied checkpoint may omit or include lm_head.weight."""
+    with torch.device("meta"):
+        expected = model_state_dict(Transformer(config))
+    out = {}
+    for name in expected:
+        source = hf_name(name)
+        if source not in hf_state:
+            raise MiniLlamaError(f"the Hugging Face checkpoint lacks tensor '{source}'")
+        tensor = hf_state[source]
+        if name.endswith("attention.wq.weight"):
+            tensor = halves_to_interleaved(tensor, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = halves_to_interleaved(tensor, config.kv_heads)
+        if tensor.shape != expected[name].shape:
+            raise MiniLlamaError(f"tensor '{source}' has shape {tuple(tensor.shape)}; config.json implies {tuple(expected[name].shape)}")
+        out[name] = tensor.contiguous()
+    known = {hf_name(name) for name in expected} | {"lm_head.weight"}
+    for name in hf_state.keys() - known:
+        if "rotary_emb" not in name:
+            raise MiniLlamaError(f"the Hugging Face checkpoint has tensor '{name}', which a Llama without biases does not have")
+    return out
+
+
+def tokenizer_files(tokenizer: Tokenizer, max_seq_len: int) -> dict[str, Any]:
+    """The JSON files that let AutoTokenizer load our SentencePiece model as a Llama tokenizer."""
+    piece = tokenizer.id_to_piece
+    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id), "unk_token": piece(tokenizer.sp.unk_id())}
+    return {
+        "tokenizer_config.json": {
+            "tokenizer_class": "LlamaTokenizer",
+            **special,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "legacy": False,
+            "add_prefix_space": True,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": max_seq_len,
+        },
+        "special_tokens_map.json": special,
+    }
+
+
+def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer_path: Path | None = None) -> Path:
+    """Write a directory that AutoModelForCausalLM and AutoTokenizer load as Llama."""
+    if dtype not in DTYPES:
+        raise MiniLlamaError(f"--dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
+    model, info = load_checkpoint(checkpoint)
+    tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
+    config = info.config
+    state = {k: v.to(DTYPES[dtype]) for k, v in to_hf_state_dict(config, model_state_dict(model)).items()}
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(hf_config(config, tokenizer.bos_id, tokenizer.eos_id, dtype), indent=2))
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2)
+        )
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+        for name, content in tokenizer_files(tokenizer, config.max_seq_len).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
+
+    return write_atomically(Path(out_dir), fill)
+
+
+def config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    """Our ModelConfig for a transformers Llama config.json, refusing what our model does not implement."""
+    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    if hf.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
+        raise MiniLlamaError(
+            f"{where}: model_type {hf.get('model_type')!r} / architectures {architectures} is not supported; only LlamaForCausalLM is"
+        )
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise MiniLlamaError(f"{where}: rope scaling type {rope_type!r} is not supported; only plain rotary embeddings are")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise MiniLlamaError(f"{where}: {flag} is true; Mini Llama's Llama has no biases")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise MiniLlamaError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported; only silu (SwiGLU) is")
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        raise MiniLlamaError(f"{where}: head_dim {hf['head_dim']} differs from hidden_size/num_attention_heads; not supported")
+    try:
+        return ModelConfig(
+            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads, vocab_size=hf["vocab_size"],
+            hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    except KeyError as exc:
+        raise MiniLlamaError(f"{where}: missing field {exc}") from None
+
+
+def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint, single-file or sharded (model.safetensors.index.json)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise MiniLlamaError(
+            f"{model_dir} has no model.safetensors (or index); Mini Llama reads only safetensors, never pickled .bin files"
+        )
+    state = {}
+    for name in files:
+        try:
+            state.update(load_file(str(model_dir / name)))
+        except (SafetensorError, OSError) as exc:
+            raise MiniLlamaError(f"{model_dir / name} cannot be read ({exc})") from None
+    return state
+
+
+def import_hf(model_dir: Path, out_checkpoint: Path, tokenizer_path: Path | None = None) -> Path:
+    """Turn a local transformers Llama directory into a Mini Llama checkpoint (float32)."""
+    model_dir = Path(model_dir)
+    try:
+        hf = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MiniLlamaError(f"{model_dir / 'config.json'} cannot be read ({exc}); pass a transformers model directory") from None
+    config = config_from_hf(hf, str(model_dir / "config.json"))
+    state = {k: v.float() for k, v in from_hf_state_dict(config, read_hf_weights(model_dir)).items()}
+    tokenizer = None
+    if tokenizer_path or (model_dir / "tokenizer.model").is_file():
+        tokenizer = Tokenizer(tokenizer_path or model_dir / "tokenizer.model")
+        if tokenizer.vocab_size != config.vocab_size:
+            raise MiniLlamaError(f"tokenizer {tokenizer.path} has vocab {tokenizer.vocab_size}, the model has {config.vocab_size}")
+    with torch.device("meta"):
+        model = Transformer(config)
+    return save_checkpoint(out_checkpoint, model, tokenizer, metadata={"imported_from": str(model_dir)}, state_dict=state)

@@ -1,0 +1,65 @@
+"""What `minillama inspect` reports: parameter counts and training FLOPs per token for a model config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from minillama.config import ModelConfig, to_dict
+from minillama.model import Transformer
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Parameter counts by part, from a model built on the meta device (no memory, exact shapes)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    total = sum(p.numel() for p in model.parameters())  # a tied head is one Parameter, counted once
+    embedding = model.tok_embeddings.weight.numel()
+    output = 0 if config.tie_embeddings else model.output.weight.numel()
+    per_block = sum(p.numel() for p in model.layers[0].parameters())
+    return {"total": total, "embedding": embedding, "output_head": output, "per_block": per_block,
+            "blocks": per_block * config.n_layers, "final_norm": model.norm.weight.numel()}
+
+
+def training_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
+    """6 FLOPs per matmul weight per token (forward 2, backward 4), plus attention scores and values:
+    6 * 2 * n_layers * dim * seq_len (PaLM's accounting, no discount for the causal mask).
+
+    The matmul weights are every parameter but the input embedding lookup; a tied head still does its matmul,
+    so its weights count once.
+    """
+    counts = count_parameters(config)
+    matmul_params = counts["total"] - (0 if config.tie_embeddings else counts["embedding"])
+    seq_len = seq_len or config.max_seq_len
+    return 6 * matmul_params + 12 * config.n_layers * config.dim * seq_len
+
+
+def describe(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "config": to_dict(config),
+        "derived": {"head_dim": config.head_dim, "kv_heads": config.kv_heads, "ffn_hidden_dim": config.ffn_hidden_dim},
+        "parameters": count_parameters(config),
+        "training_flops_per_token": training_flops_per_token(config),
+    }
+
+
+def format_description(description: dict[str, Any]) -> str:
+    params = description["parameters"]
+    lines = ["model config:"]
+    lines += [f"  {key:<20} {value}" for key, value in description["config"].items()]
+    lines += [f"  {key:<20} {value}  (derived)" for key, value in description["derived"].items()]
+    lines += [
+        "parameters:",
+        f"  total                {params['total']:,}",
+        f"  token embedding      {params['embedding']:,}" + ("  (shared with the output head)" if not params["output_head"] else ""),
+    ]
+    if params["output_head"]:
+        lines.append(f"  output head          {params['output_head']:,}")
+    lines += [
+        f"  per block            {params['per_block']:,}",
+        f"  all blocks           {params['blocks']:,}",
+        f"  final norm           {params['final_norm']:,}",
+        f"training FLOPs/token   {description['training_flops_per_token']:,}  (at max_seq_len)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""SentencePiece tokenizers: loading, finding the Llama 2 default, and training a Llama-style vocabulary."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from minillama.errors import MiniLlamaError
+
+# A public, ungated copy of Meta's Llama 2 tokenizer.model on the Hugging Face hub, and its sha256.
+LLAMA2_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
+LLAMA2_TOKENIZER_FILE = "tokenizer.model"
+LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
+TOKENIZER_ENV = "MINILLAMA_TOKENIZER"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Tokenizer:
+    """A SentencePiece model with Llama's conventions: BOS prepended by default, EOS on request."""
+
+    def __init__(self, model_path: str | Path):
+        import sentencepiece as spm
+
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise MiniLlamaError(f"tokenizer file {self.path} does not exist; pass --tokenizer PATH to a SentencePiece .model")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as exc:
+            raise MiniLlamaError(f"{self.path} is not a SentencePiece model ({exc}); pass a .model file") from None
+        self.fingerprint = file_sha256(self.path)  # stored beside data and checkpoints to catch mix-ups
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts, without BOS/EOS, encoded by SentencePiece's own C++ threads."""
+        return self.sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(int(token_id))
+
+
+def resolve_tokenizer_path(path: str | Path | None = None) -> Path:
+    """Where the tokenizer comes from, in order: `path`, $MINILLAMA_TOKENIZER, the Llama 2 model from the hub."""
+    if path:
+        return Path(path)
+    if os.environ.get(TOKENIZER_ENV):
+        return Path(os.environ[TOKENIZER_ENV])
+    return download_llama2_tokenizer()
+
+
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+    return Tokenizer(resolve_tokenizer_path(path))
+
+
+def download_llama2_tokenizer() -> Path:
+    """Fetch Llama 2's tokenizer.model into the Hugging Face cache (once) and check its sha256."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        local = Path(hf_hub_download(repo_id=LLAMA2_TOKENIZER_REPO, filename=LLAMA2_TOKENIZER_FILE))
+    except Exception as exc:  # network, auth, or hub errors all mean the same thing to the user
+        raise MiniLlamaError(
+            f"could not download the Llama 2 tokenizer from the Hugging Face hub ({type(exc).__name__}); "
+            f"pass --tokenizer PATH/tokenizer.model or set {TOKENIZER_ENV}=PATH"
+        ) from None
+    if file_sha256(local) != LLAMA2_TOKENIZER_SHA256:
+        raise MiniLlamaError(f"downloaded {local} does not match Llama 2's tokenizer sha256; delete it and retry")
+    return local
+
+
+def read_training_text(files: list[Path], text_field: str = "text") -> Iterator[str]:
+    """Lines of .txt files and the `text_field` of .jsonl records, for tokenizer training."""
+    for path in files:
+        if not path.is_file():
+            raise MiniLlamaError(f"{path}: no such file")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line_number, line in enumerate(f, 1):
+                if path.suffix == ".jsonl":
+                    try:
+                        line = json.loads(line)[text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise MiniLlamaError(f"{path}:{line_number}: not a JSON object with a '{text_field}' field") from None
+                if line.strip():
+                    yield line.rstrip("\n")
+
+
+def train_tokenizer(files: list[Path], vocab_size: int, out: Path, text_field: str = "text") -> Tokenizer:
+    """Train a Llama-style SentencePiece BPE model: byte fallback (no unknown characters), digits split one by one,
+    no Unicode normalisation, whitespace kept as is; ids 0/1/2 are unk/bos/eos as in Llama 2."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    input_errors: list[MiniLlamaError] = []
+
+    def sentences() -> Iterator[str]:
+        # SentencePiece would wrap our exception in an opaque RuntimeError; keep it and raise it after.
+        try:
+            yield from read_training_text([Path(f) for f in files], text_field)
+        except MiniLlamaError as exc:
+            input_errors.append(exc)
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            add_dummy_prefix=True,
+            character_coverage=0.99995,
+            max_sentence_length=16384,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        if input_errors:
+            raise input_errors[0] from None
+        raise MiniLlamaError(f"tokenizer training failed: {str(exc).strip().splitlines()[-1]}") from None
+    if input_errors:
+        raise input_errors[0]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) as tmp:
+        tmp.write(model.getvalue())
+    os.replace(tmp.name, out)
+    return Tokenizer(out)

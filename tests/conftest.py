@@ -1,0 +1,70 @@
+"""Shared fixtures: the optional real-data folder, a tokenizer trained on text the tests write, a tiny model."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillama.config import ModelConfig
+from minillama.tokenizer import Tokenizer, train_tokenizer
+
+SUBJECTS = ["the cat", "a dog", "my sister", "the old king", "a small bird", "the farmer", "our teacher", "the river"]
+VERBS = ["sees", "likes", "follows", "remembers", "carries", "finds", "watches", "calls"]
+OBJECTS = ["the moon", "a red apple", "the green hill", "an open door", "the quiet town", "a warm bread", "the sea"]
+ENDINGS = [".", " today.", " at night.", " in the morning.", " again and again."]
+
+
+def synthetic_corpus(n_sentences: int, seed: int = 0) -> str:
+    """Sentences from a small grammar: learnable structure, far below the entropy of uniform tokens."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_sentences):
+        sentence = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(ENDINGS)}"
+        lines.append(sentence[0].upper() + sentence[1:])
+        if i % 7 == 6:
+            lines.append("")  # blank lines separate paragraphs
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    """$MINILLAMA_TEST_DATA (real tokenizers, tiny shakespeare, HellaSwag head); tests needing it skip without it."""
+    folder = os.environ.get("MINILLAMA_TEST_DATA")
+    if not folder or not Path(folder).is_dir():
+        pytest.skip("MINILLAMA_TEST_DATA is not set to the shared data folder (CI sets it to ../shared/data)")
+    return Path(folder)
+
+
+def data_file(test_data: Path, name: str) -> Path:
+    path = test_data / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not in MINILLAMA_TEST_DATA={test_data}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(synthetic_corpus(3000))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_file, tmp_path_factory) -> Tokenizer:
+    """A 320-token BPE tokenizer trained on the synthetic corpus (byte fallback needs 259 of them)."""
+    return train_tokenizer([corpus_file], 320, tmp_path_factory.mktemp("tok") / "tok320.model")
+
+
+@pytest.fixture
+def small_config() -> ModelConfig:
+    """GQA (4 query heads share 2 kv heads), long enough sequences for rotary positions to matter."""
+    return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16, max_seq_len=128)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

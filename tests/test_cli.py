@@ -1,0 +1,31 @@
+import subprocess
+import sys
+
+from minillama.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minillama", *args], capture_output=True, text=True)
+
+
+def test_help_lists_every_subcommand():
+    out = run_cli("--help").stdout
+    for command in ("inspect", "tokenizer"):
+        assert command in out
+
+
+def test_inspect_reference_preset(capsys):
+    assert main(["inspect", "mini-llama-109M"]) == 0
+    assert "109,529,856" in capsys.readouterr().out
+
+
+def test_user_error_is_one_line_and_exit_code_2():
+    result = run_cli("inspect", "no-such-preset")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unknown model preset 'no-such-preset'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tokenizer_train_command(tmp_path, corpus_file, capsys):
+    assert main(["tokenizer", "train", str(corpus_file), "--vocab-size", "300", "--out", str(tmp_path / "t.model")]) == 0
+    assert "vocab 300" in capsys.readouterr().out
