@@ -33,6 +33,28 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {tokenizer.path} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.fingerprint[:12]}…)")
 
 
+def _prepare(args: argparse.Namespace, source) -> None:
+    from minillama.data.prepare import prepare
+    from minillama.tokenizer import load_tokenizer
+
+    prepare(
+        source, Path(args.out), load_tokenizer(args.tokenizer), shard_tokens=args.shard_tokens, val_tokens=args.val_tokens,
+        max_tokens=args.max_tokens, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
+    )
+
+
+def cmd_prepare_fineweb(args: argparse.Namespace) -> None:
+    from minillama.data.sources import FineWebEdu
+
+    _prepare(args, FineWebEdu(args.subset))
+
+
+def cmd_prepare_text(args: argparse.Namespace) -> None:
+    from minillama.data.sources import LocalFiles
+
+    _prepare(args, LocalFiles(args.files, args.text_field, args.split_paragraphs, args.skip_bad_records))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minillama",
@@ -48,6 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", "Show a preset's or checkpoint's config, parameter counts and training FLOPs per token.", cmd_inspect)
     p.add_argument("target", help="a preset name (mini-llama-109M, tiny, ...) or a checkpoint/run directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    prepare = commands.add_parser(
+        "prepare", help="Tokenize FineWeb-Edu or local text into token shards for training.",
+        description="Tokenize documents into shards of token ids plus a manifest.json. Re-running the same command "
+        "after an interruption continues where it stopped.",
+    )
+    prepare_commands = prepare.add_subparsers(dest="prepare_command", required=True, metavar="SOURCE")
+
+    def shard_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
+        p.add_argument("--tokenizer", help="SentencePiece .model (default: $MINILLAMA_TOKENIZER, else Llama 2's from the hub)")
+        p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 100,000,000)")
+        p.add_argument("--val-tokens", type=int, help="tokens in the validation split, taken first (default: one shard)")
+        p.add_argument("--max-tokens", type=int, help="stop after this many tokens in all")
+        p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default: 1)")
+        p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("fineweb-edu", "Stream HuggingFaceFW/fineweb-edu from the Hugging Face hub and tokenize it.", cmd_prepare_fineweb,
+                parent=prepare_commands)
+    p.add_argument("--subset", default="sample-10BT", help="dataset config, e.g. sample-10BT, sample-100BT (default: sample-10BT)")
+    shard_options(p)
+    p = command("text", "Tokenize local .txt, .jsonl or .parquet files (globs allowed).", cmd_prepare_text, parent=prepare_commands)
+    p.add_argument("files", nargs="+", metavar="FILES_OR_GLOBS", help="files or quoted glob patterns, e.g. 'data/*.parquet'")
+    p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text (default: text)")
+    p.add_argument("--split-paragraphs", action="store_true", help=".txt: each blank-line-separated paragraph is a document (default: each file)")
+    p.add_argument("--skip-bad-records", action="store_true", help="skip (and count) malformed or non-UTF-8 records instead of stopping")
+    shard_options(p)
 
     tokenizer = commands.add_parser("tokenizer", help="Train a SentencePiece tokenizer.", description="Tokenizer tools.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")

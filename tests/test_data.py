@@ -1,0 +1,294 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import synthetic_corpus
+from minillama.data import prepare as prepare_module
+from minillama.data.loader import TrainLoader, check_data, validation_batches
+from minillama.data.prepare import prepare
+from minillama.data.shards import read_manifest, write_manifest, write_shard
+from minillama.data.sources import FineWebEdu, LocalFiles
+from minillama.errors import MiniLlamaError
+
+FINEWEB_COLUMNS = ["text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score"]
+
+
+def write_fineweb_parquet(path, texts):
+    """A parquet file in FineWeb-Edu's schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(texts)
+    table = pa.table({
+        "text": texts,
+        "id": [f"<urn:uuid:{i:08d}>" for i in range(n)],
+        "dump": ["CC-MAIN-2024-10"] * n,
+        "url": [f"https://example.org/{i}" for i in range(n)],
+        "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n,
+        "language": ["en"] * n,
+        "language_score": pa.array([0.95] * n, pa.float64()),
+        "token_count": pa.array([len(t.split()) for t in texts], pa.int64()),
+        "score": pa.array([3.1] * n, pa.float64()),
+        "int_score": pa.array([3] * n, pa.int64()),
+    })
+    assert table.column_names == FINEWEB_COLUMNS
+    pq.write_table(table, path)
+    return path
+
+
+def documents(n, seed=0):
+    return [synthetic_corpus(3 + i % 5, seed=seed + i).strip() for i in range(n)]
+
+
+def read_stream(data_dir):
+    manifest = read_manifest(data_dir)
+    return np.concatenate([np.fromfile(data_dir / s["file"], dtype=manifest["dtype"]) for s in manifest["shards"]])
+
+
+def test_round_trip_documents_in_order_with_bos(tmp_path, tokenizer):
+    docs = documents(40)
+    parquet = write_fineweb_parquet(tmp_path / "fw.parquet", docs)
+    manifest = prepare(LocalFiles([str(parquet)]), tmp_path / "out", tokenizer, shard_tokens=500, val_tokens=300, progress=False)
+    stream = read_stream(tmp_path / "out").tolist()
+    starts = [i for i, t in enumerate(stream) if t == tokenizer.bos_id]
+    decoded = [tokenizer.decode(stream[a + 1 : b]) for a, b in zip(starts, starts[1:] + [len(stream)])]
+    assert decoded == docs
+    assert manifest["shards"][0]["split"] == "val" and manifest["shards"][0]["tokens"] == 300
+    assert all(s["split"] == "train" for s in manifest["shards"][1:])
+    assert all(s["tokens"] == 500 for s in manifest["shards"][1:-1])
+    assert manifest["documents"] == 40 and manifest["dtype"] == "uint16"
+    check_data(tmp_path / "out", tokenizer.vocab_size, tokenizer.fingerprint)
+
+
+def test_parallel_workers_write_identical_shards(tmp_path, tokenizer):
+    parquet = write_fineweb_parquet(tmp_path / "fw.parquet", documents(700))
+    one = prepare(LocalFiles([str(parquet)]), tmp_path / "one", tokenizer, shard_tokens=4000, workers=1, progress=False)
+    two = prepare(LocalFiles([str(parquet)]), tmp_path / "two", tokenizer, shard_tokens=4000, workers=2, progress=False)
+    assert one == two
+    for shard in one["shards"]:
+        assert (tmp_path / "one" / shard["file"]).read_bytes() == (tmp_path / "two" / shard["file"]).read_bytes()
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tokenizer, monkeypatch):
+    parquet = write_fineweb_parquet(tmp_path / "fw.parquet", documents(300) + [""] * 3 + documents(100, seed=9))
+    source = lambda: LocalFiles([str(parquet)])  # noqa: E731
+    whole = prepare(source(), tmp_path / "whole", tokenizer, shard_tokens=1500, val_tokens=700, progress=False)
+
+    real_write = prepare_module.write_shard
+    calls = {"n": 0}
+
+    def dies_on_fourth_shard(path, tokens):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # as if killed while writing: the temporary file must not survive
+        return real_write(path, tokens)
+
+    monkeypatch.setattr(prepare_module, "write_shard", dies_on_fourth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source(), tmp_path / "resumed", tokenizer, shard_tokens=1500, val_tokens=700, progress=False)
+    assert len(read_manifest(tmp_path / "resumed")["shards"]) == 3
+    monkeypatch.setattr(prepare_module, "write_shard", real_write)
+    resumed = prepare(source(), tmp_path / "resumed", tokenizer, shard_tokens=1500, val_tokens=700, progress=False)
+    assert resumed == whole and resumed["skipped_records"] == 3
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert np.array_equal(read_stream(tmp_path / "resumed"), read_stream(tmp_path / "whole"))
+
+
+def test_full_disk_leaves_no_partial_shard(tmp_path, monkeypatch):
+    import errno
+
+    from minillama.data import shards
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        write_shard(tmp_path / "train_000001.bin", np.arange(1000, dtype=np.uint16))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_max_tokens_stops_early(tmp_path, tokenizer):
+    parquet = write_fineweb_parquet(tmp_path / "fw.parquet", documents(200))
+    manifest = prepare(LocalFiles([str(parquet)]), tmp_path / "out", tokenizer, shard_tokens=1000, val_tokens=500, max_tokens=2345, progress=False)
+    assert manifest["tokens"] == 2345
+
+
+def test_fineweb_edu_streams_through_datasets(tmp_path, tokenizer, monkeypatch):
+    """The hub is unreachable here: redirect load_dataset to the same rows as a local parquet, through the real
+    datasets streaming machinery, and check the call FineWebEdu makes."""
+    datasets = pytest.importorskip("datasets")
+    docs = documents(50)
+    parquet = write_fineweb_parquet(tmp_path / "fw.parquet", docs)
+    calls = []
+    real_load = datasets.load_dataset
+
+    def local_load(path, name=None, split=None, streaming=False, **kwargs):
+        calls.append((path, name, split, streaming))
+        return real_load("parquet", data_files=str(parquet), split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", local_load)
+    via_hub = prepare(FineWebEdu("sample-10BT"), tmp_path / "hub", tokenizer, shard_tokens=800, val_tokens=400, progress=False)
+    via_file = prepare(LocalFiles([str(parquet)]), tmp_path / "file", tokenizer, shard_tokens=800, val_tokens=400, progress=False)
+    assert calls[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+    assert np.array_equal(read_stream(tmp_path / "hub"), read_stream(tmp_path / "file"))
+    assert via_hub["source"]["subset"] == "sample-10BT" and via_hub["tokens"] == via_file["tokens"]
+
+
+def test_text_and_jsonl_sources(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("First paragraph.\n\nSecond paragraph.\n\n\n")
+    (tmp_path / "b.jsonl").write_text('{"body": "Third."}\n\n{"body": "Fourth."}\n')
+    whole = list(LocalFiles([str(tmp_path / "a.txt")]).records(0, prepare_module.SkipCounter()))
+    assert whole == ["First paragraph.\n\nSecond paragraph.\n\n\n"]
+    paragraphs = LocalFiles([str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl")], text_field="body", split_paragraphs=True)
+    assert [r for r in paragraphs.records(0, prepare_module.SkipCounter()) if r] == ["First paragraph.", "Second paragraph.", "Third.", "Fourth."]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_see_disjoint_windows_covering_the_split(tmp_path, world_size):
+    data_dir = numbered_tokens(tmp_path, [50, 37, 80])  # token i has id i, so a window is named by its first token
+    seq_len, batch = 4, 2
+    seen = []
+    for rank in range(world_size):
+        loader = TrainLoader(data_dir, batch, seq_len, rank=rank, world_size=world_size, shuffle=False)
+        for _ in range((167 - 1) // seq_len // (batch * world_size)):
+            x, y = next(loader)
+            assert np.array_equal(y[:, :-1].numpy(), x[:, 1:].numpy())
+            assert np.array_equal(y.numpy(), x.numpy() + 1)  # consecutive tokens, also across shard boundaries
+            seen += x[:, 0].tolist()
+    assert len(seen) == len(set(seen))
+    windows = (167 - 1) // seq_len
+    assert sorted(seen) == [w * seq_len for w in range(windows - windows % (batch * world_size))]
+
+
+def test_shuffled_epochs_differ_and_are_deterministic(tmp_path):
+    data_dir = numbered_tokens(tmp_path, [300, 300])
+    first = [next(TrainLoader(data_dir, 4, 8, seed=1))[0] for _ in range(1)][0]
+    again = next(TrainLoader(data_dir, 4, 8, seed=1))[0]
+    other = next(TrainLoader(data_dir, 4, 8, seed=2))[0]
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_loader_resume_gives_identical_batches(tmp_path):
+    data_dir = numbered_tokens(tmp_path, [200, 150, 90])
+    straight = TrainLoader(data_dir, 3, 8, seed=5)
+    expected = [next(straight)[0] for _ in range(40)]  # spans several epochs
+    resumed = TrainLoader(data_dir, 3, 8, seed=5)
+    for _ in range(17):
+        next(resumed)
+    state = json.loads(json.dumps(resumed.state_dict()))
+    fresh = TrainLoader(data_dir, 3, 8, seed=5)
+    fresh.load_state_dict(state)
+    assert all(np.array_equal(next(fresh)[0], e) for e in expected[17:])
+
+
+def test_validation_set_does_not_depend_on_world_size(tmp_path):
+    data_dir = numbered_tokens(tmp_path, [100, 100], val=[90, 60])
+    one = sorted(x[:, 0].tolist() for x, _ in validation_batches(data_dir, 4, 8, total_tokens=120))
+    three = sorted(x[:, 0].tolist() for r in range(3) for x, _ in validation_batches(data_dir, 4, 8, 120, rank=r, world_size=3))
+    assert sum(one, []) and sorted(sum(one, [])) == sorted(sum(three, [])) == [w * 8 for w in range(15)]
+
+
+def numbered_tokens(tmp_path, train_sizes, val=(40,)):
+    """Shards whose tokens are 0, 1, 2, ... across the val split, then again across the train split."""
+    data_dir = tmp_path / "numbered"
+    data_dir.mkdir()
+    shards, index = [], 0
+    for split, sizes in (("val", val), ("train", train_sizes)):
+        start = 0
+        for size in sizes:
+            name = f"{split}_{index:06d}.bin"
+            sha = write_shard(data_dir / name, np.arange(start, start + size, dtype=np.uint16))
+            shards.append({"file": name, "split": split, "tokens": size, "documents": 1, "sha256": sha})
+            start, index = start + size, index + 1
+    write_manifest(data_dir, {"format": "minillama-shards", "format_version": 1, "dtype": "uint16", "complete": True,
+                              "tokenizer": {"fingerprint": "x", "vocab_size": 65536}, "shards": shards})
+    return data_dir
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_missing_files_and_empty_globs(tmp_path):
+    with pytest.raises(MiniLlamaError, match="no such file"):
+        LocalFiles([str(tmp_path / "nope.txt")])
+    with pytest.raises(MiniLlamaError, match="matches no files"):
+        LocalFiles([str(tmp_path / "*.jsonl")])
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path, tokenizer):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "good one"}\n{"text": broken\n{"title": "no text"}\n{"text": "good two"}\n')
+    with pytest.raises(MiniLlamaError, match=r"bad.jsonl:2: not valid JSON"):
+        prepare(LocalFiles([str(bad)]), tmp_path / "out", tokenizer, val_tokens=2, progress=False)
+    assert not any((tmp_path / "out").glob("*.bin"))
+    manifest = prepare(LocalFiles([str(bad)], skip_bad_records=True), tmp_path / "out2", tokenizer, val_tokens=2, progress=False)
+    assert manifest["skipped_records"] == 2 and manifest["documents"] == 2
+
+
+def test_missing_text_field_and_non_utf8(tmp_path, tokenizer):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "no text"}\n')
+    with pytest.raises(MiniLlamaError, match=r"bad.jsonl:1: no string field 'text' \(use --text-field"):
+        prepare(LocalFiles([str(bad)]), tmp_path / "out", tokenizer, progress=False)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(MiniLlamaError, match=r"latin.txt: byte 3 is not valid UTF-8"):
+        prepare(LocalFiles([str(latin)]), tmp_path / "out3", tokenizer, progress=False)
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path, tokenizer):
+    parquet = write_fineweb_parquet(tmp_path / "fw.parquet", ["one doc here", "", "   \n", "two doc here"])
+    manifest = prepare(LocalFiles([str(parquet)]), tmp_path / "out", tokenizer, val_tokens=3, progress=False)
+    assert manifest["documents"] == 2 and manifest["skipped_records"] == 2
+
+
+def test_output_from_another_tokenizer_is_refused(tmp_path, tokenizer, corpus_file):
+    from minillama.tokenizer import train_tokenizer
+
+    other = train_tokenizer([corpus_file], 300, tmp_path / "other.model")
+    prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), tmp_path / "out", tokenizer, val_tokens=100, progress=False)
+    with pytest.raises(MiniLlamaError, match="holds shards made with another tokenizer.*--overwrite"):
+        prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), tmp_path / "out", other, val_tokens=100, progress=False)
+    manifest = prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), tmp_path / "out", other, val_tokens=100,
+                       overwrite=True, progress=False)
+    assert manifest["tokenizer"]["vocab_size"] == 300
+
+
+def test_everything_in_validation_is_refused(tmp_path, tokenizer):
+    (tmp_path / "small.txt").write_text("just a few words")
+    with pytest.raises(MiniLlamaError, match="all .* tokens went to the validation split.*--val-tokens"):
+        prepare(LocalFiles([str(tmp_path / "small.txt")]), tmp_path / "out", tokenizer, progress=False)
+
+
+def test_data_checks_before_training(tmp_path, tokenizer):
+    parquet = write_fineweb_parquet(tmp_path / "fw.parquet", documents(100))
+    out = tmp_path / "out"
+    prepare(LocalFiles([str(parquet)]), out, tokenizer, shard_tokens=1000, val_tokens=500, progress=False)
+    with pytest.raises(MiniLlamaError, match="tokenized with vocab 320, the model has vocab 32000"):
+        check_data(out, 32000)
+    with pytest.raises(MiniLlamaError, match="was tokenized with a different tokenizer"):
+        check_data(out, 320, "0" * 64)
+    with pytest.raises(MiniLlamaError, match="fewer than one global batch"):
+        TrainLoader(out, 64, 1024)
+    with pytest.raises(MiniLlamaError, match="fewer than one window"):
+        next(validation_batches(out, 4, 1024, 10_000))
+    shard = out / "train_000002.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(MiniLlamaError, match="train_000002.bin has 100 bytes, the manifest says 2,000"):
+        check_data(out, 320)
+    shard.unlink()
+    with pytest.raises(MiniLlamaError, match="train_000002.bin is missing"):
+        check_data(out, 320)
+
+
+def test_cli_prepare_bad_input_exit_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "minillama", "prepare", "text", str(tmp_path / "*.txt"), "--out", str(tmp_path / "o"),
+         "--tokenizer", str(tmp_path / "t.model")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "matches no files" in result.stderr and "Traceback" not in result.stderr
