@@ -55,6 +55,13 @@ def cmd_prepare_text(args: argparse.Namespace) -> None:
     _prepare(args, LocalFiles(args.files, args.text_field, args.split_paragraphs, args.skip_bad_records))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from minillama.train.config import load_train_config
+    from minillama.train.loop import train
+
+    train(load_train_config(args.config, args.set), resume=args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minillama",
@@ -98,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-paragraphs", action="store_true", help=".txt: each blank-line-separated paragraph is a document (default: each file)")
     p.add_argument("--skip-bad-records", action="store_true", help="skip (and count) malformed or non-UTF-8 records instead of stopping")
     shard_options(p)
+
+    p = command(
+        "train", "Train a model as a run config says (one process, or one per GPU under torchrun), resuming automatically.",
+        cmd_train, epilog="Multi-GPU: torchrun --nproc_per_node=8 -m minillama train --config configs/mini-llama-109M.toml",
+    )
+    p.add_argument("--config", help="run config TOML (see configs/); without it, the reference mini-llama-109M run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=3e-4 --set model.dropout=0.1 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="always", default="auto", choices=["auto", "always", "never"],
+                   help="auto (default): continue from the run directory's newest checkpoint if there is one; "
+                   "--resume: require one; --resume never: refuse to reuse a run directory with checkpoints")
 
     tokenizer = commands.add_parser("tokenizer", help="Train a SentencePiece tokenizer.", description="Tokenizer tools.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")

@@ -1,0 +1,1 @@
+"""Evaluation: HellaSwag, validation loss, and the curves and report of a run."""

@@ -1,0 +1,178 @@
+"""HellaSwag, scored completion-style as in the reference recipe.
+
+Each of an example's 4 candidates is [BOS] + context tokens + ending tokens; the model's cross-entropy is taken
+over the ending tokens only. `acc_norm` picks the ending with the lowest mean loss per token (the number the
+reference run reports), `acc` the lowest summed loss. This is not the lm-evaluation-harness number, which
+normalises by the ending's length in bytes.
+
+SentencePiece prefixes every encoded text with a word-boundary marker, so encoding the ending on its own gives
+exactly "the ending preceded by a space".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from minillama.errors import MiniLlamaError
+from minillama.model import Transformer
+from minillama.tokenizer import Tokenizer
+
+HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_VAL_EXAMPLES = 10_042
+
+
+@dataclass(frozen=True)
+class Example:
+    context: str
+    endings: tuple[str, str, str, str]
+    label: int
+    index: int  # position in the file, for per-example reports
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: int
+    pred_norm: int  # argmin of mean loss per ending token
+    pred_sum: int  # argmin of summed loss
+    losses: tuple[float, ...]  # summed loss of each ending, in nats
+    ending_tokens: tuple[int, ...]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minillama"
+
+
+def download_hellaswag(cache_dir: Path | None = None) -> Path:
+    """The official validation file, downloaded once into the user cache."""
+    target = (cache_dir or default_cache_dir()) / "hellaswag_val.jsonl"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(HELLASWAG_VAL_URL, timeout=60) as response:
+            data = response.read()
+    except OSError as exc:
+        raise MiniLlamaError(f"could not download HellaSwag from {HELLASWAG_VAL_URL} ({exc}); pass --data FILE.jsonl") from None
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, target)
+    return target
+
+
+def load_examples(path: Path, limit: int | None = None) -> list[Example]:
+    """Read HellaSwag's jsonl (fields ctx, endings, label), checking each line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MiniLlamaError(f"{path}: no such HellaSwag file")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+                context, endings, label = record["ctx"], record["endings"], record["label"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise MiniLlamaError(f"{where}: not a HellaSwag record with ctx, endings and label ({type(exc).__name__}: {exc})") from None
+            if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+                raise MiniLlamaError(f"{where}: 'endings' must be a list of 4 strings")
+            if isinstance(label, str) and label.isdigit():
+                label = int(label)
+            if label not in (0, 1, 2, 3):
+                raise MiniLlamaError(f"{where}: label is {label!r}; expected 0, 1, 2 or 3")
+            examples.append(Example(context, tuple(endings), label, len(examples)))
+            if limit is not None and len(examples) >= limit:
+                break
+    if not examples:
+        raise MiniLlamaError(f"{path} holds no HellaSwag examples")
+    return examples
+
+
+@dataclass
+class Candidate:
+    tokens: list[int]
+    ending_start: int  # index in `tokens` of the first ending token
+
+
+def candidates(example: Example, tokenizer: Tokenizer, max_len: int) -> tuple[list[Candidate], bool]:
+    """The 4 token sequences of an example; the context is cut from the left (after BOS) to fit max_len."""
+    context = tokenizer.encode(example.context, bos=True)
+    out, truncated = [], False
+    for ending in example.endings:
+        ending_ids = tokenizer.encode(ending, bos=False)
+        overflow = len(context) + len(ending_ids) - max_len
+        ctx = context
+        if overflow > 0:
+            truncated = True
+            ctx = context[:1] + context[1 + overflow:]
+            if len(ctx) < 1 or len(ending_ids) >= max_len:
+                raise MiniLlamaError(f"HellaSwag example {example.index}: an ending alone is longer than max_seq_len {max_len}")
+        out.append(Candidate(ctx + ending_ids, len(ctx)))
+    return out, truncated
+
+
+@torch.no_grad()
+def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32) -> tuple[list[Prediction], int]:
+    """Predictions for `examples` (batch_size examples, i.e. 4x as many sequences, per forward pass), and how
+    many examples had their context truncated. Right padding: causal attention means padding after a
+    sequence cannot change its logits."""
+    device = model.tok_embeddings.weight.device
+    max_len = model.config.max_seq_len
+    was_training = model.training
+    model.eval()
+    predictions, truncated = [], 0
+    for first in range(0, len(examples), batch_size):
+        chunk = examples[first : first + batch_size]
+        cands = []
+        for example in chunk:
+            example_cands, was_truncated = candidates(example, tokenizer, max_len)
+            cands += example_cands
+            truncated += was_truncated
+        width = max(len(c.tokens) for c in cands)
+        tokens = torch.zeros(len(cands), width, dtype=torch.long)
+        targets = torch.full((len(cands), width), -1, dtype=torch.long)
+        for row, cand in enumerate(cands):
+            n = len(cand.tokens)
+            tokens[row, :n] = torch.tensor(cand.tokens)
+            # position t predicts token t+1; score only predictions of ending tokens
+            targets[row, cand.ending_start - 1 : n - 1] = torch.tensor(cand.tokens[cand.ending_start:])
+        tokens, targets = tokens.to(device), targets.to(device)
+        logits, _ = model(tokens)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+        losses = losses.view(len(cands), width).sum(dim=1).view(len(chunk), 4)
+        counts = (targets != -1).sum(dim=1).view(len(chunk), 4)
+        for example, loss_row, count_row in zip(chunk, losses.tolist(), counts.tolist()):
+            mean = [loss / count for loss, count in zip(loss_row, count_row)]
+            predictions.append(Prediction(
+                example.index, example.label,
+                pred_norm=min(range(4), key=mean.__getitem__), pred_sum=min(range(4), key=loss_row.__getitem__),
+                losses=tuple(loss_row), ending_tokens=tuple(count_row),
+            ))
+    model.train(was_training)
+    return predictions, truncated
+
+
+def evaluate_hellaswag(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32,
+                       rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """acc_norm and acc over `examples`; with several ranks each scores every world_size-th example and the
+    counts are summed across ranks (all ranks must call this)."""
+    predictions, truncated = score(model, tokenizer, examples[rank::world_size], batch_size)
+    counts = torch.tensor(
+        [sum(p.pred_norm == p.label for p in predictions), sum(p.pred_sum == p.label for p in predictions), len(predictions), truncated],
+        dtype=torch.long, device=model.tok_embeddings.weight.device,
+    )
+    if world_size > 1:
+        torch.distributed.all_reduce(counts)
+    correct_norm, correct_sum, n, n_truncated = counts.tolist()
+    return {"acc_norm": correct_norm / n, "acc": correct_sum / n, "examples": n, "truncated": n_truncated}

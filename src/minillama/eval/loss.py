@@ -1,0 +1,74 @@
+"""Validation loss, perplexity and bits per byte over the fixed validation set of a prepared data directory.
+
+Bits per byte (total nats / ln 2 / UTF-8 bytes of the text the target tokens decode to) compares runs with
+different tokenizers, which per-token loss cannot: a 32k vocabulary spends fewer tokens on the same text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillama.data.loader import validation_batches
+from minillama.tokenizer import Tokenizer
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """UTF-8 bytes each token id decodes to (control tokens 0, byte-fallback tokens 1), and whether it starts a
+    word with a space ('▁'), a space SentencePiece drops when the token opens a document."""
+    sp = tokenizer.sp
+    lengths, leading_space = [], []
+    for i in range(tokenizer.vocab_size):
+        piece = sp.id_to_piece(i)
+        if sp.is_control(i) or sp.is_unknown(i):
+            lengths.append(0)
+        elif sp.is_byte(i):
+            lengths.append(1)
+        else:
+            lengths.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+        leading_space.append(piece.startswith("\u2581") and not sp.is_control(i))
+    return torch.tensor(lengths, dtype=torch.long), torch.tensor(leading_space, dtype=torch.bool)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    data_dir: Path,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    seq_len: int,
+    total_tokens: int,
+    rank: int = 0,
+    world_size: int = 1,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, Any]:
+    """Mean loss over the first total_tokens/seq_len windows of the val split; all ranks must call it.
+
+    `model` may be a compiled or DDP-unwrapped module; it is called as model(x)."""
+    byte_lengths, leading_space = token_byte_lengths(tokenizer)
+    device = next(model.parameters()).device
+    byte_lengths, leading_space = byte_lengths.to(device), leading_space.to(device)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    for x, y in validation_batches(Path(data_dir), batch_size, seq_len, total_tokens, rank, world_size):
+        x, y = x.to(device), y.to(device)
+        with autocast or contextlib.nullcontext():
+            logits, _ = model(x)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        opens_document = (x == tokenizer.bos_id) & leading_space[y]
+        totals += torch.stack([nats.double(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
+                               (byte_lengths[y].sum() - opens_document.sum()).double()])
+    if world_size > 1:
+        torch.distributed.all_reduce(totals)
+    model.train(was_training)
+    nats, tokens, n_bytes = totals.tolist()
+    loss = nats / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / n_bytes,
+            "tokens": int(tokens), "bytes": int(n_bytes)}

@@ -1,0 +1,209 @@
+"""Sampling with a KV cache: the prompt is processed once (prefill), then each new token costs one position.
+
+Prompts of different lengths share a batch by left padding: padding slots are written with position -1, which
+the cache masks out of every query's view, and each row's rotary positions start at 0 at its first real token.
+On CUDA the decode step is captured once as a CUDA graph and replayed, removing the per-kernel launch cost that
+dominates small-model decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from minillama.errors import MiniLlamaError
+from minillama.model import KVCache, Transformer
+from minillama.tokenizer import Tokenizer
+
+TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise MiniLlamaError(f"temperature is {temperature}; expected 0 (greedy) or a positive number")
+    if top_k is not None and top_k < 1:
+        raise MiniLlamaError(f"top_k is {top_k}; expected an integer >= 1 (or none)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise MiniLlamaError(f"top_p is {top_p}; expected a number in (0, 1]")
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row of logits (B, vocab): greedy at temperature 0, else sampled after top-k and top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is still short.
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _compute_dtype(model: Transformer, device: torch.device) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.tok_embeddings.weight.dtype
+
+
+class _DecodeStep:
+    """model(token, cache) for one new token per row, eager or replayed from a captured CUDA graph."""
+
+    def __init__(self, model: Transformer, cache: KVCache, batch_size: int, device: torch.device, cuda_graph: bool):
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        if cuda_graph:
+            self._capture()
+
+    def _forward(self) -> Tensor:
+        return self.model(self.token, cache=self.cache, positions=self.position, slots=self.slot)[0][:, -1]
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (as CUDA graph capture requires), then record one decode step. The step
+        # writes slot 0's cache entries with position 0 during capture; every real step overwrites its own slot.
+        saved = (self.cache.keys.clone(), self.cache.values.clone(), self.cache.filled.clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        self.cache.keys.copy_(saved[0])
+        self.cache.values.copy_(saved[1])
+        self.cache.filled.copy_(saved[2])
+
+    def __call__(self, token: Tensor, position: Tensor, slot: int) -> Tensor:
+        self.token.copy_(token)
+        self.position.copy_(position)
+        self.slot.fill_(slot)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    cuda_graph: bool | None = None,
+    on_token: TokenCallback | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (EOS excluded). Rows stop at EOS independently; the batch stops when all have.
+
+    `use_cache=False` re-runs the whole sequence for every token (for comparison only). `cuda_graph` defaults to
+    on for CUDA models.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise MiniLlamaError("a prompt has no tokens; start it with BOS at least")
+    if max_new_tokens < 1:
+        raise MiniLlamaError(f"max_new_tokens is {max_new_tokens}; expected at least 1")
+    longest, limit = max(len(p) for p in prompts), model.config.max_seq_len
+    if longest + max_new_tokens > limit:
+        raise MiniLlamaError(
+            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's max_seq_len of {limit}; "
+            f"at most {max(limit - longest, 0)} new tokens fit"
+        )
+    device = model.tok_embeddings.weight.device
+    batch_size, total = len(prompts), longest + max_new_tokens
+    padded = torch.zeros(batch_size, longest, dtype=torch.long)
+    positions = torch.full((batch_size, longest), -1, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        padded[row, longest - len(prompt):] = torch.tensor(prompt)
+        positions[row, longest - len(prompt):] = torch.arange(len(prompt))
+    padded, positions = padded.to(device), positions.to(device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+
+    def fresh_cache(length: int) -> KVCache:
+        return KVCache(model.config, batch_size, length, device, _compute_dtype(model, device))
+
+    was_training = model.training
+    model.eval()
+    cache = fresh_cache(total)
+    logits = model(padded, cache=cache, positions=positions, slots=torch.arange(longest, device=device))[0][:, -1]
+    if use_cache:
+        cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        step = _DecodeStep(model, cache, batch_size, device, cuda_graph)
+
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    sequence = padded
+    for i in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        for row, token_id in enumerate(token.tolist()):
+            if not finished[row] and token_id != eos_id:
+                new_tokens[row].append(token_id)
+                if on_token is not None:
+                    on_token(row, token_id)
+        if eos_id is not None:
+            finished |= token == eos_id
+        if bool(finished.all()) or i == max_new_tokens - 1:
+            break
+        if use_cache:
+            logits = step(token[:, None], (lengths + i)[:, None], longest + i)
+        else:
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            positions = torch.cat([positions, (lengths + i)[:, None]], dim=1)
+            slots = torch.arange(sequence.shape[1], device=device)
+            logits = model(sequence, cache=fresh_cache(sequence.shape[1]), positions=positions, slots=slots)[0][:, -1]
+    model.train(was_training)
+    return new_tokens
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    num_samples: int = 4,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    on_token: TokenCallback | None = None,
+) -> list[str]:
+    """`num_samples` completions of `prompt` (the new text only). An empty prompt starts from BOS alone."""
+    if num_samples < 1:
+        raise MiniLlamaError(f"num_samples is {num_samples}; expected at least 1")
+    device = model.tok_embeddings.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    new = generate_tokens(
+        model, [prompt_ids] * num_samples, max_new_tokens, temperature, top_k, top_p, generator,
+        eos_id=tokenizer.eos_id if stop_at_eos else None, on_token=on_token,
+    )
+    return [completion_text(tokenizer, prompt_ids, ids) for ids in new]
+
+
+def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text the new tokens add to the prompt. Decoded together with the prompt, because SentencePiece drops a
+    leading space when a piece like '▁word' is decoded on its own."""
+    prompt_text = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(prompt_ids + new_ids)
+    return full[len(prompt_text):] if full.startswith(prompt_text) else tokenizer.decode(new_ids)

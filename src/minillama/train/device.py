@@ -1,0 +1,62 @@
+"""Which device to train on, in which precision, and what its peak throughput is (for MFU)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from minillama.errors import MiniLlamaError
+
+# Dense bf16 tensor-core peaks in FLOP/s (no sparsity), by substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
+    "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,  # V100/T4: their fp16 peak
+}
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' picks CUDA (this rank's GPU), then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MiniLlamaError(f"device '{name}' is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MiniLlamaError(f"device '{name}' was asked for, but this PyTorch sees no CUDA GPU; use --set device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MiniLlamaError(f"device '{name}' was asked for, but MPS is not available here; use --set device=cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def autocast_dtype(device: torch.device, choice: str) -> torch.dtype | None:
+    """The autocast dtype, or None for plain float32. 'auto': bf16 where the hardware has it; fp16 (with a
+    gradient scaler) on GPUs without bf16 such as V100 and T4, where bf16 would be emulated or NaN-prone."""
+    if choice == "float32" or (choice == "auto" and device.type == "cpu"):
+        return None
+    if choice == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)

@@ -1,0 +1,182 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from minillama.data.prepare import prepare
+from minillama.data.shards import read_manifest
+from minillama.data.sources import LocalFiles
+from minillama.errors import MiniLlamaError
+from minillama.train.config import config_to_toml, load_train_config
+from minillama.train.loop import gradient_accumulation_steps, train
+from minillama.train.optim import learning_rate
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, corpus_file, tokenizer):
+    out = tmp_path_factory.mktemp("data") / "shards"
+    prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), out, tokenizer, shard_tokens=20_000, val_tokens=4_096, progress=False)
+    return out
+
+
+def tiny_run(tmp_path, data_dir, tokenizer, *extra):
+    """--set overrides for a fast tiny run on the synthetic corpus: batches of 4 x 64 tokens, 2 micro-steps."""
+    return [
+        f"run_dir={tmp_path / 'run'}", f"data.dir={data_dir}", f"data.tokenizer={tokenizer.path}",
+        "model.vocab_size=320", "model.max_seq_len=64", "batch.seq_len=64", "batch.micro_batch=4", "batch.total_tokens=512",
+        "optim.max_steps=200", "optim.warmup_steps=10", "optim.lr=3e-3", "optim.min_lr=3e-4",
+        "eval.interval=1000", "eval.val_tokens=1024", "eval.hellaswag=false", "eval.num_samples=0",
+        "checkpoint.interval=4", "checkpoint.keep_last=2", "device=cpu", "compile=false", *extra,
+    ]
+
+
+def config_file(tmp_path, overrides):
+    path = tmp_path / "run.toml"
+    path.write_text(config_to_toml(load_train_config("configs/tiny.toml", overrides)))
+    return path
+
+
+def train_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"], records
+
+
+def unigram_entropy(data_dir):
+    manifest = read_manifest(data_dir)
+    tokens = np.concatenate([np.fromfile(data_dir / s["file"], dtype=manifest["dtype"]) for s in manifest["shards"] if s["split"] == "train"])
+    p = np.bincount(tokens) / len(tokens)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def test_loss_falls_well_below_unigram_entropy(tmp_path, data_dir, tokenizer):
+    """A model that learned nothing beyond token frequencies scores the unigram entropy; the grammar of the
+    corpus makes much lower loss reachable, and 150 steps of the tiny model must get a good part of the way."""
+    config = load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=150", "checkpoint.interval=1000"))
+    train(config)
+    losses, records = train_losses(tmp_path / "run")
+    final_val = [r for r in records if r["kind"] == "eval"][-1]
+    entropy = unigram_entropy(data_dir)
+    assert losses[0] > math.log(320) - 0.5  # starts near uniform over the vocabulary
+    assert final_val["val_loss"] < 0.6 * entropy, (final_val["val_loss"], entropy)
+
+
+def run_cli(*args, env_extra=None, check=True):
+    env = {**os.environ, **(env_extra or {})}
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer):
+    overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=14", "model.dropout=0.1")
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_cli("-m", "minillama", "train", "--config", str(config_file(straight, overrides)), "--set", f"run_dir={straight / 'run'}")
+    expected, _ = train_losses(straight / "run")
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    config = config_file(killed, overrides)
+    command = [sys.executable, "-m", "minillama", "train", "--config", str(config), "--set", f"run_dir={killed / 'run'}"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill -9 once step 9 is logged: after the step-8 checkpoint, mid-interval
+        if metrics.exists() and '"step": 9,' in metrics.read_text() and '"kind": "train"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert sorted(p.name for p in (killed / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] <= "step_0000012"
+    run_cli(*command[1:], "--resume")
+    resumed, _ = train_losses(killed / "run")
+    assert len(resumed) == len(expected) == 14
+    assert resumed == expected  # bit for bit: same weights, optimizer, data position and dropout RNG
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is not set up on Windows runners")
+def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, data_dir, tokenizer):
+    common = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=5", "batch.total_tokens=1024", "checkpoint.interval=1000")
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    run_cli("-m", "minillama", "train", "--config", str(config_file(one, common)), "--set", f"run_dir={one / 'run'}")
+    run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minillama", "train",
+            "--config", str(config_file(two, common)), "--set", f"run_dir={two / 'run'}",
+            env_extra={"OMP_NUM_THREADS": "1"})
+    single, single_records = train_losses(one / "run")
+    double, double_records = train_losses(two / "run")
+    assert [r["accumulation"] for r in single_records if r["kind"] == "run"] == [4]
+    assert [r["accumulation"] for r in double_records if r["kind"] == "run"] == [2]
+    assert len(single) == len(double) == 5
+    assert max(abs(a - b) for a, b in zip(single, double)) < 1e-5
+    val_single = [r["val_loss"] for r in single_records if r["kind"] == "eval"]
+    val_double = [r["val_loss"] for r in double_records if r["kind"] == "eval"]
+    assert max(abs(a - b) for a, b in zip(val_single, val_double)) < 1e-5
+
+
+def test_batch_arithmetic_error_proposes_valid_values():
+    assert gradient_accumulation_steps(524_288, 64, 1024, 8) == 1
+    assert gradient_accumulation_steps(524_288, 16, 1024, 1) == 32
+    with pytest.raises(MiniLlamaError, match=r"524,288 is not a multiple of micro_batch 48 x seq_len 1024 x 1 ranks = 49,152; use micro_batch .*64.*batch.total_tokens 540,672"):
+        gradient_accumulation_steps(524_288, 48, 1024, 1)
+
+
+def test_missing_data_names_the_prepare_command(tmp_path, tokenizer):
+    config = load_train_config("configs/mini-llama-109M.toml", [f"data.dir={tmp_path / 'nothing'}", f"data.tokenizer={tokenizer.path}",
+                                                                  "model.vocab_size=320", "device=cpu"])
+    with pytest.raises(MiniLlamaError, match=r"holds no prepared data; make it with: minillama prepare fineweb-edu --subset sample-10BT --out .*nothing"):
+        train(config)
+
+
+def test_tokenizer_vocab_must_match_model(tmp_path, data_dir, tokenizer):
+    config = load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "model.vocab_size=512"))
+    with pytest.raises(MiniLlamaError, match="has vocab 320, model.vocab_size is 512"):
+        train(config)
+
+
+def test_nonfinite_loss_stops_with_step_or_is_skipped(tmp_path, data_dir, tokenizer):
+    explode = tiny_run(tmp_path, data_dir, tokenizer, "optim.lr=1e30", "optim.warmup_steps=0", "stop_at_step=6", "checkpoint.interval=1")
+    with pytest.raises(MiniLlamaError, match=r"step \d+: loss .* is not finite; stopped \(the last good checkpoint is .*step_"):
+        train(load_train_config("configs/tiny.toml", explode))
+    skipped = load_train_config("configs/tiny.toml", explode + [f"run_dir={tmp_path / 'skip'}", "on_nonfinite=skip"])
+    train(skipped)
+    assert len(train_losses(tmp_path / "skip")[0]) == 6
+
+
+def test_config_round_trips_through_saved_toml(tmp_path):
+    config = load_train_config("configs/tiny.toml", ["optim.lr=1e-3", "model.dropout=0.1", "eval.prompts=[\"a\", \"b\"]"])
+    path = tmp_path / "saved.toml"
+    path.write_text(config_to_toml(config))
+    assert load_train_config(path) == config
+
+
+def test_reference_config_is_the_reference_recipe():
+    config = load_train_config("configs/mini-llama-109M.toml")
+    assert (config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len) == (524_288, 64, 1024)
+    assert (config.optim.lr, config.optim.min_lr, config.optim.warmup_steps, config.optim.max_steps) == (6e-4, 6e-5, 715, 19_073)
+    assert config.model.dim == 768 and config.seed == 1337
+    assert learning_rate(0, config.optim) == pytest.approx(6e-4 / 715)
+    assert learning_rate(714, config.optim) == pytest.approx(6e-4)
+    assert learning_rate(19_073, config.optim) == pytest.approx(6e-5)
+    midpoint = 715 + (19_073 - 715) // 2
+    assert learning_rate(midpoint, config.optim) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
+
+
+def test_bad_config_fields(tmp_path):
+    with pytest.raises(MiniLlamaError, match="unknown field 'lrate'"):
+        load_train_config("configs/tiny.toml", ["optim.lrate=1"])
+    with pytest.raises(MiniLlamaError, match="unknown field 'model.width'"):
+        load_train_config("configs/tiny.toml", ["model.width=1"])
+    with pytest.raises(MiniLlamaError, match="'batch.seq_len' is 512; expected at most model.max_seq_len=256"):
+        load_train_config("configs/tiny.toml", ["batch.seq_len=512"])
+    with pytest.raises(MiniLlamaError, match="does not exist"):
+        load_train_config(tmp_path / "none.toml")
