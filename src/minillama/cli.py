@@ -62,6 +62,55 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(load_train_config(args.config, args.set), resume=args.resume)
 
 
+def _load_for_inference(path: str, device_name: str, dtype: str, tokenizer_path: str | None):
+    """A checkpoint (or a run directory's newest) on a device, in eval mode and the requested precision."""
+    import torch
+
+    from minillama.checkpoint import find_checkpoint, load_checkpoint, load_checkpoint_tokenizer
+    from minillama.train.device import pick_device
+
+    device = pick_device(device_name)
+    model, info = load_checkpoint(find_checkpoint(Path(path)), device)
+    tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return model.to(dtypes[dtype]).eval(), tokenizer, info
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from minillama.generate import check_sampling_args, completion_text, generate
+
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    model, tokenizer, _ = _load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+
+    def run(prompt: str) -> None:
+        options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=not args.no_stop_at_eos)
+        if args.num_samples == 1:  # stream: print each token's text as soon as it is chosen
+            prompt_ids, new_ids, shown = tokenizer.encode(prompt), [], [""]
+
+            def show(row: int, token: int) -> None:
+                new_ids.append(token)
+                text = completion_text(tokenizer, prompt_ids, new_ids)
+                print(text[len(shown[0]):], end="", flush=True)
+                shown[0] = text
+
+            print(f"Sample 0: {prompt}", end="", flush=True)
+            generate(model, tokenizer, prompt, on_token=show, **options)
+            print()
+        else:
+            for i, completion in enumerate(generate(model, tokenizer, prompt, **options)):
+                print(f"Sample {i}: {prompt}{completion}")
+
+    if not args.interactive:
+        run(args.prompt or "")
+        return
+    print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
+    for line in sys.stdin:
+        run(line.rstrip("\n"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minillama",
@@ -116,6 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="always", default="auto", choices=["auto", "always", "never"],
                    help="auto (default): continue from the run directory's newest checkpoint if there is one; "
                    "--resume: require one; --resume never: refuse to reuse a run directory with checkpoints")
+
+    p = command("generate", "Sample text from a checkpoint (KV-cached; CUDA graphs on GPU).", cmd_generate)
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("prompt", nargs="?", default="", help="text to continue (empty: start from BOS)")
+    p.add_argument("--num-samples", type=int, default=4, help="samples to draw (default 4); with 1, tokens stream as they come")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per sample (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding (default 1.0)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this much mass")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible on the same device")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights precision (auto: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--tokenizer", help="tokenizer .model (default: the one stored in the checkpoint)")
+    p.add_argument("--no-stop-at-eos", action="store_true", help="keep going after an end-of-sequence token")
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
 
     tokenizer = commands.add_parser("tokenizer", help="Train a SentencePiece tokenizer.", description="Tokenizer tools.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")

@@ -65,6 +65,7 @@ class _DecodeStep:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.graph = None
         if cuda_graph:
+            cache.length = None  # static shapes: the graph attends over every slot, masked
             self._capture()
 
     def _forward(self) -> Tensor:
@@ -92,6 +93,7 @@ class _DecodeStep:
         self.position.copy_(position)
         self.slot.fill_(slot)
         if self.graph is None:
+            self.cache.length = slot + 1  # eager: attend over the filled slots only
             return self._forward()
         self.graph.replay()
         return self.logits
@@ -143,6 +145,7 @@ def generate_tokens(
     was_training = model.training
     model.eval()
     cache = fresh_cache(total)
+    cache.length = longest
     logits = model(padded, cache=cache, positions=positions, slots=torch.arange(longest, device=device))[0][:, -1]
     if use_cache:
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph

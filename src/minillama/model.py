@@ -49,6 +49,8 @@ class KVCache(nn.Module):
     Preallocated for `max_len` slots so shapes never change (which lets CUDA graphs replay the decode step).
     Stores n_kv_heads per layer, not n_heads: grouped-query attention's memory saving carries over.
     A slot holds a real token once it is written with a position >= 0; left padding is written with position -1.
+    `length` (a Python int, when set) limits attention to the first `length` slots, so that eager decoding does
+    not pay for empty slots; None attends over all of them, keeping shapes static.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
@@ -57,21 +59,23 @@ class KVCache(nn.Module):
         self.register_buffer("keys", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("values", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("filled", torch.zeros(batch_size, max_len, device=device, dtype=torch.bool), persistent=False)
+        self.length: int | None = None
 
     def mark(self, slots: Tensor, positions: Tensor) -> Tensor:
         """Record which of `slots` hold real tokens; return the (B, 1, T, max_len) mask of keys each query may see."""
         self.filled.index_copy_(1, slots, positions >= 0)
-        key_slots = torch.arange(self.filled.shape[1], device=slots.device)
-        causal = key_slots[None, :] <= slots[:, None]  # (T, max_len)
+        filled = self.filled[:, : self.length]
+        key_slots = torch.arange(filled.shape[1], device=slots.device)
+        causal = key_slots[None, :] <= slots[:, None]  # (T, length)
         # A query always sees its own slot, so a padding query has one key and its output stays finite.
         own = key_slots[None, :] == slots[:, None]
-        return (causal[None] & (self.filled[:, None, :] | own[None])).unsqueeze(1)
+        return (causal[None] & (filled[:, None, :] | own[None])).unsqueeze(1)
 
     def update(self, layer: int, slots: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's keys/values (B, H_kv, T, D) into `slots`; return the whole layer's cache."""
         self.keys[layer].index_copy_(2, slots, keys)
         self.values[layer].index_copy_(2, slots, values)
-        return self.keys[layer], self.values[layer]
+        return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
 
 
 class Attention(nn.Module):

@@ -1,0 +1,138 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minillama.checkpoint import save_checkpoint
+from minillama.config import ModelConfig
+from minillama.errors import MiniLlamaError
+from minillama.generate import generate, generate_tokens, sample_next
+from minillama.model import KVCache, Transformer
+
+
+@pytest.fixture
+def model(small_config):
+    """A GQA model with sharpened weights, so that greedy choices are far from ties."""
+    model = Transformer(small_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    return model
+
+
+def greedy_by_rerunning(model, prompt, steps):
+    """Reference: run the whole sequence through the plain causal forward for every new token."""
+    sequence, logits_per_step = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([sequence]))[0][0, -1]
+            logits_per_step.append(logits)
+            sequence.append(int(logits.argmax()))
+    return sequence[len(prompt):], logits_per_step
+
+
+def test_cached_greedy_equals_rerunning_the_sequence(model):
+    prompt = [1, 17, 42, 99, 5, 250]
+    expected, expected_logits = greedy_by_rerunning(model, prompt, 50)
+    assert generate_tokens(model, [prompt], 50, temperature=0) == [expected]
+
+    # The cache itself, step by step: prefill, then one token at a time.
+    config = model.config
+    cache = KVCache(config, 1, len(prompt) + 50, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), cache=cache, positions=torch.arange(len(prompt))[None], slots=torch.arange(len(prompt)))[0][0, -1]
+        for i, token in enumerate(expected):
+            assert (logits - expected_logits[i]).abs().max() < 1e-4
+            slot = len(prompt) + i
+            logits = model(torch.tensor([[token]]), cache=cache, positions=torch.tensor([[slot]]), slots=torch.tensor([slot]))[0][0, -1]
+    assert cache.keys.shape[2] == config.kv_heads < config.n_heads  # the cache holds kv heads only
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone(model):
+    prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 44], [1, 3, 4, 5, 300], [1]]
+    batched = generate_tokens(model, prompts, 30, temperature=0)
+    assert batched == [generate_tokens(model, [p], 30, temperature=0)[0] for p in prompts]
+    assert batched[1] == greedy_by_rerunning(model, prompts[1], 30)[0]
+
+
+def test_rows_stop_at_eos_independently(model):
+    prompts = [[1, 5, 6], [1, 77]]
+    free = generate_tokens(model, prompts, 40, temperature=0)
+    eos = free[0][3]
+    stopped = generate_tokens(model, prompts, 40, temperature=0, eos_id=eos)
+    for row, tokens in enumerate(free):
+        expected = tokens[: tokens.index(eos)] if eos in tokens else tokens
+        assert stopped[row] == expected
+
+
+def test_uncached_path_gives_the_same_tokens(model):
+    prompts = [[1, 5, 6, 7], [1, 9]]
+    assert generate_tokens(model, prompts, 20, temperature=0, use_cache=False) == generate_tokens(model, prompts, 20, temperature=0)
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(model):
+    def sampled(seed):
+        return generate_tokens(model, [[1, 2, 3]] * 3, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(seed))
+
+    assert sampled(7) == sampled(7) and sampled(7) != sampled(8)
+    greedy = generate_tokens(model, [[1, 2, 3]], 20, temperature=0)
+    assert generate_tokens(model, [[1, 2, 3]], 20, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(0)) == greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    generator = torch.Generator().manual_seed(0)
+
+    def support(top_p):
+        draws = torch.stack([sample_next(logits, 1.0, None, top_p, generator) for _ in range(400)])
+        return set(draws.flatten().tolist())
+
+    assert support(0.5) == {1}
+    assert support(0.8) == {1, 3}  # 0.5 + 0.3 reaches 0.8 exactly
+    assert support(0.81) == {1, 3, 2}
+    assert support(1.0) == {0, 1, 2, 3}
+    assert set(sample_next(logits.repeat(200, 1), 1.0, 2, 0.99, generator).tolist()) == {1, 3}  # top-k then top-p
+
+
+def test_empty_prompt_starts_from_bos(model, tokenizer):
+    completions = generate(model, tokenizer, "", num_samples=2, max_new_tokens=5, seed=0)
+    assert len(completions) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 200}, "at most 122 new tokens fit"),
+        ({"temperature": -1.0}, "temperature is -1.0"),
+        ({"top_p": 1.5}, r"top_p is 1.5; expected a number in \(0, 1\]"),
+        ({"top_k": 0}, "top_k is 0"),
+    ],
+)
+def test_bad_sampling_arguments(model, kwargs, message):
+    with pytest.raises(MiniLlamaError, match=message):
+        generate_tokens(model, [[1, 2, 3, 4, 5, 6]], **{"max_new_tokens": 5, **kwargs})
+
+
+def test_cli_prints_labelled_samples_and_streams_one(tmp_path, model, tokenizer):
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    base = [sys.executable, "-m", "minillama", "generate", str(tmp_path / "ckpt"), "The cat", "--max-new-tokens", "12", "--seed", "3"]
+    many = subprocess.run(base + ["--num-samples", "3"], capture_output=True, text=True)
+    assert many.returncode == 0, many.stderr
+    assert [line.startswith(f"Sample {i}: The cat") for i, line in enumerate(l for l in many.stdout.splitlines() if l.startswith("Sample"))] == [True] * 3
+    one = subprocess.run(base + ["--num-samples", "1", "--temperature", "0"], capture_output=True, text=True)
+    expected = generate(model, tokenizer, "The cat", num_samples=1, max_new_tokens=12, temperature=0)[0]
+    assert one.stdout == f"Sample 0: The cat{expected}\n"
+    interactive = subprocess.run(base[:5] + ["--interactive", "--num-samples", "1", "--max-new-tokens", "3"],
+                                 input="The cat\nA dog\n", capture_output=True, text=True)
+    assert interactive.stdout.count("Sample 0:") == 2
+
+
+def test_cli_refuses_a_tokenizer_with_another_vocab(tmp_path, tokenizer):
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=512, multiple_of=16, max_seq_len=32))
+    save_checkpoint(tmp_path / "ckpt", model)
+    result = subprocess.run([sys.executable, "-m", "minillama", "generate", str(tmp_path / "ckpt"), "hi", "--tokenizer", str(tokenizer.path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "has vocab 512" in result.stderr and "has 320" in result.stderr
