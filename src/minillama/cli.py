@@ -111,6 +111,57 @@ def cmd_generate(args: argparse.Namespace) -> None:
         run(line.rstrip("\n"))
 
 
+HELLASWAG_NOTE = ("completion-style scoring as in the reference recipe (loss over the ending tokens); "
+                  "the lm-evaluation-harness normalises by bytes and reports a different number for the same model")
+
+
+def cmd_eval_hellaswag(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from minillama.eval.hellaswag import download_hellaswag, load_examples, score
+
+    examples = load_examples(Path(args.data) if args.data else download_hellaswag(), args.limit)
+    model, tokenizer, _ = _load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    predictions, truncated = score(model, tokenizer, examples, args.batch_size)
+    n = len(predictions)
+    result = {"acc_norm": sum(p.pred_norm == p.label for p in predictions) / n,
+              "acc": sum(p.pred_sum == p.label for p in predictions) / n, "examples": n, "truncated": truncated,
+              "scoring": HELLASWAG_NOTE}
+    if args.json:
+        print(json.dumps({**result, "predictions": [asdict(p) for p in predictions]}, indent=2))
+        return
+    print(f"HellaSwag acc_norm {result['acc_norm']:.4f}  acc {result['acc']:.4f}  over {n:,} examples"
+          + (f" ({truncated} with contexts cut to fit max_seq_len)" if truncated else ""))
+    print(f"({HELLASWAG_NOTE})")
+
+
+def cmd_eval_loss(args: argparse.Namespace) -> None:
+    from minillama.data.loader import check_data
+    from minillama.eval.loss import evaluate_loss
+
+    model, tokenizer, info = _load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    check_data(Path(args.data), info.config.vocab_size, tokenizer.fingerprint)
+    seq_len = args.seq_len or info.config.max_seq_len
+    result = evaluate_loss(model, Path(args.data), tokenizer, args.batch_size, seq_len, args.tokens)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"val loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits per byte "
+              f"{result['bits_per_byte']:.4f}  over {result['tokens']:,} tokens ({result['bytes']:,} bytes)")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from minillama.eval.plot import plot_runs
+
+    print(f"wrote {plot_runs([Path(r) for r in args.run_dirs], Path(args.out), args.smoothing)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from minillama.eval.report import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir), Path(args.out) if args.out else None)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minillama",
@@ -181,6 +232,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer .model (default: the one stored in the checkpoint)")
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep going after an end-of-sequence token")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+
+    evaluate = commands.add_parser("eval", help="Evaluate a checkpoint: HellaSwag accuracy or validation loss.",
+                                   description="Evaluate a checkpoint.")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVALUATION")
+
+    def inference_options(p: argparse.ArgumentParser, batch_size: int) -> None:
+        p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+        p.add_argument("--batch-size", type=int, default=batch_size, help=f"batch size (default {batch_size})")
+        p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights precision (auto: bfloat16 on CUDA, float32 elsewhere)")
+        p.add_argument("--tokenizer", help="tokenizer .model (default: the one stored in the checkpoint)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("hellaswag", f"HellaSwag validation accuracy ({HELLASWAG_NOTE}).", cmd_eval_hellaswag, parent=eval_commands)
+    inference_options(p, 16)
+    p.add_argument("--data", help="HellaSwag jsonl (default: download the official validation file once into ~/.cache/minillama)")
+    p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.set_defaults(batch_size=16)
+    p = command("loss", "Validation loss, perplexity and bits per byte on a prepared data directory's val split.",
+                cmd_eval_loss, parent=eval_commands)
+    inference_options(p, 8)
+    p.add_argument("--data", required=True, help="directory made by `minillama prepare`")
+    p.add_argument("--tokens", type=int, default=10_485_760, help="validation tokens to score (default 10,485,760)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's max_seq_len)")
+
+    p = command("plot", "Plot training curves of one or more runs (loss, val loss, HellaSwag) to a PNG.", cmd_plot)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (with metrics.jsonl)")
+    p.add_argument("-o", "--out", default="curves.png", help="output image (default curves.png)")
+    p.add_argument("--smoothing", type=float, default=0.9, help="EMA weight for the smoothed train loss (default 0.9)")
+
+    p = command("report", "Write a Markdown report of a run (key numbers, samples) with its curves beside it.", cmd_report)
+    p.add_argument("run_dir", help="training run directory")
+    p.add_argument("-o", "--out", help="output .md (default RUN_DIR/report.md; curves.png goes beside it)")
 
     tokenizer = commands.add_parser("tokenizer", help="Train a SentencePiece tokenizer.", description="Tokenizer tools.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")

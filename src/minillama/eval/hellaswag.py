@@ -111,13 +111,13 @@ def candidates(example: Example, tokenizer: Tokenizer, max_len: int) -> tuple[li
     out, truncated = [], False
     for ending in example.endings:
         ending_ids = tokenizer.encode(ending, bos=False)
+        if 1 + len(ending_ids) > max_len:
+            raise MiniLlamaError(f"HellaSwag example {example.index}: an ending alone does not fit in max_seq_len {max_len}")
         overflow = len(context) + len(ending_ids) - max_len
         ctx = context
         if overflow > 0:
             truncated = True
-            ctx = context[:1] + context[1 + overflow:]
-            if len(ctx) < 1 or len(ending_ids) >= max_len:
-                raise MiniLlamaError(f"HellaSwag example {example.index}: an ending alone is longer than max_seq_len {max_len}")
+            ctx = context[:1] + context[1 + overflow:]  # keep BOS, drop the oldest context tokens
         out.append(Candidate(ctx + ending_ids, len(ctx)))
     return out, truncated
 

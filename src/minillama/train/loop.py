@@ -176,7 +176,8 @@ def _train(config: TrainConfig, resume: str, ctx: Distributed) -> dict[str, Any]
         tokens_per_s = config.batch.total_tokens / elapsed
         state.tokens_seen += config.batch.total_tokens
         last = {"kind": "train", "step": state.step, "tokens_seen": state.tokens_seen, "loss": loss_sum.item(),
-                "lr": lr, "grad_norm": grad_norm.item(), "step_time_s": elapsed, "tokens_per_s": tokens_per_s}
+                "lr": lr, "grad_norm": grad_norm.item(), "step_time_s": elapsed, "tokens_per_s": tokens_per_s,
+                "time": time.time()}
         mfu = flops_per_token * tokens_per_s / (peak * ctx.world_size) if peak else None
         if mfu is not None:
             last["mfu"] = mfu

@@ -1,0 +1,52 @@
+"""A Markdown summary of a training run, in the shape of the reference README's results section."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from minillama.eval.plot import REFERENCE_HELLASWAG, REFERENCE_VAL_LOSS, load_run, plot_runs
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """RUN_DIR/report.md (or `out`) with the run's key numbers and curves.png beside it."""
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    out = Path(out) if out else run_dir / "report.md"
+    curves = plot_runs([run_dir], out.parent / "curves.png")
+
+    lines = [f"# Run report: {run.name}", ""]
+    info = run.run
+    if info:
+        lines += [f"- model: {info.get('model_preset')}, {info.get('parameters', 0):,} parameters",
+                  f"- tokenizer: {run.tokenizer}",
+                  f"- hardware: {info.get('world_size')} x {info.get('device')}, {info.get('tokens_per_step', 0):,} tokens per step"]
+    if run.train:
+        last = run.train[-1]
+        step_times = [r["step_time_s"] for r in run.train]
+        lines += [
+            f"- steps: {last['step'] + 1:,}; tokens seen: {last['tokens_seen']:,}",
+            f"- min train loss: {min(r['loss'] for r in run.train):.4f}",
+            f"- throughput: {statistics.median(r['tokens_per_s'] for r in run.train):,.0f} tokens/s (median over steps)"
+            + (f", MFU {statistics.median(r['mfu'] for r in run.train if 'mfu' in r):.1%}" if any("mfu" in r for r in run.train) else ""),
+            f"- training time: {sum(step_times) / 3600:.2f} h in optimizer steps"
+            + (f"; wall time {(last['time'] - run.train[0]['time']) / 3600:.2f} h" if "time" in last else ""),
+        ]
+    if run.evals:
+        best = min(run.evals, key=lambda r: r["val_loss"])
+        lines.append(f"- min val loss: {best['val_loss']:.4f} at step {best['step']:,} "
+                     f"({best['val_bits_per_byte']:.4f} bits per byte, comparable across tokenizers)")
+        hella = [r for r in run.evals if "hellaswag_acc_norm" in r]
+        if hella:
+            top = max(hella, key=lambda r: r["hellaswag_acc_norm"])
+            lines.append(f"- best HellaSwag acc_norm: {top['hellaswag_acc_norm']:.2%} at step {top['step']:,} "
+                         f"({top['hellaswag_examples']:,} examples; completion-style scoring, not the lm-evaluation-harness number)")
+    lines += ["", "For comparison: " + "; ".join(f"{label} val loss {value}" for label, value in REFERENCE_VAL_LOSS)
+              + "; HellaSwag " + ", ".join(f"{label} {value:.2%}" for label, value in REFERENCE_HELLASWAG) + ".",
+              "", f"![training curves]({curves.name})", ""]
+    if run.samples:
+        last_samples = run.samples[-1]
+        lines += [f"## Samples at step {last_samples['step']:,}", ""]
+        lines += [f"{i}. {text!r}" for i, text in enumerate(last_samples["samples"])] + [""]
+    out.write_text("\n".join(lines))
+    return out

@@ -1,0 +1,209 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import data_file
+from minillama.checkpoint import save_checkpoint
+from minillama.config import ModelConfig
+from minillama.data.prepare import prepare
+from minillama.data.shards import read_manifest
+from minillama.data.sources import LocalFiles
+from minillama.errors import MiniLlamaError
+from minillama.eval.hellaswag import evaluate_hellaswag, load_examples, score
+from minillama.eval.loss import evaluate_loss
+from minillama.eval.plot import plot_runs
+from minillama.eval.report import write_report
+from minillama.model import Transformer
+from minillama.tokenizer import Tokenizer
+from minillama.train.config import load_train_config
+from minillama.train.loop import train
+
+
+def write_examples(path, n, seed=0):
+    """Examples in HellaSwag's schema and key order."""
+    rng = np.random.default_rng(seed)
+    words = "the cat dog sees a red apple on green hill and then runs away quickly to town".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            ctx_a, ctx_b = " ".join(rng.choice(words, 6)).capitalize(), " ".join(rng.choice(words, 3))
+            endings = [" ".join(rng.choice(words, int(rng.integers(2, 7)))) + "." for _ in range(4)]
+            f.write(json.dumps({"ind": i, "activity_label": "Testing", "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}",
+                                "split": "val", "split_type": "indomain", "label": int(rng.integers(4)), "endings": endings,
+                                "source_id": f"test~{i}"}) + "\n")
+    return path
+
+
+def reference_losses(model, tokenizer, example):
+    """Summed loss of each ending, one candidate per forward pass, log-softmax in float64."""
+    context = tokenizer.encode(example.context, bos=True)
+    out = []
+    with torch.no_grad():
+        for ending in example.endings:
+            ending_ids = tokenizer.encode(ending, bos=False)
+            tokens = torch.tensor([context + ending_ids])
+            log_probs = torch.log_softmax(model(tokens)[0][0].double(), dim=-1)
+            out.append(-sum(log_probs[len(context) - 1 + i, t].item() for i, t in enumerate(ending_ids)))
+    return out
+
+
+@pytest.fixture
+def llama_vocab_model():
+    return Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=16, max_seq_len=256)).eval()
+
+
+def test_real_hellaswag_examples_batched_equals_one_at_a_time(test_data, llama_vocab_model):
+    tokenizer = Tokenizer(data_file(test_data, "llama2_tokenizer.model"))
+    examples = load_examples(data_file(test_data, "hellaswag_val_head10.jsonl"))
+    assert len(examples) == 10 and examples[0].label in range(4)
+    batched, _ = score(llama_vocab_model, tokenizer, examples, batch_size=4)
+    single, _ = score(llama_vocab_model, tokenizer, examples, batch_size=1)
+    assert [(p.pred_norm, p.pred_sum) for p in batched] == [(p.pred_norm, p.pred_sum) for p in single]
+    assert max(abs(a - b) for p, q in zip(batched, single) for a, b in zip(p.losses, q.losses)) < 1e-5
+    for prediction, example in zip(batched, examples[:3]):
+        assert np.allclose(prediction.losses, reference_losses(llama_vocab_model, tokenizer, example), atol=1e-4)
+
+
+def test_scores_match_reference_and_accuracies_follow(tmp_path, tokenizer, small_config):
+    model = Transformer(small_config).eval()
+    examples = load_examples(write_examples(tmp_path / "hs.jsonl", 12))
+    predictions, truncated = score(model, tokenizer, examples, batch_size=5)
+    assert truncated == 0
+    for prediction, example in zip(predictions, examples):
+        expected = reference_losses(model, tokenizer, example)
+        assert np.allclose(prediction.losses, expected, atol=1e-4)
+        lengths = [len(tokenizer.encode(e, bos=False)) for e in example.endings]
+        assert prediction.pred_sum == int(np.argmin(expected))
+        assert prediction.pred_norm == int(np.argmin(np.array(expected) / lengths))
+    result = evaluate_hellaswag(model, tokenizer, examples, batch_size=3)
+    assert result["acc_norm"] == sum(p.pred_norm == p.label for p in predictions) / 12
+    assert result["acc"] == sum(p.pred_sum == p.label for p in predictions) / 12 and result["examples"] == 12
+
+
+def test_long_contexts_are_cut_from_the_left_and_counted(tmp_path, tokenizer):
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=320, multiple_of=16, max_seq_len=40)).eval()
+    examples = load_examples(write_examples(tmp_path / "hs.jsonl", 4))
+    predictions, truncated = score(model, tokenizer, examples, batch_size=2)
+    assert truncated == 4 and len(predictions) == 4
+
+
+def test_bad_hellaswag_files(tmp_path):
+    good = json.loads(write_examples(tmp_path / "one.jsonl", 1).read_text())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(MiniLlamaError, match=r"bad.jsonl:2: not a HellaSwag record"):
+        load_examples(bad)
+    bad.write_text(json.dumps({**good, "label": 4}) + "\n")
+    with pytest.raises(MiniLlamaError, match=r"bad.jsonl:1: label is 4; expected 0, 1, 2 or 3"):
+        load_examples(bad)
+    bad.write_text(json.dumps({**good, "endings": ["a", "b"]}) + "\n")
+    with pytest.raises(MiniLlamaError, match="a list of 4 strings"):
+        load_examples(bad)
+
+
+def test_cli_hellaswag_json_and_exit_codes(tmp_path, tokenizer, small_config):
+    model = Transformer(small_config)
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    data = write_examples(tmp_path / "hs.jsonl", 6)
+    result = subprocess.run([sys.executable, "-m", "minillama", "eval", "hellaswag", str(tmp_path / "ckpt"), "--data", str(data),
+                             "--json", "--batch-size", "4"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["examples"] == 6 and len(report["predictions"]) == 6 and "completion-style" in report["scoring"]
+    (tmp_path / "broken.jsonl").write_text("{\n")
+    failed = subprocess.run([sys.executable, "-m", "minillama", "eval", "hellaswag", str(tmp_path / "ckpt"), "--data",
+                             str(tmp_path / "broken.jsonl")], capture_output=True, text=True)
+    assert failed.returncode == 2 and "broken.jsonl:1" in failed.stderr
+
+
+def test_validation_loss_and_bits_per_byte_against_a_direct_computation(tmp_path, tokenizer, corpus_file, small_config):
+    out = tmp_path / "data"
+    prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), out, tokenizer, shard_tokens=20_000, val_tokens=3000, progress=False)
+    model = Transformer(small_config).eval()
+    seq_len, windows = 64, 20
+    result = evaluate_loss(model, out, tokenizer, batch_size=6, seq_len=seq_len, total_tokens=windows * seq_len)
+
+    manifest = read_manifest(out)
+    stream = np.fromfile(out / manifest["shards"][0]["file"], dtype=np.uint16).astype(np.int64)
+    assert stream[0] == tokenizer.bos_id
+    nats = 0.0
+    with torch.no_grad():
+        for w in range(windows):
+            chunk = torch.from_numpy(stream[w * seq_len : w * seq_len + seq_len + 1])
+            log_probs = torch.log_softmax(model(chunk[None, :-1])[0][0].double(), dim=-1)
+            nats -= log_probs.gather(1, chunk[1:, None]).sum().item()
+    targets = stream[1 : windows * seq_len + 1].tolist()
+    documents, current = [], []
+    for token in targets:  # the targets start right after the first BOS: split them into documents at each BOS
+        if token == tokenizer.bos_id:
+            documents.append(current)
+            current = []
+        else:
+            current.append(token)
+    documents.append(current)
+    n_bytes = sum(len(tokenizer.decode(doc).encode("utf-8")) for doc in documents)
+    assert result["tokens"] == windows * seq_len and result["bytes"] == n_bytes
+    assert abs(result["loss"] - nats / (windows * seq_len)) < 1e-5
+    assert abs(result["bits_per_byte"] - nats / np.log(2) / n_bytes) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory, corpus_file, tokenizer):
+    base = tmp_path_factory.mktemp("tinyrun")
+    out = base / "data"
+    prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), out, tokenizer, shard_tokens=20_000, val_tokens=4096, progress=False)
+    hellaswag = write_examples(base / "hs.jsonl", 8)
+    config = load_train_config("configs/tiny.toml", [
+        f"run_dir={base / 'run'}", f"data.dir={out}", f"data.tokenizer={tokenizer.path}", "model.vocab_size=320",
+        "model.max_seq_len=64", "batch.seq_len=64", "batch.micro_batch=4", "batch.total_tokens=256", "optim.max_steps=30",
+        "optim.warmup_steps=3", "eval.interval=10", "eval.val_tokens=1024", "eval.hellaswag=true",
+        f"eval.hellaswag_file={hellaswag}", "eval.sample_tokens=8", "device=cpu", "compile=false", "checkpoint.interval=15",
+    ])
+    train(config)
+    return base / "run"
+
+
+def test_training_logs_hellaswag_bits_per_byte_and_samples(tiny_run_dir):
+    records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    assert all(r["hellaswag_examples"] == 8 and 0 <= r["hellaswag_acc_norm"] <= 1 and r["val_bits_per_byte"] > 0 for r in evals)
+    assert len([r for r in records if r["kind"] == "samples"][-1]["samples"]) == 2  # 2 prompts x 1 sample (tiny.toml)
+
+
+def test_plot_and_report(tiny_run_dir, tmp_path):
+    image = plot_runs([tiny_run_dir, tiny_run_dir], tmp_path / "curves.png")
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = write_report(tiny_run_dir, tmp_path / "report.md").read_text()
+    records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
+    min_val = min(r["val_loss"] for r in records if r["kind"] == "eval")
+    assert f"min val loss: {min_val:.4f}" in report and "![training curves](curves.png)" in report
+    assert "completion-style" in report and "## Samples at step 30" in report
+    assert (tmp_path / "curves.png").is_file()
+
+
+def test_plot_of_a_run_in_progress_and_of_no_run(tmp_path, tiny_run_dir):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    lines = (tiny_run_dir / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("\n".join(l for l in lines if '"kind": "eval"' not in l)[:-20])  # cut mid-line
+    assert plot_runs([partial], tmp_path / "p.png").is_file()
+    result = subprocess.run([sys.executable, "-m", "minillama", "plot", str(tmp_path / "empty"), "-o", str(tmp_path / "x.png")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "has no metrics.jsonl" in result.stderr
+
+
+def test_notebooks_run_top_to_bottom(tiny_run_dir, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("MINILLAMA_CHECKPOINT", str(tiny_run_dir))
+    monkeypatch.setenv("MINILLAMA_RUN_DIRS", str(tiny_run_dir))
+    for name in ("infer.ipynb", "visualize.ipynb"):
+        notebook = nbformat.read(f"examples/{name}", as_version=4)
+        nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+        assert not [o for o in outputs if o.output_type == "error"]
+    assert (tmp_path / "curves.png").is_file()
