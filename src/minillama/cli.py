@@ -162,6 +162,38 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(Path(args.run_dir), Path(args.out) if args.out else None)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from minillama.checkpoint import find_checkpoint
+
+    if args.format == "hf":
+        from minillama.interop.hf import export_hf
+
+        out = export_hf(find_checkpoint(Path(args.source)), Path(args.out), args.dtype)
+    elif args.format == "llama2c":
+        from minillama.interop.llama2c import export_llama2c
+
+        out = export_llama2c(find_checkpoint(Path(args.source)), Path(args.out), args.version)
+    else:
+        from minillama.interop.llama2c import export_llama2c_tokenizer
+
+        out = export_llama2c_tokenizer(Path(args.source), Path(args.out))
+    print(f"wrote {out}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    if args.format == "hf":
+        from minillama.interop.hf import import_hf
+
+        out = import_hf(Path(args.source), Path(args.out), Path(args.tokenizer) if args.tokenizer else None)
+    else:
+        from minillama.interop.llama2c import import_llama2c
+
+        if not args.tokenizer:
+            raise MiniLlamaError("import llama2c needs --tokenizer TOKENIZER.model (llama2.c files carry no tokenizer)")
+        out = import_llama2c(Path(args.source), Path(args.out), Path(args.tokenizer))
+    print(f"wrote checkpoint {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minillama",
@@ -266,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", "Write a Markdown report of a run (key numbers, samples) with its curves beside it.", cmd_report)
     p.add_argument("run_dir", help="training run directory")
     p.add_argument("-o", "--out", help="output .md (default RUN_DIR/report.md; curves.png goes beside it)")
+
+    p = command("export", "Export a checkpoint to Hugging Face transformers or llama2.c (or a tokenizer to run.c's format).",
+                cmd_export)
+    p.add_argument("format", choices=["hf", "llama2c", "llama2c-tokenizer"],
+                   help="hf: a LlamaForCausalLM directory; llama2c: a run.c model file; llama2c-tokenizer: run.c's -z file")
+    p.add_argument("source", help="checkpoint (or run) directory; for llama2c-tokenizer, a SentencePiece .model")
+    p.add_argument("out", help="output directory (hf) or file (llama2c, llama2c-tokenizer)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="hf: weights dtype (default float32)")
+    p.add_argument("--version", type=int, default=0, choices=[0, 1], help="llama2c: 0 = legacy layout run.c reads (default), 1 = header v1")
+
+    p = command("import", "Import a Hugging Face Llama directory or a llama2.c model file as a Mini Llama checkpoint.", cmd_import)
+    p.add_argument("format", choices=["hf", "llama2c"], help="hf: a local transformers Llama directory; llama2c: a .bin file")
+    p.add_argument("source", help="the model directory (hf) or file (llama2c)")
+    p.add_argument("out", help="checkpoint directory to write")
+    p.add_argument("--tokenizer", help="SentencePiece .model (required for llama2c; hf uses the directory's tokenizer.model)")
 
     tokenizer = commands.add_parser("tokenizer", help="Train a SentencePiece tokenizer.", description="Tokenizer tools.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")

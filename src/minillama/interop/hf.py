@@ -127,6 +127,34 @@ def tokenizer_files(tokenizer: Tokenizer, max_seq_len: int) -> dict[str, Any]:
     }
 
 
+def write_fast_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:
+    """Write tokenizer.json beside tokenizer.model, so AutoTokenizer loads a fast tokenizer with our ids.
+
+    transformers' own conversion lets BPE merge across word boundaries ("Hello  world" differs) and skips
+    SentencePiece's unconditional "▁" prefix. Here the text is prefixed and spaces replaced as SentencePiece does,
+    then split where SentencePiece splits words (a run of spaces keeps all but its last "▁", which opens the next
+    word). Ids then match SentencePiece on ordinary text; models trained to collapse repeated whitespace
+    (llama2.c's) can still differ on leading or repeated whitespace.
+    """
+    try:
+        import transformers
+        from tokenizers import Regex, normalizers, pre_tokenizers
+    except ImportError:
+        return  # AutoTokenizer will convert tokenizer.model itself (with sentencepiece and protobuf installed)
+    fast = transformers.AutoTokenizer.from_pretrained(folder)
+    backend = fast.backend_tokenizer
+    collapses_spaces = tokenizer.sp.encode("a  b") == tokenizer.sp.encode("a b")
+    collapse = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")] if collapses_spaces else []
+    backend.normalizer = normalizers.Sequence(collapse + [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581+(?=\u2581[^\u2581])|\u2581?[^\u2581]+|\u2581+"), behavior="isolated")
+    fast.save_pretrained(folder)
+    # The Llama tokenizer class rebuilds its own pipeline on load; the generic fast class uses tokenizer.json as is.
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2))
+
+
 def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer_path: Path | None = None) -> Path:
     """Write a directory that AutoModelForCausalLM and AutoTokenizer load as Llama."""
     if dtype not in DTYPES:
@@ -145,6 +173,7 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer
         shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
         for name, content in tokenizer_files(tokenizer, config.max_seq_len).items():
             (tmp / name).write_text(json.dumps(content, indent=2))
+        write_fast_tokenizer(tmp, tokenizer)
 
     return write_atomically(Path(out_dir), fill)
 

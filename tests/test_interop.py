@@ -1,0 +1,240 @@
+import dataclasses
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import data_file
+from minillama.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
+from minillama.config import ModelConfig
+from minillama.errors import MiniLlamaError
+from minillama.generate import generate_tokens
+from minillama.interop.hf import export_hf, import_hf
+from minillama.interop.llama2c import export_llama2c, export_llama2c_tokenizer, import_llama2c, read_llama2c
+from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
+from minillama.model import Transformer
+from minillama.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+
+def sharpened(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3) if p.dim() == 2 else p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_rotary_layout_conversion_round_trips():
+    w = torch.randn(4 * 8, 16)
+    halves = interleaved_to_halves(w, 4)
+    assert not torch.equal(halves, w) and torch.equal(halves_to_interleaved(halves, 4), w)
+    assert torch.equal(halves[:4], w[0:8:2][:4])  # first half of head 0 = its even dims
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_hf_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_path, small_config, tokenizer, tie):
+    model = sharpened(Transformer(dataclasses.replace(small_config, tie_embeddings=tie, rope_theta=20000.0)))
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    assert hf_model.config.num_key_value_heads == 2 and hf_model.config.tie_word_embeddings == tie
+    tokens = torch.randint(0, small_config.vocab_size, (2, 100))
+    with torch.no_grad():
+        assert (model(tokens)[0] - hf_model(tokens).logits).abs().max() < 1e-4
+        prompt = [1, 40, 41, 42]
+        theirs = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30, min_new_tokens=30)[0, 4:].tolist()
+    assert generate_tokens(model, [prompt], 30, temperature=0) == [theirs]
+
+
+def test_exported_tokenizer_gives_the_same_ids(tmp_path, small_config, tokenizer):
+    save_checkpoint(tmp_path / "ckpt", Transformer(small_config), tokenizer)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ["The cat sees the moon.", "A dog  follows\n\nthe old king 42 times!", " naïve café 東京"]:
+        assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text)
+
+
+def test_exported_llama2_tokenizer_gives_the_same_ids(tmp_path, test_data):
+    tokenizer = Tokenizer(data_file(test_data, "llama2_tokenizer.model"))
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32000, multiple_of=16, max_seq_len=64))
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype="bfloat16")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ["I believe the meaning of life is", "To stay healthy, I have to", "Hello  world\n\n 2024 ünï"]:
+        assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text)
+    assert all(t.dtype == torch.bfloat16 for t in load_file(str(tmp_path / "hf" / "model.safetensors")).values())
+
+
+@pytest.mark.parametrize("tie, shard", [(True, False), (False, True)])
+def test_import_hf_gives_the_same_logits(tmp_path, tie, shard):
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, tie_word_embeddings=tie)
+    torch.manual_seed(1)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="40KB" if shard else "5GB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == shard
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model, info = load_checkpoint(tmp_path / "ckpt")
+    assert info.config.rope_theta == 50000.0 and info.config.kv_heads == 2 and info.config.tie_embeddings == tie
+    tokens = torch.randint(0, 300, (2, 90))
+    with torch.no_grad():
+        assert (model.eval()(tokens)[0] - hf_model(tokens).logits).abs().max() < 1e-4
+
+
+def test_import_hf_refuses_what_it_does_not_implement(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    original = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cases = [
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+         "rope scaling type 'linear' is not supported"),
+        ({"attention_bias": True}, "attention_bias is true"),
+        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "only LlamaForCausalLM is"),
+    ]
+    for change, message in cases:
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**original, **change}))
+        with pytest.raises(MiniLlamaError, match=message):
+            import_hf(tmp_path / "hf", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(original))
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(MiniLlamaError, match="reads only safetensors"):
+        import_hf(tmp_path / "hf", tmp_path / "out")
+
+
+# --- llama2.c ---------------------------------------------------------------------------------------------
+
+
+def llama2c_numpy_forward(path, tokens):
+    """An independent reading of a version-0 file and run.c's forward pass, in float64 NumPy."""
+    data = open(path, "rb").read()
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("7i", data[:28])
+    shared, vocab = vocab > 0, abs(vocab)
+    flat = np.frombuffer(data, "<f4", offset=28).astype(np.float64)
+    head, kv_dim = dim // n_heads, dim // n_heads * n_kv
+    pos = 0
+
+    def take(*shape):
+        nonlocal pos
+        n = int(np.prod(shape))
+        out = flat[pos : pos + n].reshape(shape)
+        pos += n
+        return out
+
+    emb, att_norm = take(vocab, dim), take(n_layers, dim)
+    wq, wk, wv, wo = take(n_layers, dim, dim), take(n_layers, kv_dim, dim), take(n_layers, kv_dim, dim), take(n_layers, dim, dim)
+    ffn_norm, w1, w2, w3 = take(n_layers, dim), take(n_layers, hidden, dim), take(n_layers, dim, hidden), take(n_layers, hidden, dim)
+    final_norm = take(dim)
+    take(seq_len, head // 2), take(seq_len, head // 2)
+    classifier = emb if shared else take(vocab, dim)
+
+    def rmsnorm(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w
+
+    def rope(v, n):
+        v = v.copy()
+        for t in range(len(v)):
+            for i in range(0, n, 2):
+                angle = t / 10000.0 ** ((i % head) / head)
+                a, b = v[t, i], v[t, i + 1]
+                v[t, i], v[t, i + 1] = a * np.cos(angle) - b * np.sin(angle), a * np.sin(angle) + b * np.cos(angle)
+        return v
+
+    x = emb[tokens]
+    T = len(tokens)
+    for layer in range(n_layers):
+        xb = rmsnorm(x, att_norm[layer])
+        q, k, v = rope(xb @ wq[layer].T, dim), rope(xb @ wk[layer].T, kv_dim), xb @ wv[layer].T
+        out = np.zeros((T, dim))
+        for h in range(n_heads):
+            g = h // (n_heads // n_kv)
+            qh, kh, vh = q[:, h * head : (h + 1) * head], k[:, g * head : (g + 1) * head], v[:, g * head : (g + 1) * head]
+            scores = qh @ kh.T / np.sqrt(head) + np.triu(np.full((T, T), -np.inf), 1)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            out[:, h * head : (h + 1) * head] = (probs / probs.sum(-1, keepdims=True)) @ vh
+        x = x + out @ wo[layer].T
+        xb = rmsnorm(x, ffn_norm[layer])
+        h1, h3 = xb @ w1[layer].T, xb @ w3[layer].T
+        x = x + (h1 / (1 + np.exp(-h1)) * h3) @ w2[layer].T
+    return rmsnorm(x, final_norm) @ classifier.T
+
+
+def test_stories260k_imports_and_matches_a_numpy_llama2c_forward(tmp_path, test_data):
+    source = data_file(test_data, "stories260K.bin")
+    import_llama2c(source, tmp_path / "ckpt", data_file(test_data, "tok512.model"))
+    model, info = load_checkpoint(tmp_path / "ckpt")
+    assert (info.config.dim, info.config.n_layers, info.config.n_heads, info.config.kv_heads) == (64, 5, 8, 4)
+    assert (info.config.ffn_hidden_dim, info.config.vocab_size, info.config.max_seq_len, info.config.tie_embeddings) == (172, 512, 512, True)
+    assert model.layers[0].attention.wk.weight.shape == (32, 64)
+    tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421]
+    with torch.no_grad():
+        ours = model.eval()(torch.tensor([tokens]))[0][0].double().numpy()
+    assert np.abs(ours - llama2c_numpy_forward(source, tokens)).max() < 1e-4
+
+
+def test_stories260k_export_is_byte_identical_and_round_trips(tmp_path, test_data):
+    source = data_file(test_data, "stories260K.bin")
+    import_llama2c(source, tmp_path / "ckpt", data_file(test_data, "tok512.model"))
+    export_llama2c(tmp_path / "ckpt", tmp_path / "v0.bin", version=0)
+    assert (tmp_path / "v0.bin").read_bytes() == source.read_bytes()
+    export_llama2c(tmp_path / "ckpt", tmp_path / "v1.bin", version=1)
+    _, original = read_llama2c(source)
+    config, again = read_llama2c(tmp_path / "v1.bin")
+    assert (tmp_path / "v1.bin").read_bytes()[:4] == b"24ka" and original.keys() == again.keys()
+    assert all(torch.equal(original[k], again[k]) for k in original)
+
+
+def test_tok512_export_is_byte_identical_to_llama2c(tmp_path, test_data):
+    export_llama2c_tokenizer(data_file(test_data, "tok512.model"), tmp_path / "tok512.bin")
+    assert (tmp_path / "tok512.bin").read_bytes() == data_file(test_data, "tok512.bin").read_bytes()
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_untied_model_round_trips_through_llama2c(tmp_path, small_config, tokenizer, version):
+    model = Transformer(dataclasses.replace(small_config, tie_embeddings=False))
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    export_llama2c(tmp_path / "ckpt", tmp_path / "m.bin", version=version)
+    if version == 0:
+        assert struct.unpack_from("7i", (tmp_path / "m.bin").read_bytes())[5] == -320  # unshared classifier
+    import_llama2c(tmp_path / "m.bin", tmp_path / "back", tokenizer.path)
+    back, _ = load_checkpoint(tmp_path / "back")
+    assert all(torch.equal(a, b) for a, b in zip(model_state_dict(model).values(), model_state_dict(back).values()))
+
+
+def test_bad_llama2c_files(tmp_path, small_config, tokenizer):
+    save_checkpoint(tmp_path / "ckpt", Transformer(small_config), tokenizer)
+    export_llama2c(tmp_path / "ckpt", tmp_path / "good.bin", version=1)
+    good = (tmp_path / "good.bin").read_bytes()
+    cases = {
+        "version2.bin": (good[:4] + struct.pack("i", 2) + good[8:], "format version 2 is not supported"),
+        "short.bin": (good[:-8], "has .* bytes, its version-1 header implies"),
+        "heads.bin": (struct.pack("7i", 64, 96, 2, 3, 3, 320, 128) + b"\0" * 100, "gives no valid \\(even\\) head dimension"),
+        "tiny.bin": (b"\0" * 10, "too few for a llama2.c header"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(MiniLlamaError, match=message):
+            import_llama2c(tmp_path / name, tmp_path / "out", tokenizer.path)
+        assert not (tmp_path / "out").exists()
+    other = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=512, multiple_of=16, max_seq_len=32))
+    save_checkpoint(tmp_path / "other", other)
+    export_llama2c(tmp_path / "other", tmp_path / "v512.bin")
+    result = subprocess.run([sys.executable, "-m", "minillama", "import", "llama2c", str(tmp_path / "v512.bin"), str(tmp_path / "out"),
+                             "--tokenizer", str(tokenizer.path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "has vocab 320" in result.stderr and "has 512" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_llama2c_export_refuses_other_rope_theta(tmp_path, small_config):
+    save_checkpoint(tmp_path / "ckpt", Transformer(dataclasses.replace(small_config, rope_theta=500000.0)))
+    with pytest.raises(MiniLlamaError, match="llama2.c hard-codes rope_theta 10000"):
+        export_llama2c(tmp_path / "ckpt", tmp_path / "m.bin")
+    assert not (tmp_path / "m.bin").exists()
