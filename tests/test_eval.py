@@ -62,7 +62,11 @@ def test_real_hellaswag_examples_batched_equals_one_at_a_time(test_data, llama_v
     batched, _ = score(llama_vocab_model, tokenizer, examples, batch_size=4)
     single, _ = score(llama_vocab_model, tokenizer, examples, batch_size=1)
     assert [(p.pred_norm, p.pred_sum) for p in batched] == [(p.pred_norm, p.pred_sum) for p in single]
-    assert max(abs(a - b) for p, q in zip(batched, single) for a, b in zip(p.losses, q.losses)) < 1e-5
+    # Mean loss per ending token (what acc_norm ranks) within 1e-5; the float32 sums of ~30 tokens at ~10 nats
+    # each agree to float32 precision (relative 1e-6), as other batch shapes round matmuls differently.
+    mean = lambda p: [loss / n for loss, n in zip(p.losses, p.ending_tokens)]  # noqa: E731
+    assert max(abs(a - b) for p, q in zip(batched, single) for a, b in zip(mean(p), mean(q))) < 1e-5
+    assert max(abs(a - b) / b for p, q in zip(batched, single) for a, b in zip(p.losses, q.losses)) < 1e-6
     for prediction, example in zip(batched, examples[:3]):
         assert np.allclose(prediction.losses, reference_losses(llama_vocab_model, tokenizer, example), atol=1e-4)
 

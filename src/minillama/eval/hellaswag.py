@@ -131,14 +131,14 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
     max_len = model.config.max_seq_len
     was_training = model.training
     model.eval()
-    predictions, truncated = [], 0
-    for first in range(0, len(examples), batch_size):
-        chunk = examples[first : first + batch_size]
-        cands = []
-        for example in chunk:
-            example_cands, was_truncated = candidates(example, tokenizer, max_len)
-            cands += example_cands
-            truncated += was_truncated
+    encoded = [candidates(example, tokenizer, max_len) for example in examples]
+    truncated = sum(was_truncated for _, was_truncated in encoded)
+    # Batch examples of similar length together, so that little of each forward pass is padding.
+    order = sorted(range(len(examples)), key=lambda i: max(len(c.tokens) for c in encoded[i][0]))
+    predictions: list[Prediction | None] = [None] * len(examples)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first : first + batch_size]
+        cands = [cand for i in chunk for cand in encoded[i][0]]
         width = max(len(c.tokens) for c in cands)
         tokens = torch.zeros(len(cands), width, dtype=torch.long)
         targets = torch.full((len(cands), width), -1, dtype=torch.long)
@@ -152,13 +152,14 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
         losses = losses.view(len(cands), width).sum(dim=1).view(len(chunk), 4)
         counts = (targets != -1).sum(dim=1).view(len(chunk), 4)
-        for example, loss_row, count_row in zip(chunk, losses.tolist(), counts.tolist()):
+        for i, loss_row, count_row in zip(chunk, losses.tolist(), counts.tolist()):
+            example = examples[i]
             mean = [loss / count for loss, count in zip(loss_row, count_row)]
-            predictions.append(Prediction(
+            predictions[i] = Prediction(
                 example.index, example.label,
                 pred_norm=min(range(4), key=mean.__getitem__), pred_sum=min(range(4), key=loss_row.__getitem__),
                 losses=tuple(loss_row), ending_tokens=tuple(count_row),
-            ))
+            )
     model.train(was_training)
     return predictions, truncated
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Everything GPU-specific in one go, printing JSON lines; about 4-5 minutes on one H100.
+# Needs PyTorch with CUDA, transformers, sentencepiece, safetensors, numpy, tqdm, matplotlib; no network, no `datasets`.
+#
+#   mkdir -p .gpu_data && cp ../shared/data/{tinyshakespeare.txt,llama2_tokenizer.model,hellaswag_val_head10.jsonl} .gpu_data/
+#   bash bench/gpu_check.sh [.gpu_data]
+#
+# 1. training throughput of mini-llama-109M at 32 x 1024, bf16, eager and compiled
+# 2. a short real training run (tiny shakespeare, Llama 2 tokenizer, mini-llama-109M, torch.compile on) with
+#    validation loss, HellaSwag and sampling at each evaluation
+# 3. generation: new tokens/s at batch 1 and 4, 200 new tokens, CUDA graph vs eager vs transformers, same tokens
+# 4. HellaSwag scoring speed over 10,042 examples (the 10 real ones repeated)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src
+DATA=${1:-.gpu_data}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit; a failure is reported as a JSON line, not fatal
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@"
+    local rc=$?
+    echo "{\"part\": \"$name\", \"exit_code\": $rc, \"seconds\": $((SECONDS - start))}"
+}
+
+python - <<'PY'
+import json, torch
+print(json.dumps({"check": "device", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                  "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported()}))
+PY
+
+part train_throughput_eager 90 python bench/train_throughput.py --batch 32 --seq 1024 --steps 20 --warmup 3 --no-compile
+part train_throughput_compiled 150 python bench/train_throughput.py --batch 32 --seq 1024 --steps 30 --warmup 5
+
+part prepare 60 python -m minillama prepare text "$DATA/tinyshakespeare.txt" --out "$WORK/data" --tokenizer "$DATA/llama2_tokenizer.model" \
+    --split-paragraphs --val-tokens 65536 --shard-tokens 1000000 --quiet
+part train_run 180 python -m minillama train --config configs/mini-llama-109M.toml \
+    --set run_dir="$WORK/run" --set data.dir="$WORK/data" --set data.tokenizer="$DATA/llama2_tokenizer.model" \
+    --set batch.total_tokens=65536 --set batch.micro_batch=32 --set optim.max_steps=40 --set optim.warmup_steps=5 \
+    --set eval.interval=20 --set eval.val_tokens=65536 --set eval.hellaswag_file="$DATA/hellaswag_val_head10.jsonl" \
+    --set checkpoint.interval=40 > "$WORK/train.log" 2>&1
+tail -5 "$WORK/train.log"
+python - "$WORK/run" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+records = [json.loads(l) for l in (Path(sys.argv[1]) / "metrics.jsonl").read_text().splitlines()]
+train = [r for r in records if r["kind"] == "train"]
+evals = [r for r in records if r["kind"] == "eval"]
+samples = [r for r in records if r["kind"] == "samples"]
+print(json.dumps({"check": "train_run", "steps": len(train), "first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
+                  "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in train[5:])),
+                  "median_mfu": round(statistics.median(r.get("mfu", 0) for r in train[5:]), 4),
+                  "val_loss": [round(r["val_loss"], 4) for r in evals], "hellaswag": [r.get("hellaswag_acc_norm") for r in evals],
+                  "samples": samples[-1]["samples"][:2] if samples else None}))
+PY
+part generate_cli 60 python -m minillama generate "$WORK/run" "To stay healthy, I have to" --num-samples 1 --max-new-tokens 30 --seed 0
+
+part generate_throughput 120 python bench/generate_throughput.py --batch 1 4 --new-tokens 200 --skip-uncached
+part hellaswag_throughput 90 python bench/hellaswag_throughput.py --data "$DATA/hellaswag_val_head10.jsonl" \
+    --tokenizer "$DATA/llama2_tokenizer.model" --examples 10042 --batch-size 64 --skip-single

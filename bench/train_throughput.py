@@ -1,0 +1,88 @@
+"""Training throughput of one device: tokens/s, MFU and peak memory for full optimizer steps on random tokens.
+
+usage: python bench/train_throughput.py [--preset mini-llama-109M] [--batch 32] [--seq 1024] [--steps 20]
+       [--warmup 5] [--no-compile] [--device auto] [--dtype auto]
+A step is forward + backward (bf16 autocast where supported) + gradient clipping + fused AdamW, as in training.
+Prints one JSON line.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from minillama.config import preset
+from minillama.model import Transformer
+from minillama.summary import training_flops_per_token
+from minillama.train.config import OptimConfig
+from minillama.train.device import autocast, autocast_dtype, peak_flops, pick_device
+from minillama.train.optim import build_optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="mini-llama-109M")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    args = parser.parse_args()
+
+    device = pick_device(args.device)
+    precision = autocast_dtype(device, args.dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    config = preset(args.preset)
+    torch.manual_seed(0)
+    model = Transformer(config).to(device)
+    optimizer = build_optimizer(model, OptimConfig(), device)
+    step_model = model if args.no_compile else torch.compile(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    y = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            _, loss = step_model(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    compile_start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - compile_start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    elapsed = time.perf_counter() - start
+    tokens_per_s = args.steps * args.batch * args.seq / elapsed
+    peak = peak_flops(device)
+    print(json.dumps({
+        "bench": "train_throughput", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "preset": args.preset, "batch": args.batch, "seq": args.seq, "compiled": not args.no_compile,
+        "dtype": str(precision or torch.float32), "steps": args.steps, "warmup_s": round(warmup_s, 1),
+        "step_ms": round(1000 * elapsed / args.steps, 1), "tokens_per_s": round(tokens_per_s),
+        "mfu": round(training_flops_per_token(config, args.seq) * tokens_per_s / peak, 4) if peak else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
