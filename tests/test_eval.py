@@ -161,7 +161,7 @@ def tiny_run_dir(tmp_path_factory, corpus_file, tokenizer):
     prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), out, tokenizer, shard_tokens=20_000, val_tokens=4096, progress=False)
     hellaswag = write_examples(base / "hs.jsonl", 8)
     config = load_train_config("configs/tiny.toml", [
-        f"run_dir={base / 'run'}", f"data.dir={out}", f"data.tokenizer={tokenizer.path}", "model.vocab_size=320",
+        f"run_dir={base / 'run'}", f"data.dir={out}", f"data.tokenizer={tokenizer.path}", "model.vocab_size=320", "data.auto_prepare=false",
         "model.max_seq_len=64", "batch.seq_len=64", "batch.micro_batch=4", "batch.total_tokens=256", "optim.max_steps=30",
         "optim.warmup_steps=3", "eval.interval=10", "eval.val_tokens=1024", "eval.hellaswag=true",
         f"eval.hellaswag_file={hellaswag}", "eval.sample_tokens=8", "device=cpu", "compile=false", "checkpoint.interval=15",

@@ -28,7 +28,7 @@ def data_dir(tmp_path_factory, corpus_file, tokenizer):
 def tiny_run(tmp_path, data_dir, tokenizer, *extra):
     """--set overrides for a fast tiny run on the synthetic corpus: batches of 4 x 64 tokens, 2 micro-steps."""
     return [
-        f"run_dir={tmp_path / 'run'}", f"data.dir={data_dir}", f"data.tokenizer={tokenizer.path}",
+        f"run_dir={tmp_path / 'run'}", f"data.dir={data_dir}", f"data.tokenizer={tokenizer.path}", "data.auto_prepare=false",
         "model.vocab_size=320", "model.max_seq_len=64", "batch.seq_len=64", "batch.micro_batch=4", "batch.total_tokens=512",
         "optim.max_steps=200", "optim.warmup_steps=10", "optim.lr=3e-3", "optim.min_lr=3e-4",
         "eval.interval=1000", "eval.val_tokens=1024", "eval.hellaswag=false", "eval.num_samples=0",
@@ -180,3 +180,14 @@ def test_bad_config_fields(tmp_path):
         load_train_config("configs/tiny.toml", ["batch.seq_len=512"])
     with pytest.raises(MiniLlamaError, match="does not exist"):
         load_train_config(tmp_path / "none.toml")
+
+
+def test_auto_prepare_refuses_data_made_from_other_files(tmp_path, corpus_file, tokenizer):
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_file.read_text()[:50_000])
+    common = [f"data.dir={tmp_path / 'data'}", f"data.tokenizer={tokenizer.path}", "model.vocab_size=320", "data.val_tokens=2048",
+              f"run_dir={tmp_path / 'run'}", "device=cpu", "compile=false", "stop_at_step=1", "eval.num_samples=0",
+              "batch.seq_len=64", "batch.micro_batch=4", "batch.total_tokens=256", "eval.val_tokens=256"]
+    train(load_train_config("configs/tiny.toml", common + [f'data.files=["{corpus_file}"]']))
+    with pytest.raises(MiniLlamaError, match="was prepared from .*corpus.txt.*but the config names .*other.txt"):
+        train(load_train_config("configs/tiny.toml", common + [f'data.files=["{other}"]', f"run_dir={tmp_path / 'run2'}"]))

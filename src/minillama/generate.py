@@ -8,6 +8,7 @@ dominates small-model decoding.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -75,14 +76,17 @@ class _DecodeStep:
         # Warm up on a side stream (as CUDA graph capture requires), then record one decode step. The step
         # writes slot 0's cache entries with position 0 during capture; every real step overwrites its own slot.
         saved = (self.cache.keys.clone(), self.cache.values.clone(), self.cache.filled.clone())
+        # Under autocast, weight casts must not come from autocast's cache, which lives outside the graph.
+        no_cast_cache = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                         if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), no_cast_cache:
             for _ in range(2):
                 self._forward()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), no_cast_cache:
             self.logits = self._forward()
         self.cache.keys.copy_(saved[0])
         self.cache.values.copy_(saved[1])
@@ -188,6 +192,7 @@ def generate(
     seed: int | None = None,
     stop_at_eos: bool = True,
     on_token: TokenCallback | None = None,
+    cuda_graph: bool | None = None,
 ) -> list[str]:
     """`num_samples` completions of `prompt` (the new text only). An empty prompt starts from BOS alone."""
     if num_samples < 1:
@@ -199,7 +204,7 @@ def generate(
     prompt_ids = tokenizer.encode(prompt, bos=True)
     new = generate_tokens(
         model, [prompt_ids] * num_samples, max_new_tokens, temperature, top_k, top_p, generator,
-        eos_id=tokenizer.eos_id if stop_at_eos else None, on_token=on_token,
+        eos_id=tokenizer.eos_id if stop_at_eos else None, cuda_graph=cuda_graph, on_token=on_token,
     )
     return [completion_text(tokenizer, prompt_ids, ids) for ids in new]
 

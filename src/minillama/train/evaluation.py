@@ -46,7 +46,8 @@ def samples(model: Transformer, tokenizer: Tokenizer, config: EvalConfig, seed: 
         if room < 1:
             continue
         with torch.random.fork_rng(devices=[]):  # leave the training RNG exactly where it was
+            # Eager decoding: a few short samples do not repay capturing a CUDA graph inside training's autocast.
             completions = generate(model, tokenizer, prompt, config.num_samples, min(config.sample_tokens, room),
-                                   top_k=config.top_k, seed=seed + index)
+                                   top_k=config.top_k, seed=seed + index, cuda_graph=False)
         texts += [prompt + c for c in completions]
     return texts

@@ -227,14 +227,19 @@ def _data(config: TrainConfig, tokenizer: Tokenizer, ctx: Distributed) -> Path:
     """The prepared data directory, checked against model and tokenizer; prepared first when the config says so."""
     data = config.data
     data_dir = Path(data.dir)
-    if read_manifest(data_dir) is None or not read_manifest(data_dir).get("complete"):
-        if not data.auto_prepare:
-            raise MiniLlamaError(f"{data_dir} holds no prepared data; make it with: {prepare_command(data)}  "
-                                 "(or --set data.auto_prepare=true)")
-        if ctx.is_main:
-            source = FineWebEdu(data.subset) if data.source == "fineweb-edu" else LocalFiles(list(data.files), split_paragraphs=data.split_paragraphs)
-            prepare(source, data_dir, tokenizer, data.shard_tokens, data.val_tokens, workers=data.prepare_workers)
-        barrier(ctx)
+    manifest = read_manifest(data_dir)
+    if data.auto_prepare:
+        source = FineWebEdu(data.subset) if data.source == "fineweb-edu" else LocalFiles(list(data.files), split_paragraphs=data.split_paragraphs)
+        if manifest is not None and manifest["source"] != source.describe():
+            raise MiniLlamaError(f"{data_dir} was prepared from {manifest['source']}, but the config names {source.describe()}; "
+                                 "set another data.dir or delete this one")
+        if manifest is None or not manifest.get("complete"):
+            if ctx.is_main:
+                prepare(source, data_dir, tokenizer, data.shard_tokens, data.val_tokens, workers=data.prepare_workers)
+            barrier(ctx)
+    elif manifest is None or not manifest.get("complete"):
+        raise MiniLlamaError(f"{data_dir} holds no prepared data; make it with: {prepare_command(data)}  "
+                             "(or --set data.auto_prepare=true)")
     check_data(data_dir, config.model.vocab_size, tokenizer.fingerprint)
     return data_dir
 
