@@ -1,0 +1,273 @@
+"""Documents -> token shards, tokenized in parallel worker processes, resumable after any interruption.
+
+The token stream is every document as [BOS] + tokens, in source order. It is cut into shards of `shard_tokens`
+tokens; the first `val_tokens` of it form the validation split. After each shard is written, the manifest records
+where in the stream it ended (record index and token offset within that record), so a re-run skips what is done
+and produces the same bytes an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from minillama.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, token_dtype, write_manifest, write_shard
+from minillama.data.sources import SkipCounter
+from minillama.errors import MiniLlamaError
+from minillama.tokenizer import Tokenizer
+
+RECORDS_PER_TASK = 256  # documents sent to a worker at once: large enough to amortise the inter-process hop
+
+
+class Source(Protocol):
+    total_records: int | None
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def records(self, skip: int, skipped: SkipCounter) -> Iterator[str | None]: ...
+
+
+@dataclass
+class StreamPosition:
+    """A point in the token stream: the next token is token `offset` of record `record` ([BOS] is token 0)."""
+
+    record: int = 0
+    offset: int = 0
+
+
+# --- tokenization in worker processes -------------------------------------------------------------------------
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(tokenizer_path)
+
+
+def encode_records(records: list[str | None], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[BOS] + tokens of each record, concatenated, and each record's length (0 for a skipped record)."""
+    tokenizer = tokenizer or _worker_tokenizer
+    texts = [r for r in records if r is not None]
+    encoded = iter(tokenizer.sp.encode(texts, num_threads=1) if texts else [])
+    ids_per_record = [None if r is None else next(encoded) for r in records]
+    lengths = np.array([0 if ids is None else len(ids) + 1 for ids in ids_per_record], dtype=np.int64)
+    flat = np.empty(int(lengths.sum()), dtype=np.int32)
+    position = 0
+    for ids in ids_per_record:
+        if ids is not None:
+            flat[position] = tokenizer.bos_id
+            flat[position + 1 : position + 1 + len(ids)] = ids
+            position += len(ids) + 1
+    return flat, lengths
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_in_order(batches: Iterator[list[str | None]], tokenizer: Tokenizer, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encode batches of records in `workers` processes, yielding results in input order.
+
+    At most a few batches per worker are in flight (unlike Pool.imap, which reads its whole input ahead), so
+    memory stays flat however large the source is.
+    """
+    if workers <= 1:
+        for batch in batches:
+            yield encode_records(batch, tokenizer)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(encode_records, (batch,)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# --- the shard stream ------------------------------------------------------------------------------------------
+
+
+class ShardStream:
+    """Cuts the token stream into shards, writes each one atomically and records it in the manifest."""
+
+    def __init__(self, out_dir: Path, manifest: dict[str, Any]):
+        self.out_dir = out_dir
+        self.manifest = manifest
+        self.dtype = np.dtype(manifest["dtype"])
+        self.tokens_done = sum(s["tokens"] for s in manifest["shards"])
+        self.buffer = np.empty(self._capacity(), dtype=self.dtype)
+        self.filled = 0
+        self.documents = 0
+        # Empty or bad records passed over so far, counted where the stream consumes them (not where they are
+        # read, which runs ahead), so the count stored with each shard is exact and resumes correctly.
+        self.skipped_records = manifest["shards"][-1]["skipped_records"] if manifest["shards"] else 0
+
+    def _capacity(self) -> int:
+        val_left = self.manifest["val_tokens"] - self.tokens_done
+        return min(self.manifest["shard_tokens"], val_left) if val_left > 0 else self.manifest["shard_tokens"]
+
+    def add(self, tokens: np.ndarray, position: StreamPosition, starts_document: bool) -> int:
+        """Append a record's tokens (from `position.offset` on); returns how many were taken before a shard filled."""
+        if starts_document:
+            self.documents += 1
+        take = min(len(tokens), len(self.buffer) - self.filled)
+        self.buffer[self.filled : self.filled + take] = tokens[:take]
+        self.filled += take
+        if self.filled == len(self.buffer):
+            self.flush(StreamPosition(position.record, position.offset + take))
+        return take
+
+    def flush(self, end: StreamPosition) -> None:
+        if self.filled == 0:
+            return
+        index = len(self.manifest["shards"])
+        split = "val" if self.tokens_done < self.manifest["val_tokens"] else "train"
+        name = f"{split}_{index:06d}.bin"
+        sha256 = write_shard(self.out_dir / name, self.buffer[: self.filled])
+        self.manifest["shards"].append({
+            "file": name, "split": split, "tokens": self.filled, "documents": self.documents, "sha256": sha256,
+            "end_record": end.record, "end_offset": end.offset, "skipped_records": self.skipped_records,
+        })
+        write_manifest(self.out_dir, self.manifest)
+        self.tokens_done += self.filled
+        self.filled, self.documents = 0, 0
+        self.buffer = np.empty(self._capacity(), dtype=self.dtype)
+
+
+def _settings(source: Source, tokenizer: Tokenizer, shard_tokens: int, val_tokens: int, max_tokens: int | None) -> dict[str, Any]:
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "source": source.describe(),
+        "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "shard_tokens": shard_tokens, "val_tokens": val_tokens, "max_tokens": max_tokens,
+    }
+
+
+def _start_or_resume(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """The manifest to continue from: the existing one if it was made with the same settings, else a new one."""
+    existing = None if overwrite else read_manifest(out_dir)
+    if existing is not None:
+        if existing["tokenizer"]["fingerprint"] != settings["tokenizer"]["fingerprint"]:
+            raise MiniLlamaError(
+                f"{out_dir} holds shards made with another tokenizer (sha256 {existing['tokenizer']['fingerprint'][:12]}…); "
+                "choose another --out or pass --overwrite to replace them"
+            )
+        for key, value in settings.items():
+            if existing.get(key) != value:
+                raise MiniLlamaError(
+                    f"{out_dir} holds shards made with different settings ({key}: {existing.get(key)!r}, now {value!r}); "
+                    "choose another --out or pass --overwrite to replace them"
+                )
+        return existing
+    if out_dir.exists() and any(out_dir.glob("*.bin")) and not overwrite:
+        raise MiniLlamaError(f"{out_dir} already holds .bin files but no {MANIFEST}; choose another --out or pass --overwrite")
+    if overwrite and out_dir.exists():
+        for path in [*out_dir.glob("*.bin"), out_dir / MANIFEST]:
+            path.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {**settings, "shards": [], "complete": False}
+
+
+def prepare(
+    source: Source,
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    shard_tokens: int = 100_000_000,
+    val_tokens: int | None = None,
+    max_tokens: int | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize `source` into shards in `out_dir` and return the manifest. `val_tokens` defaults to one shard."""
+    out_dir = Path(out_dir)
+    for name, value in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens), ("--max-tokens", max_tokens), ("--workers", workers)):
+        if value is not None and value < 1:
+            raise MiniLlamaError(f"{name} is {value}; expected a positive integer")
+    val_tokens = shard_tokens if val_tokens is None else val_tokens
+    manifest = _start_or_resume(out_dir, _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens), overwrite)
+    if manifest["complete"]:
+        print(f"{out_dir} is already complete: {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards")
+        return manifest
+
+    last = manifest["shards"][-1] if manifest["shards"] else None
+    start = StreamPosition(last["end_record"], last["end_offset"]) if last else StreamPosition()
+    stream = ShardStream(out_dir, manifest)
+    skipped = SkipCounter()
+    budget = (max_tokens or float("inf")) - stream.tokens_done
+    began, tokens_this_run = time.monotonic(), 0
+    bar = tqdm(total=source.total_records, initial=start.record, unit="doc",
+               disable=None if progress else True, dynamic_ncols=True)  # None: a bar on terminals only
+
+    record, end = start.record, start
+    batches = batched(source.records(start.record, skipped), RECORDS_PER_TASK)
+    for flat, lengths in encode_in_order(batches, tokenizer, workers):
+        begin = 0
+        for length in lengths.tolist():
+            tokens = flat[begin : begin + length]
+            begin += length
+            if length == 0:
+                stream.skipped_records += 1
+            offset = start.offset if record == start.record else 0
+            while offset < length and budget > 0:
+                piece = tokens[offset : offset + int(min(length - offset, budget))]
+                taken = stream.add(piece, StreamPosition(record, offset), starts_document=offset == 0)
+                offset += taken
+                budget -= taken
+                tokens_this_run += taken
+            end = StreamPosition(record + 1, 0) if offset >= length else StreamPosition(record, offset)
+            record += 1
+            if budget <= 0:
+                break
+        bar.update(len(lengths))
+        bar.set_postfix(tokens=f"{stream.tokens_done + stream.filled:,}", tok_per_s=f"{tokens_this_run / max(time.monotonic() - began, 1e-9):,.0f}")
+        if budget <= 0:
+            break
+    bar.close()
+    stream.flush(end)
+
+    manifest["complete"] = True
+    manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+    manifest["documents"] = sum(s["documents"] for s in manifest["shards"])
+    manifest["skipped_records"] = stream.skipped_records
+    _check_splits(out_dir, manifest)
+    write_manifest(out_dir, manifest)
+    elapsed = time.monotonic() - began
+    n_train = sum(s["split"] == "train" for s in manifest["shards"])
+    print(
+        f"prepared {manifest['tokens']:,} tokens from {manifest['documents']:,} documents into {len(manifest['shards'])} shards "
+        f"({len(manifest['shards']) - n_train} val, {n_train} train) in {out_dir}; this run: {tokens_this_run:,} tokens in "
+        f"{elapsed:.1f}s ({tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s); skipped {manifest['skipped_records']:,} records"
+        + (f" (this run: {', '.join(f'{n:,} {reason}' for reason, n in skipped.counts.items())})" if skipped.counts else "")
+    )
+    return manifest
+
+
+def _check_splits(out_dir: Path, manifest: dict[str, Any]) -> None:
+    val = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
+    train = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+    if train == 0:
+        raise MiniLlamaError(
+            f"all {val:,} tokens went to the validation split of {out_dir}; re-run with --overwrite and a smaller "
+            f"--val-tokens (for example {max(val // 10, 1):,})"
+        )
+
