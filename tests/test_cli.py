@@ -10,8 +10,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_subcommand():
     out = run_cli("--help").stdout
-    for command in ("inspect", "tokenizer"):
-        assert command in out
+    for command in ("inspect", "tokenizer", "prepare", "train", "generate", "eval", "plot", "report", "export", "import"):
+        assert f"    {command} " in out or f"    {command}\n" in out, command
 
 
 def test_inspect_reference_preset(capsys):

@@ -211,3 +211,16 @@ def test_notebooks_run_top_to_bottom(tiny_run_dir, tmp_path, monkeypatch):
         outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
         assert not [o for o in outputs if o.output_type == "error"]
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_eval_loss_command_reproduces_the_logged_val_loss(tiny_run_dir):
+    """The final evaluation runs after the last update, on the weights the final checkpoint holds."""
+    records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r["kind"] == "eval"][-1]
+    data_dir = tiny_run_dir.parent / "data"
+    result = subprocess.run([sys.executable, "-m", "minillama", "eval", "loss", str(tiny_run_dir), "--data", str(data_dir),
+                             "--tokens", "1024", "--seq-len", "64", "--batch-size", "4", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)
+    assert abs(measured["loss"] - logged["val_loss"]) < 1e-5
+    assert abs(measured["bits_per_byte"] - logged["val_bits_per_byte"]) < 1e-5

@@ -136,3 +136,18 @@ def test_cli_refuses_a_tokenizer_with_another_vocab(tmp_path, tokenizer):
     result = subprocess.run([sys.executable, "-m", "minillama", "generate", str(tmp_path / "ckpt"), "hi", "--tokenizer", str(tokenizer.path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "has vocab 512" in result.stderr and "has 320" in result.stderr
+
+
+def test_static_cache_shapes_give_the_same_logits(model):
+    """The CUDA-graph decode step attends over every preallocated slot (empty ones masked); check that path's
+    arithmetic on the CPU against the full causal forward."""
+    prompt, steps = [1, 9, 8, 7], 12
+    expected, expected_logits = greedy_by_rerunning(model, prompt, steps)
+    cache = KVCache(model.config, 1, len(prompt) + steps, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), cache=cache, positions=torch.arange(len(prompt))[None], slots=torch.arange(len(prompt)))[0][0, -1]
+        for i, token in enumerate(expected):
+            assert (logits - expected_logits[i]).abs().max() < 1e-4
+            assert cache.length is None  # every slot, as in the captured graph
+            slot = len(prompt) + i
+            logits = model(torch.tensor([[token]]), cache=cache, positions=torch.tensor([[slot]]), slots=torch.tensor([slot]))[0][0, -1]

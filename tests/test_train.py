@@ -100,6 +100,8 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer)
     resumed, _ = train_losses(killed / "run")
     assert len(resumed) == len(expected) == 14
     assert resumed == expected  # bit for bit: same weights, optimizer, data position and dropout RNG
+    kept = sorted(p.name for p in (killed / "run" / "checkpoints").iterdir())
+    assert kept == ["step_0000012", "step_0000014"]  # keep_last=2, the final step always saved
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is not set up on Windows runners")
