@@ -206,9 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    p = command("inspect", "Show a preset's or checkpoint's config, parameter counts and training FLOPs per token.", cmd_inspect)
-    p.add_argument("target", help="a preset name (mini-llama-109M, tiny, ...) or a checkpoint/run directory")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    tokenizer = commands.add_parser("tokenizer", help="Train a SentencePiece tokenizer.", description="Tokenizer tools.")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    p = command(
+        "train", "Train a Llama-style SentencePiece BPE tokenizer (byte fallback, split digits) on .txt/.jsonl files.",
+        cmd_tokenizer_train, parent=tokenizer_commands,
+    )
+    p.add_argument("files", nargs="+", help="text files (.txt: one sentence per line; .jsonl: the --text-field of each record)")
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, e.g. 512 for the tiny preset")
+    p.add_argument("--out", required=True, help="where to write the .model file")
+    p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default: text)")
 
     prepare = commands.add_parser(
         "prepare", help="Tokenize FineWeb-Edu or local text into token shards for training.",
@@ -314,16 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="checkpoint directory to write")
     p.add_argument("--tokenizer", help="SentencePiece .model (required for llama2c; hf uses the directory's tokenizer.model)")
 
-    tokenizer = commands.add_parser("tokenizer", help="Train a SentencePiece tokenizer.", description="Tokenizer tools.")
-    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
-    p = command(
-        "train", "Train a Llama-style SentencePiece BPE tokenizer (byte fallback, split digits) on .txt/.jsonl files.",
-        cmd_tokenizer_train, parent=tokenizer_commands,
-    )
-    p.add_argument("files", nargs="+", help="text files (.txt: one sentence per line; .jsonl: the --text-field of each record)")
-    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, e.g. 512 for the tiny preset")
-    p.add_argument("--out", required=True, help="where to write the .model file")
-    p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default: text)")
+    p = command("inspect", "Show a preset's or checkpoint's config, parameter counts and training FLOPs per token.", cmd_inspect)
+    p.add_argument("target", help="a preset name (mini-llama-109M, tiny, ...) or a checkpoint/run directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     return parser
 
 

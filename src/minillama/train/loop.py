@@ -149,12 +149,12 @@ def _train(config: TrainConfig, resume: str, ctx: Distributed) -> dict[str, Any]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # DDP averages gradients across ranks; do it once, after the last micro-step, not after each.
             sync = micro_step == accumulation - 1
-            no_sync = step_model.no_sync() if ctx.enabled and not sync else contextlib.nullcontext()
-            with no_sync, autocast(device, precision):
-                _, loss = step_model(x, y)
-            loss = loss / accumulation  # the gradient of the mean over all micro-batches
-            loss_sum += loss.detach()
-            scaler.scale(loss).backward()
+            with step_model.no_sync() if ctx.enabled and not sync else contextlib.nullcontext():
+                with autocast(device, precision):
+                    _, loss = step_model(x, y)
+                loss = loss / accumulation  # the gradient of the mean over all micro-batches
+                loss_sum += loss.detach()
+                scaler.scale(loss).backward()
         all_reduce_mean(loss_sum, ctx)
 
         scaler.unscale_(optimizer)
