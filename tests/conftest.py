@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +30,20 @@ def synthetic_corpus(n_sentences: int, seed: int = 0) -> str:
         if i % 7 == 6:
             lines.append("")  # blank lines separate paragraphs
     return "\n".join(lines) + "\n"
+
+
+def write_examples(path, n, seed=0):
+    """Examples in HellaSwag's schema and key order."""
+    rng = np.random.default_rng(seed)
+    words = "the cat dog sees a red apple on green hill and then runs away quickly to town".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            ctx_a, ctx_b = " ".join(rng.choice(words, 6)).capitalize(), " ".join(rng.choice(words, 3))
+            endings = [" ".join(rng.choice(words, int(rng.integers(2, 7)))) + "." for _ in range(4)]
+            f.write(json.dumps({"ind": i, "activity_label": "Testing", "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}",
+                                "split": "val", "split_type": "indomain", "label": int(rng.integers(4)), "endings": endings,
+                                "source_id": f"test~{i}"}) + "\n")
+    return path
 
 
 @pytest.fixture(scope="session")

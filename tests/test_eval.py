@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import data_file
+from conftest import data_file, write_examples
 from minillama.checkpoint import save_checkpoint
 from minillama.config import ModelConfig
 from minillama.data.prepare import prepare
@@ -21,20 +21,6 @@ from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 from minillama.train.config import load_train_config
 from minillama.train.loop import train
-
-
-def write_examples(path, n, seed=0):
-    """Examples in HellaSwag's schema and key order."""
-    rng = np.random.default_rng(seed)
-    words = "the cat dog sees a red apple on green hill and then runs away quickly to town".split()
-    with open(path, "w") as f:
-        for i in range(n):
-            ctx_a, ctx_b = " ".join(rng.choice(words, 6)).capitalize(), " ".join(rng.choice(words, 3))
-            endings = [" ".join(rng.choice(words, int(rng.integers(2, 7)))) + "." for _ in range(4)]
-            f.write(json.dumps({"ind": i, "activity_label": "Testing", "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}",
-                                "split": "val", "split_type": "indomain", "label": int(rng.integers(4)), "endings": endings,
-                                "source_id": f"test~{i}"}) + "\n")
-    return path
 
 
 def reference_losses(model, tokenizer, example):

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import write_examples
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
 from minillama.data.sources import LocalFiles
@@ -106,7 +107,9 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer)
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is not set up on Windows runners")
 def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, data_dir, tokenizer):
-    common = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=5", "batch.total_tokens=1024", "checkpoint.interval=1000")
+    hellaswag = write_examples(tmp_path / "hellaswag.jsonl", 7)  # odd: the two ranks score 4 and 3 examples
+    common = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=5", "batch.total_tokens=1024", "checkpoint.interval=1000",
+                      "eval.hellaswag=true", f"eval.hellaswag_file={hellaswag}")
     one, two = tmp_path / "one", tmp_path / "two"
     for folder in (one, two):
         folder.mkdir()
@@ -120,9 +123,12 @@ def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, 
     assert [r["accumulation"] for r in double_records if r["kind"] == "run"] == [2]
     assert len(single) == len(double) == 5
     assert max(abs(a - b) for a, b in zip(single, double)) < 1e-5
-    val_single = [r["val_loss"] for r in single_records if r["kind"] == "eval"]
-    val_double = [r["val_loss"] for r in double_records if r["kind"] == "eval"]
-    assert max(abs(a - b) for a, b in zip(val_single, val_double)) < 1e-5
+    evals_single = [r for r in single_records if r["kind"] == "eval"]
+    evals_double = [r for r in double_records if r["kind"] == "eval"]
+    assert max(abs(a["val_loss"] - b["val_loss"]) for a, b in zip(evals_single, evals_double)) < 1e-5
+    assert [(r["hellaswag_examples"], r["hellaswag_acc_norm"]) for r in evals_single] == \
+        [(r["hellaswag_examples"], r["hellaswag_acc_norm"]) for r in evals_double]
+    assert evals_double[0]["hellaswag_examples"] == 7
 
 
 def test_batch_arithmetic_error_proposes_valid_values():
