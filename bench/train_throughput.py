@@ -35,7 +35,7 @@ def main() -> None:
     device = pick_device(args.device)
     precision = autocast_dtype(device, args.dtype)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
     config = preset(args.preset)
     torch.manual_seed(0)
     model = Transformer(config).to(device)

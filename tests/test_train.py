@@ -72,7 +72,7 @@ def run_cli(*args, env_extra=None, check=True):
     env = {**os.environ, **(env_extra or {})}
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
     if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, result.stderr[-8000:]
     return result
 
 

@@ -74,8 +74,7 @@ def _train(config: TrainConfig, resume: str, ctx: Distributed) -> dict[str, Any]
     device = pick_device(config.device, ctx.local_rank)
     precision = autocast_dtype(device, config.dtype)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls (outside autocast) on TF32 tensor cores
     run_dir = Path(config.run_dir)
 
     tokenizer = _tokenizer(config, ctx)
