@@ -32,7 +32,7 @@ class DataConfig:
     shard_tokens: int = 100_000_000  # tokens per shard when preparing
     val_tokens: int | None = None  # validation tokens when preparing (None: one shard)
     prepare_workers: int = 8  # tokenizer processes when preparing
-    auto_prepare: bool = False  # prepare `dir` when missing instead of saying how
+    auto_prepare: bool = False  # prepare `dir` when missing instead of saying how (large corpora: prepare first)
     train_tokenizer: bool = False  # train a tokenizer of the model's vocab size on `files` if `tokenizer` is missing
 
 
