@@ -194,61 +194,66 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"wrote checkpoint {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="minillama",
-        description="Pretrain, sample, evaluate and export small Llama-architecture language models.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+Subparsers = argparse._SubParsersAction
 
-    def command(name: str, help: str, handler: Handler, parent=commands, **kwargs) -> argparse.ArgumentParser:
-        sub = parent.add_parser(name, help=help, description=help, **kwargs)
-        sub.set_defaults(handler=handler)
-        return sub
 
-    tokenizer = commands.add_parser("tokenizer", help="Train a SentencePiece tokenizer.", description="Tokenizer tools.")
-    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
-    p = command(
-        "train", "Train a Llama-style SentencePiece BPE tokenizer (byte fallback, split digits) on .txt/.jsonl files.",
-        cmd_tokenizer_train, parent=tokenizer_commands,
-    )
+def _command(parent: Subparsers, name: str, help: str, handler: Handler, **kwargs) -> argparse.ArgumentParser:
+    sub = parent.add_parser(name, help=help, description=help, **kwargs)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _group(parent: Subparsers, name: str, help: str, metavar: str) -> Subparsers:
+    """A command with subcommands of its own (`minillama prepare text`, `minillama eval loss`, ...)."""
+    return parent.add_parser(name, help=help, description=help).add_subparsers(dest=f"{name}_command", required=True, metavar=metavar)
+
+
+def _checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights precision (auto: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--tokenizer", help="tokenizer .model (default: the one stored in the checkpoint)")
+
+
+def _shard_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
+    p.add_argument("--tokenizer", help="SentencePiece .model (default: $MINILLAMA_TOKENIZER, else Llama 2's from the hub)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 100,000,000)")
+    p.add_argument("--val-tokens", type=int, help="tokens in the validation split, taken first (default: one shard)")
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens in all")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_tokenizer(commands: Subparsers) -> None:
+    tokenizer = _group(commands, "tokenizer", "Train a SentencePiece tokenizer.", "COMMAND")
+    p = _command(tokenizer, "train", "Train a Llama-style SentencePiece BPE tokenizer (byte fallback, split digits) on .txt/.jsonl files.",
+                 cmd_tokenizer_train)
     p.add_argument("files", nargs="+", help="text files (.txt: one sentence per line; .jsonl: the --text-field of each record)")
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, e.g. 512 for the tiny preset")
     p.add_argument("--out", required=True, help="where to write the .model file")
     p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default: text)")
 
-    prepare = commands.add_parser(
-        "prepare", help="Tokenize FineWeb-Edu or local text into token shards for training.",
-        description="Tokenize documents into shards of token ids plus a manifest.json. Re-running the same command "
-        "after an interruption continues where it stopped.",
-    )
-    prepare_commands = prepare.add_subparsers(dest="prepare_command", required=True, metavar="SOURCE")
 
-    def shard_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
-        p.add_argument("--tokenizer", help="SentencePiece .model (default: $MINILLAMA_TOKENIZER, else Llama 2's from the hub)")
-        p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 100,000,000)")
-        p.add_argument("--val-tokens", type=int, help="tokens in the validation split, taken first (default: one shard)")
-        p.add_argument("--max-tokens", type=int, help="stop after this many tokens in all")
-        p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default: 1)")
-        p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    p = command("fineweb-edu", "Stream HuggingFaceFW/fineweb-edu from the Hugging Face hub and tokenize it.", cmd_prepare_fineweb,
-                parent=prepare_commands)
+def _add_prepare(commands: Subparsers) -> None:
+    prepare = _group(commands, "prepare", "Tokenize FineWeb-Edu or local text into token shards for training "
+                     "(re-running an interrupted command continues it).", "SOURCE")
+    p = _command(prepare, "fineweb-edu", "Stream HuggingFaceFW/fineweb-edu from the Hugging Face hub and tokenize it.", cmd_prepare_fineweb)
     p.add_argument("--subset", default="sample-10BT", help="dataset config, e.g. sample-10BT, sample-100BT (default: sample-10BT)")
-    shard_options(p)
-    p = command("text", "Tokenize local .txt, .jsonl or .parquet files (globs allowed).", cmd_prepare_text, parent=prepare_commands)
+    _shard_options(p)
+    p = _command(prepare, "text", "Tokenize local .txt, .jsonl or .parquet files (globs allowed).", cmd_prepare_text)
     p.add_argument("files", nargs="+", metavar="FILES_OR_GLOBS", help="files or quoted glob patterns, e.g. 'data/*.parquet'")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text (default: text)")
     p.add_argument("--split-paragraphs", action="store_true", help=".txt: each blank-line-separated paragraph is a document (default: each file)")
     p.add_argument("--skip-bad-records", action="store_true", help="skip (and count) malformed or non-UTF-8 records instead of stopping")
-    shard_options(p)
+    _shard_options(p)
 
-    p = command(
-        "train", "Train a model as a run config says (one process, or one per GPU under torchrun), resuming automatically.",
-        cmd_train, epilog="Multi-GPU: torchrun --nproc_per_node=8 -m minillama train --config configs/mini-llama-109M.toml",
-    )
+
+def _add_train(commands: Subparsers) -> None:
+    p = _command(commands, "train", "Train a model as a run config says (one process, or one per GPU under torchrun), resuming automatically.",
+                 cmd_train, epilog="Multi-GPU: torchrun --nproc_per_node=8 -m minillama train --config configs/mini-llama-109M.toml")
     p.add_argument("--config", help="run config TOML (see configs/); without it, the reference mini-llama-109M run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 --set model.dropout=0.1 (repeatable)")
@@ -256,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): continue from the run directory's newest checkpoint if there is one; "
                    "--resume: require one; --resume never: refuse to reuse a run directory with checkpoints")
 
-    p = command("generate", "Sample text from a checkpoint (KV-cached; CUDA graphs on GPU).", cmd_generate)
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+
+def _add_generate(commands: Subparsers) -> None:
+    p = _command(commands, "generate", "Sample text from a checkpoint (KV-cached; CUDA graphs on GPU).", cmd_generate)
+    _checkpoint_options(p)
     p.add_argument("prompt", nargs="?", default="", help="text to continue (empty: start from BOS)")
     p.add_argument("--num-samples", type=int, default=4, help="samples to draw (default 4); with 1, tokens stream as they come")
     p.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per sample (default 100)")
@@ -265,66 +272,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this much mass")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible on the same device")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights precision (auto: bfloat16 on CUDA, float32 elsewhere)")
-    p.add_argument("--tokenizer", help="tokenizer .model (default: the one stored in the checkpoint)")
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep going after an end-of-sequence token")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
 
-    evaluate = commands.add_parser("eval", help="Evaluate a checkpoint: HellaSwag accuracy or validation loss.",
-                                   description="Evaluate a checkpoint.")
-    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVALUATION")
 
-    def inference_options(p: argparse.ArgumentParser, batch_size: int) -> None:
-        p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
-        p.add_argument("--batch-size", type=int, default=batch_size, help=f"batch size (default {batch_size})")
-        p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weights precision (auto: bfloat16 on CUDA, float32 elsewhere)")
-        p.add_argument("--tokenizer", help="tokenizer .model (default: the one stored in the checkpoint)")
-        p.add_argument("--json", action="store_true", help="print JSON")
-
-    p = command("hellaswag", f"HellaSwag validation accuracy ({HELLASWAG_NOTE}).", cmd_eval_hellaswag, parent=eval_commands)
-    inference_options(p, 16)
+def _add_eval(commands: Subparsers) -> None:
+    evaluate = _group(commands, "eval", "Evaluate a checkpoint: HellaSwag accuracy or validation loss.", "EVALUATION")
+    p = _command(evaluate, "hellaswag", f"HellaSwag validation accuracy ({HELLASWAG_NOTE}).", cmd_eval_hellaswag)
+    _checkpoint_options(p)
     p.add_argument("--data", help="HellaSwag jsonl (default: download the official validation file once into ~/.cache/minillama)")
     p.add_argument("--limit", type=int, help="score only the first N examples")
-    p.set_defaults(batch_size=16)
-    p = command("loss", "Validation loss, perplexity and bits per byte on a prepared data directory's val split.",
-                cmd_eval_loss, parent=eval_commands)
-    inference_options(p, 8)
+    p.add_argument("--batch-size", type=int, default=16, help="examples (4 sequences each) per forward pass (default 16)")
+    p.add_argument("--json", action="store_true", help="print JSON, with every example's prediction")
+    p = _command(evaluate, "loss", "Validation loss, perplexity and bits per byte on a prepared data directory's val split.", cmd_eval_loss)
+    _checkpoint_options(p)
     p.add_argument("--data", required=True, help="directory made by `minillama prepare`")
     p.add_argument("--tokens", type=int, default=10_485_760, help="validation tokens to score (default 10,485,760)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = command("plot", "Plot training curves of one or more runs (loss, val loss, HellaSwag) to a PNG.", cmd_plot)
+
+def _add_results(commands: Subparsers) -> None:
+    p = _command(commands, "plot", "Plot training curves of one or more runs (loss, val loss, HellaSwag) to a PNG.", cmd_plot)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (with metrics.jsonl)")
     p.add_argument("-o", "--out", default="curves.png", help="output image (default curves.png)")
     p.add_argument("--smoothing", type=float, default=0.9, help="EMA weight for the smoothed train loss (default 0.9)")
-
-    p = command("report", "Write a Markdown report of a run (key numbers, samples) with its curves beside it.", cmd_report)
+    p = _command(commands, "report", "Write a Markdown report of a run (key numbers, samples) with its curves beside it.", cmd_report)
     p.add_argument("run_dir", help="training run directory")
     p.add_argument("-o", "--out", help="output .md (default RUN_DIR/report.md; curves.png goes beside it)")
 
-    p = command("export", "Export a checkpoint to Hugging Face transformers or llama2.c (or a tokenizer to run.c's format).",
-                cmd_export)
+
+def _add_interop(commands: Subparsers) -> None:
+    p = _command(commands, "export", "Export a checkpoint to Hugging Face transformers or llama2.c (or a tokenizer to run.c's format).",
+                 cmd_export)
     p.add_argument("format", choices=["hf", "llama2c", "llama2c-tokenizer"],
                    help="hf: a LlamaForCausalLM directory; llama2c: a run.c model file; llama2c-tokenizer: run.c's -z file")
     p.add_argument("source", help="checkpoint (or run) directory; for llama2c-tokenizer, a SentencePiece .model")
     p.add_argument("out", help="output directory (hf) or file (llama2c, llama2c-tokenizer)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="hf: weights dtype (default float32)")
     p.add_argument("--version", type=int, default=0, choices=[0, 1], help="llama2c: 0 = legacy layout run.c reads (default), 1 = header v1")
-
-    p = command("import", "Import a Hugging Face Llama directory or a llama2.c model file as a Mini Llama checkpoint.", cmd_import)
+    p = _command(commands, "import", "Import a Hugging Face Llama directory or a llama2.c model file as a Mini Llama checkpoint.", cmd_import)
     p.add_argument("format", choices=["hf", "llama2c"], help="hf: a local transformers Llama directory; llama2c: a .bin file")
     p.add_argument("source", help="the model directory (hf) or file (llama2c)")
     p.add_argument("out", help="checkpoint directory to write")
     p.add_argument("--tokenizer", help="SentencePiece .model (required for llama2c; hf uses the directory's tokenizer.model)")
 
-    p = command("inspect", "Show a preset's or checkpoint's config, parameter counts and training FLOPs per token.", cmd_inspect)
+
+def _add_inspect(commands: Subparsers) -> None:
+    p = _command(commands, "inspect", "Show a preset's or checkpoint's config, parameter counts and training FLOPs per token.", cmd_inspect)
     p.add_argument("target", help="a preset name (mini-llama-109M, tiny, ...) or a checkpoint/run directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minillama", description="Pretrain, sample, evaluate and export small Llama-architecture language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_tokenizer, _add_prepare, _add_train, _add_generate, _add_eval, _add_results, _add_interop, _add_inspect):
+        add(commands)  # in pipeline order, as --help lists them
     return parser
 
 
