@@ -13,7 +13,7 @@
 # 4. HellaSwag scoring speed over 10,042 examples (the 10 real ones repeated)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=src
+export PYTHONPATH=src PYTHONUNBUFFERED=1
 DATA=${1:-.gpu_data}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
