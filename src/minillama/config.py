@@ -8,7 +8,6 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from minillama.errors import MiniLlamaError
@@ -167,11 +166,3 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = {"true": True, "false": False, "none": None, "null": None}.get(raw.lower(), raw)
     return key.split("."), value
 
-
-def load_model_config(path: Path) -> ModelConfig:
-    """Read a model config from a JSON file (a checkpoint's config.json or a standalone one)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MiniLlamaError(f"{path}: cannot read model config ({exc})") from None
-    return from_dict(ModelConfig, data.get("model", data), str(path))

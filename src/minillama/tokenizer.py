@@ -58,10 +58,6 @@ class Tokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of many texts, without BOS/EOS, encoded by SentencePiece's own C++ threads."""
-        return self.sp.encode(texts)
-
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 

@@ -6,7 +6,6 @@ different tokenizers, which per-token loss cannot: a 32k vocabulary spends fewer
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,6 @@ def evaluate_loss(
     total_tokens: int,
     rank: int = 0,
     world_size: int = 1,
-    autocast: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, Any]:
     """Mean loss over the first total_tokens/seq_len windows of the val split; all ranks must call it.
 
@@ -59,8 +57,7 @@ def evaluate_loss(
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
     for x, y in validation_batches(Path(data_dir), batch_size, seq_len, total_tokens, rank, world_size):
         x, y = x.to(device), y.to(device)
-        with autocast or contextlib.nullcontext():
-            logits, _ = model(x)
+        logits, _ = model(x)
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         opens_document = (x == tokenizer.bos_id) & leading_space[y]
         totals += torch.stack([nats.double(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
