@@ -138,7 +138,13 @@ def read_checkpoint_info(path: Path) -> Checkpoint:
     )
 
 
-def load_state_dict_checked(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
+def load_weights(path: Path, model: Transformer) -> None:
+    """Load a checkpoint's model.safetensors into `model`, after checking keys, shapes and dtypes."""
+    # A tied head is stored once, as the embedding; load_state_dict fills both through the shared Parameter.
+    model.load_state_dict(_read_checked_weights(path, model), strict=not model.config.tie_embeddings)
+
+
+def _read_checked_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
     """Read model.safetensors and check it against `model`'s keys, shapes and dtypes, naming the first mismatch."""
     weights_path = Path(path) / WEIGHTS_FILE
     try:
@@ -170,8 +176,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Tra
     model = model.to_empty(device=device)  # allocates without initialising; the weights come from the file
     if info.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # to_empty gives each module its own new storage
-    state = load_state_dict_checked(info.path, model)
-    model.load_state_dict(state, strict=not info.config.tie_embeddings)
+    load_weights(info.path, model)
     # Buffers are not stored; recompute them on the real device.
     cos, sin = rotary_tables(info.config.head_dim, info.config.max_seq_len, info.config.rope_theta)
     model.rope_cos.copy_(cos)

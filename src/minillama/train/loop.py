@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from minillama.checkpoint import load_weights
 from minillama.config import to_dict
 from minillama.data.loader import TrainLoader, check_data
 from minillama.data.prepare import prepare
@@ -270,9 +271,7 @@ def _save(run_dir: Path, config: TrainConfig, model: Transformer, optimizer: tor
 
 def _restore(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
              loader: TrainLoader, state: RunState, device: torch.device, ctx: Distributed) -> None:
-    from minillama.checkpoint import load_state_dict_checked
-
-    model.load_state_dict(load_state_dict_checked(path, model), strict=not model.config.tie_embeddings)
+    load_weights(path, model)
     saved = load_training_state(path)
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
