@@ -1,73 +1,117 @@
 #!/usr/bin/env bash
-# Everything GPU-specific in one go, printing JSON lines; never more than 5 minutes (each part has a time limit,
-# and parts that no longer fit in 290 s are skipped and reported as such).
-# Needs PyTorch with CUDA, transformers, sentencepiece, safetensors, numpy, tqdm, matplotlib; no network, no `datasets`.
+# Everything GPU-specific in one go, in under 5 minutes (each part has a time limit, and parts that no longer fit
+# in the budget are skipped and reported as such); ends with one table (bench/gpu_report.py).
+# Needs PyTorch with CUDA, transformers, sentencepiece, safetensors, numpy, tqdm; no network, no `datasets`.
 #
 #   mkdir -p .gpu_data && cp ../shared/data/{tinyshakespeare.txt,llama2_tokenizer.model,hellaswag_val_head10.jsonl} .gpu_data/
-#   bash bench/gpu_check.sh [.gpu_data]
+#   bash bench/gpu_check.sh [.gpu_data]          # log and table go to $OUT (a temporary folder if unset)
+#   DRY_RUN=1 bash bench/gpu_check.sh .gpu_data  # the same commands on the CPU at toy sizes, to rehearse
+#   ONLY="train_eager_64 train_compiled_64" bash bench/gpu_check.sh .gpu_data  # just these parts (a rerun)
 #
-# 1. training throughput of mini-llama-109M at 32 x 1024, bf16, eager and compiled
-# 2. a short real training run (tiny shakespeare, Llama 2 tokenizer, mini-llama-109M, torch.compile on) with
-#    validation loss, HellaSwag and sampling at each evaluation
-# 3. generation: new tokens/s at batch 1 and 4, 200 new tokens, CUDA graph vs eager vs transformers, same tokens
-# 4. HellaSwag scoring speed over 10,042 examples (the 10 real ones repeated)
+# In order of importance:
+# 1. generation: greedy new tokens/s at batch 1 and 4 (left-padded prompts of different lengths), 200 new
+#    tokens, bf16, CUDA graph vs eager vs transformers; the graph's tokens equal eager decoding's
+# 2. HellaSwag scoring time over 10,042 examples (the 10 real ones repeated)
+# 3. training throughput of mini-llama-109M, 32 x 1024, bf16, eager and compiled (+ a profile of the top kernels)
+# 4. a short real training run (tiny shakespeare, Llama 2 tokenizer, mini-llama-109M, torch.compile, bf16) with
+#    val loss, HellaSwag and samples inside the loop, a checkpoint, and a resumed second half
+# 5. sampling from that run with the CLI (streaming, and --interactive reusing the captured graph)
+# 6. training throughput at 64 x 1024, eager and compiled
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 DATA=${1:-.gpu_data}
+OUT=${OUT:-$(mktemp -d)}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-DEADLINE=$((SECONDS + 290))
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+    DEVICE=cpu SEQ=64 MICRO=2 BIG_MICRO=4 HALF_STEPS=4 NEW_TOKENS=8 EXAMPLES=16 BUDGET=1200 COMPILE=false
+else
+    DEVICE=cuda SEQ=1024 MICRO=32 BIG_MICRO=64 HALF_STEPS=20 NEW_TOKENS=200 EXAMPLES=10042 BUDGET=290 COMPILE=auto
+fi
+NO_COMPILE=$([[ $COMPILE == false ]] && echo --no-compile)
+DEADLINE=$((SECONDS + BUDGET))
+
 part() {  # part NAME SECONDS COMMAND...: run with a time limit; a failure is reported as a JSON line, not fatal
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then return; fi
     local left=$((DEADLINE - SECONDS))
     if (( left < limit )); then limit=$left; fi
     if (( limit < 10 )); then
-        echo "{\"part\": \"$name\", \"skipped\": \"no time left in the 5-minute budget\"}"
+        echo "{\"part\": \"$name\", \"skipped\": \"no time left in the ${BUDGET}-second budget\"}"
         return
     fi
     local start=$SECONDS
     timeout "$limit" "$@"
     local rc=$?
-    echo "{\"part\": \"$name\", \"exit_code\": $rc, \"seconds\": $((SECONDS - start))}"
+    echo "{\"part\": \"$name\", \"exit_code\": $rc, \"seconds\": $((SECONDS - start)), \"limit\": $limit}"
 }
 
-python - <<'PY'
-import json, torch
-print(json.dumps({"check": "device", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                  "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported()}))
+checks() {
+python - "$DEVICE" <<'PY'
+import json, sys, torch
+cuda = sys.argv[1] == "cuda"
+print(json.dumps({"check": "device", "gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+                  "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported() if cuda else None}))
 PY
 
-part train_throughput_eager 35 python bench/train_throughput.py --batch 32 --seq 1024 --steps 10 --warmup 2 --no-compile
-# Same shapes as the training run below, so its compilation finds these kernels in inductor's cache.
-part train_throughput_compiled 100 python bench/train_throughput.py --batch 32 --seq 1024 --steps 20 --warmup 3
+part generate 60 python bench/generate_throughput.py --device "$DEVICE" --batch 1 4 --new-tokens "$NEW_TOKENS" --skip-uncached
+part hellaswag 45 python bench/hellaswag_throughput.py --device "$DEVICE" --data "$DATA/hellaswag_val_head10.jsonl" \
+    --tokenizer "$DATA/llama2_tokenizer.model" --examples "$EXAMPLES" --batch-size 64 --skip-single
+part train_eager_32 40 python bench/train_throughput.py --device "$DEVICE" --batch "$MICRO" --seq "$SEQ" --steps 10 --warmup 2 --no-compile
+# Same shapes as the training run below, so that its compilation finds these kernels in inductor's cache.
+part train_compiled_32 100 python bench/train_throughput.py --device "$DEVICE" --batch "$MICRO" --seq "$SEQ" --steps 20 --warmup 3 \
+    $NO_COMPILE --profile
 
-part prepare 20 python -m minillama prepare text "$DATA/tinyshakespeare.txt" --out "$WORK/data" --tokenizer "$DATA/llama2_tokenizer.model" \
-    --split-paragraphs --val-tokens 65536 --shard-tokens 1000000 --quiet
-part train_run 100 python -m minillama train --config configs/mini-llama-109M.toml \
-    --set run_dir="$WORK/run" --set data.dir="$WORK/data" --set data.tokenizer="$DATA/llama2_tokenizer.model" \
-    --set batch.total_tokens=65536 --set batch.micro_batch=32 --set optim.max_steps=30 --set optim.warmup_steps=5 \
-    --set eval.interval=15 --set eval.val_tokens=65536 --set eval.hellaswag_file="$DATA/hellaswag_val_head10.jsonl" \
-    --set checkpoint.interval=30 > "$WORK/train.log" 2>&1
-tail -5 "$WORK/train.log"
-python - "$WORK/run" <<'PY'
+# Validation: 2 micro-batches of whole windows (the prepared split holds one window more than the eval reads).
+VAL_TOKENS=$((2 * MICRO * SEQ))
+part prepare 30 python -m minillama prepare text "$DATA/tinyshakespeare.txt" --out "$WORK/data" \
+    --tokenizer "$DATA/llama2_tokenizer.model" --split-paragraphs --val-tokens $((VAL_TOKENS + SEQ + 1)) \
+    --shard-tokens 1000000 --workers 4 --quiet
+RUN=$WORK/run
+# The same run both times: the second resumes from the first's checkpoint and goes on to the end.
+TRAIN=(python -m minillama train --config configs/mini-llama-109M.toml --set device="$DEVICE" --set compile="$COMPILE"
+    --set run_dir="$RUN" --set data.dir="$WORK/data" --set data.tokenizer="$DATA/llama2_tokenizer.model"
+    --set batch.seq_len="$SEQ" --set batch.micro_batch="$MICRO" --set batch.total_tokens=$((2 * MICRO * SEQ))
+    --set optim.max_steps=$((2 * HALF_STEPS)) --set optim.warmup_steps=$((HALF_STEPS / 4 + 1)) --set eval.interval=$((HALF_STEPS / 2))
+    --set eval.val_tokens=$VAL_TOKENS --set eval.hellaswag_file="$DATA/hellaswag_val_head10.jsonl"
+    --set checkpoint.interval="$HALF_STEPS")
+part train_run_first_half 90 "${TRAIN[@]}" --set stop_at_step="$HALF_STEPS"
+part train_run_resumed 60 "${TRAIN[@]}"
+python - "$RUN" <<'PY'
 import json, statistics, sys
 from pathlib import Path
-records = [json.loads(l) for l in (Path(sys.argv[1]) / "metrics.jsonl").read_text().splitlines()]
+path = Path(sys.argv[1]) / "metrics.jsonl"
+if not path.is_file():
+    print(json.dumps({"check": "train_run", "error": "the run left no metrics; see its log above"}))
+    sys.exit()
+records = [json.loads(line) for line in path.read_text().splitlines()]
 train = [r for r in records if r["kind"] == "train"]
 evals = [r for r in records if r["kind"] == "eval"]
 samples = [r for r in records if r["kind"] == "samples"]
-print(json.dumps({"check": "train_run", "steps": len(train), "first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
-                  "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in train[5:])),
-                  "median_mfu": round(statistics.median(r.get("mfu", 0) for r in train[5:]), 4),
-                  "val_loss": [round(r["val_loss"], 4) for r in evals], "hellaswag": [r.get("hellaswag_acc_norm") for r in evals],
-                  "samples": samples[-1]["samples"][:2] if samples else None}))
+print(json.dumps({"check": "train_run", "steps": len(train), "contiguous": [r["step"] for r in train] == list(range(len(train))),
+                  "first_loss": round(train[0]["loss"], 4), "last_loss": round(train[-1]["loss"], 4),
+                  "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in train)),
+                  "median_mfu": round(statistics.median(r.get("mfu", 0) for r in train), 4),
+                  "eval_steps": [r["step"] for r in evals], "val_loss": [round(r["val_loss"], 4) for r in evals],
+                  "hellaswag": [r.get("hellaswag_acc_norm") for r in evals],
+                  "checkpoints": sorted(p.name for p in (Path(sys.argv[1]) / "checkpoints").glob("step_*")),
+                  "last_samples": samples[-1]["samples"][:2] if samples else None}))
 PY
-[ $? -eq 0 ] || echo '{"check": "train_run", "error": "the run left no readable metrics; see the log tail above"}'
-part generate_cli 30 python -m minillama generate "$WORK/run" "To stay healthy, I have to" --num-samples 1 --max-new-tokens 30 --seed 0
+part generate_cli 30 python -m minillama generate "$RUN" "To stay healthy, I have to" --device "$DEVICE" \
+    --num-samples 1 --max-new-tokens 30 --seed 0
+printf 'To stay healthy, I have to\nHello, I am a language model,\n' > "$WORK/prompts.txt"
+part generate_interactive 30 python -m minillama generate "$RUN" --device "$DEVICE" --interactive --num-samples 4 \
+    --max-new-tokens 20 --temperature 0 < "$WORK/prompts.txt"
+part generate_trained 30 python bench/generate_throughput.py --device "$DEVICE" --checkpoint "$RUN" --batch 4 \
+    --new-tokens "$NEW_TOKENS" --skip-uncached --skip-transformers
 
-part generate_throughput 60 python bench/generate_throughput.py --batch 1 4 --new-tokens 200 --skip-uncached
-part hellaswag_throughput 45 python bench/hellaswag_throughput.py --data "$DATA/hellaswag_val_head10.jsonl" \
-    --tokenizer "$DATA/llama2_tokenizer.model" --examples 10042 --batch-size 64 --skip-single
+part train_eager_64 40 python bench/train_throughput.py --device "$DEVICE" --batch "$BIG_MICRO" --seq "$SEQ" --steps 10 --warmup 2 --no-compile
+part train_compiled_64 100 python bench/train_throughput.py --device "$DEVICE" --batch "$BIG_MICRO" --seq "$SEQ" --steps 20 --warmup 3 $NO_COMPILE
+
+}
+
+checks 2>&1 | tee "$OUT/gpu_check.log"
+python bench/gpu_report.py "$OUT/gpu_check.log" | tee "$OUT/gpu_check.md"

@@ -1,9 +1,9 @@
 """Training throughput of one device: tokens/s, MFU and peak memory for full optimizer steps on random tokens.
 
 usage: python bench/train_throughput.py [--preset mini-llama-109M] [--batch 32] [--seq 1024] [--steps 20]
-       [--warmup 5] [--no-compile] [--device auto] [--dtype auto]
+       [--warmup 5] [--no-compile] [--device auto] [--dtype auto] [--profile]
 A step is forward + backward (bf16 autocast where supported) + gradient clipping + fused AdamW, as in training.
-Prints one JSON line.
+Prints one JSON line; --profile then profiles 3 more steps and prints the top kernels by device time.
 """
 
 import argparse
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the top kernels")
     args = parser.parse_args()
 
     device = pick_device(args.device)
@@ -74,7 +75,7 @@ def main() -> None:
     tokens_per_s = args.steps * args.batch * args.seq / elapsed
     peak = peak_flops(device)
     print(json.dumps({
-        "bench": "train_throughput", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "bench": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "preset": args.preset, "batch": args.batch, "seq": args.seq, "compiled": not args.no_compile,
         "dtype": str(precision or torch.float32), "steps": args.steps, "warmup_s": round(warmup_s, 1),
         "step_ms": round(1000 * elapsed / args.steps, 1), "tokens_per_s": round(tokens_per_s),
@@ -82,6 +83,14 @@ def main() -> None:
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "torch": torch.__version__,
     }))
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(3):
+                step()
+            sync()
+        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":

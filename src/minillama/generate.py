@@ -3,12 +3,13 @@
 Prompts of different lengths share a batch by left padding: padding slots are written with position -1, which
 the cache masks out of every query's view, and each row's rotary positions start at 0 at its first real token.
 On CUDA the decode step is captured once as a CUDA graph and replayed, removing the per-kernel launch cost that
-dominates small-model decoding.
+dominates small-model decoding; the captured step is kept for later calls of the same batch size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -57,25 +58,30 @@ def _compute_dtype(model: Transformer, device: torch.device) -> torch.dtype:
 
 
 class _DecodeStep:
-    """model(token, cache) for one new token per row, eager or replayed from a captured CUDA graph."""
+    """A KV cache and the model step that extends it by one token per row: eager, or replayed from a CUDA graph.
 
-    def __init__(self, model: Transformer, cache: KVCache, batch_size: int, device: torch.device, cuda_graph: bool):
-        self.model, self.cache = model, cache
+    A graph is captured once and replayed for every later batch of the same shape (see `_decode_step`), so
+    capture costs nothing per prompt; it reads the weights where they were at capture, so it is kept only while
+    they stay there.
+    """
+
+    def __init__(self, model: Transformer, batch_size: int, cache_len: int, device: torch.device,
+                 dtype: torch.dtype, cuda_graph: bool):
+        self.cache = KVCache(model.config, batch_size, cache_len, device, dtype)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         if cuda_graph:
-            cache.length = None  # static shapes: the graph attends over every slot, masked
-            self._capture()
+            self._capture(model)
 
-    def _forward(self) -> Tensor:
-        return self.model(self.token, cache=self.cache, positions=self.position, slots=self.slot)[0][:, -1]
+    def _forward(self, model: Transformer) -> Tensor:
+        return model(self.token, cache=self.cache, positions=self.position, slots=self.slot)[0][:, -1]
 
-    def _capture(self) -> None:
-        # Warm up on a side stream (as CUDA graph capture requires), then record one decode step. The step
-        # writes slot 0's cache entries with position 0 during capture; every real step overwrites its own slot.
-        saved = (self.cache.keys.clone(), self.cache.values.clone(), self.cache.filled.clone())
+    def _capture(self, model: Transformer) -> None:
+        # Static shapes: the graph attends over every slot, the empty ones masked. Warm up on a side stream (as
+        # capture requires), then record one step. Warm-up and capture write slot 0, which `prefill` overwrites.
+        self.cache.length = None
         # Under autocast, weight casts must not come from autocast's cache, which lives outside the graph.
         no_cast_cache = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
                          if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
@@ -83,24 +89,52 @@ class _DecodeStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), no_cast_cache:
             for _ in range(2):
-                self._forward()
+                self._forward(model)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), no_cast_cache:
-            self.logits = self._forward()
-        self.cache.keys.copy_(saved[0])
-        self.cache.values.copy_(saved[1])
-        self.cache.filled.copy_(saved[2])
+            self.logits = self._forward(model)
 
-    def __call__(self, token: Tensor, position: Tensor, slot: int) -> Tensor:
+    def prefill(self, model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Fill slots 0..T-1 with the (left-padded) prompts; every later slot is marked empty. Last logits."""
+        self.cache.filled.zero_()  # a reused cache still marks the previous batch's slots
+        self.cache.length = tokens.shape[1]
+        slots = torch.arange(tokens.shape[1], device=tokens.device)
+        return model(tokens, cache=self.cache, positions=positions, slots=slots)[0][:, -1]
+
+    def __call__(self, model: Transformer, token: Tensor, position: Tensor, slot: int) -> Tensor:
         self.token.copy_(token)
         self.position.copy_(position)
         self.slot.fill_(slot)
         if self.graph is None:
             self.cache.length = slot + 1  # eager: attend over the filled slots only
-            return self._forward()
+            return self._forward(model)
         self.graph.replay()
         return self.logits
+
+
+# Captured decode steps of each live model, newest last; a few, since each holds a KV cache in GPU memory.
+_captured: weakref.WeakKeyDictionary[Transformer, dict[tuple, _DecodeStep]] = weakref.WeakKeyDictionary()
+_CAPTURED_PER_MODEL = 2
+_GRAPH_CACHE_ROUNDING = 256  # graph caches come in lengths of 256, 512, ... so that prompts of similar size share one
+
+
+def _decode_step(model: Transformer, batch_size: int, length: int, device: torch.device, cuda_graph: bool) -> _DecodeStep:
+    """A decode step with room for `length` tokens: fresh when eager, else a captured one reused if it fits."""
+    dtype = _compute_dtype(model, device)
+    if not cuda_graph:
+        return _DecodeStep(model, batch_size, length, device, dtype, cuda_graph=False)
+    rounded = min(model.config.max_seq_len, -(-length // _GRAPH_CACHE_ROUNDING) * _GRAPH_CACHE_ROUNDING)
+    addresses = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    key = (batch_size, rounded, dtype, torch.is_autocast_enabled(device.type), addresses)
+    steps = _captured.setdefault(model, {})
+    step = steps.pop(key, None)
+    if step is None:
+        while len(steps) >= _CAPTURED_PER_MODEL:
+            del steps[next(iter(steps))]
+        step = _DecodeStep(model, batch_size, rounded, device, dtype, cuda_graph=True)
+    steps[key] = step
+    return step
 
 
 @torch.no_grad()
@@ -134,7 +168,7 @@ def generate_tokens(
             f"at most {max(limit - longest, 0)} new tokens fit"
         )
     device = model.tok_embeddings.weight.device
-    batch_size, total = len(prompts), longest + max_new_tokens
+    batch_size = len(prompts)
     padded = torch.zeros(batch_size, longest, dtype=torch.long)
     positions = torch.full((batch_size, longest), -1, dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -143,17 +177,14 @@ def generate_tokens(
     padded, positions = padded.to(device), positions.to(device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
 
-    def fresh_cache(length: int) -> KVCache:
-        return KVCache(model.config, batch_size, length, device, _compute_dtype(model, device))
-
     was_training = model.training
     model.eval()
-    cache = fresh_cache(total)
-    cache.length = longest
-    logits = model(padded, cache=cache, positions=positions, slots=torch.arange(longest, device=device))[0][:, -1]
     if use_cache:
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        step = _DecodeStep(model, cache, batch_size, device, cuda_graph)
+        step = _decode_step(model, batch_size, longest + max_new_tokens, device, cuda_graph)
+        logits = step.prefill(model, padded, positions)
+    else:
+        logits = _rerun(model, padded, positions)
 
     new_tokens: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -170,14 +201,19 @@ def generate_tokens(
         if bool(finished.all()) or i == max_new_tokens - 1:
             break
         if use_cache:
-            logits = step(token[:, None], (lengths + i)[:, None], longest + i)
+            logits = step(model, token[:, None], (lengths + i)[:, None], longest + i)
         else:
             sequence = torch.cat([sequence, token[:, None]], dim=1)
             positions = torch.cat([positions, (lengths + i)[:, None]], dim=1)
-            slots = torch.arange(sequence.shape[1], device=device)
-            logits = model(sequence, cache=fresh_cache(sequence.shape[1]), positions=positions, slots=slots)[0][:, -1]
+            logits = _rerun(model, sequence, positions)
     model.train(was_training)
     return new_tokens
+
+
+def _rerun(model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
+    """Last logits from the whole (left-padded) sequence, with a throwaway cache for the padding mask."""
+    cache = KVCache(model.config, tokens.shape[0], tokens.shape[1], tokens.device, _compute_dtype(model, tokens.device))
+    return model(tokens, cache=cache, positions=positions, slots=torch.arange(tokens.shape[1], device=tokens.device))[0][:, -1]
 
 
 def generate(
