@@ -2,7 +2,7 @@
 re-running the sequence, and transformers' generate on the same weights.
 
 usage: python bench/generate_throughput.py [--preset mini-llama-109M] [--checkpoint PATH] [--batch 1 4]
-       [--new-tokens 200] [--device auto] [--dtype auto] [--skip-uncached] [--skip-transformers]
+       [--new-tokens 200] [--device auto] [--dtype auto] [--skip-uncached] [--transformers-batch 1 4]
 Random weights unless --checkpoint (speed does not depend on them). Each batch holds prompts of different
 lengths (left-padded). Prints one JSON line per measurement and one per agreement check: on CUDA, the graph's
 greedy tokens must equal eager decoding's, for the timed prompts and for a second batch of other lengths that
@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--skip-uncached", action="store_true")
-    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--transformers-batch", type=int, nargs="*", help="batch sizes to time transformers at too "
+                        "(default: every --batch; none: leave it out)")
     args = parser.parse_args()
 
     device = pick_device(args.device)
@@ -93,7 +94,8 @@ def main() -> None:
     print(json.dumps({"bench": "generate", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
                       "threads": torch.get_num_threads(), "weights": args.checkpoint or f"random {args.preset}",
                       "dtype": str(dtype), "torch": torch.__version__, "prompt_lengths": PROMPT_LENGTHS}))
-    hf_model = None if args.skip_transformers else transformers_model(model, device, dtype)
+    hf_batches = args.batch if args.transformers_batch is None else args.transformers_batch
+    hf_model = transformers_model(model, device, dtype) if hf_batches else None
 
     for batch in args.batch:
         prompts = random_prompts(batch, PROMPT_LENGTHS, vocab, seed=batch)
@@ -109,7 +111,7 @@ def main() -> None:
             print(json.dumps({"bench": "generate", "impl": f"minillama {name}", "batch": batch, "new_tokens": args.new_tokens,
                               "first_call_s": round(first_s, 3), "seconds": round(seconds, 3),
                               "new_tokens_per_s": round(batch * args.new_tokens / seconds, 1)}))
-        if hf_model is not None:
+        if batch in hf_batches:
             transformers_generate(hf_model, prompts, 4, device)
             seconds, tokens = timed(lambda: transformers_generate(hf_model, prompts, args.new_tokens, device), device)
             print(json.dumps({"bench": "generate", "impl": "transformers generate (cached)", "batch": batch,

@@ -57,7 +57,8 @@ print(json.dumps({"check": "device", "gpu": torch.cuda.get_device_name(0) if cud
                   "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported() if cuda else None}))
 PY
 
-part generate 60 python bench/generate_throughput.py --device "$DEVICE" --batch 1 4 --new-tokens "$NEW_TOKENS" --skip-uncached
+part generate 60 python bench/generate_throughput.py --device "$DEVICE" --batch 1 4 --new-tokens "$NEW_TOKENS" --skip-uncached \
+    --transformers-batch 4
 part hellaswag 45 python bench/hellaswag_throughput.py --device "$DEVICE" --data "$DATA/hellaswag_val_head10.jsonl" \
     --tokenizer "$DATA/llama2_tokenizer.model" --examples "$EXAMPLES" --batch-size 64 --skip-single
 part train_eager_32 40 python bench/train_throughput.py --device "$DEVICE" --batch "$MICRO" --seq "$SEQ" --steps 10 --warmup 2 --no-compile
@@ -106,7 +107,7 @@ printf 'To stay healthy, I have to\nHello, I am a language model,\n' > "$WORK/pr
 part generate_interactive 30 python -m minillama generate "$RUN" --device "$DEVICE" --interactive --num-samples 4 \
     --max-new-tokens 20 --temperature 0 < "$WORK/prompts.txt"
 part generate_trained 30 python bench/generate_throughput.py --device "$DEVICE" --checkpoint "$RUN" --batch 4 \
-    --new-tokens "$NEW_TOKENS" --skip-uncached --skip-transformers
+    --new-tokens "$NEW_TOKENS" --skip-uncached --transformers-batch
 
 part train_eager_64 40 python bench/train_throughput.py --device "$DEVICE" --batch "$BIG_MICRO" --seq "$SEQ" --steps 10 --warmup 2 --no-compile
 part train_compiled_64 100 python bench/train_throughput.py --device "$DEVICE" --batch "$BIG_MICRO" --seq "$SEQ" --steps 20 --warmup 3 $NO_COMPILE

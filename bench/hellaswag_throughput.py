@@ -3,7 +3,8 @@
 usage: python bench/hellaswag_throughput.py [--data FILE] [--examples N] [--batch-size 64] [--preset mini-llama-109M]
        [--tokenizer PATH] [--device auto] [--skip-single]
 Random weights (speed does not depend on them). Without the full validation file, the real examples in --data
-are repeated to --examples (HellaSwag's examples are all of similar length, so the timing carries over).
+are repeated to --examples, each repeat with a few more words cut from the front of its context, so that batches
+come in many widths as in the real set (a GPU pays once per new shape).
 Defaults read $MINILLAMA_TEST_DATA (the first 10 validation examples and the Llama 2 tokenizer).
 """
 
@@ -11,15 +12,21 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from minillama.config import preset
-from minillama.eval.hellaswag import load_examples, score
+from minillama.eval.hellaswag import Example, load_examples, score
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 from minillama.train.device import pick_device
+
+
+def with_shorter_context(example: Example, words_cut: int) -> Example:
+    words = example.context.split()
+    return replace(example, context=" ".join(words[min(words_cut, len(words) - 3):]))
 
 
 def main() -> None:
@@ -39,7 +46,7 @@ def main() -> None:
     model = Transformer(preset(args.preset)).to(device=device, dtype=dtype).eval()
     tokenizer = Tokenizer(args.tokenizer)
     real = load_examples(Path(args.data))
-    examples = [real[i % len(real)] for i in range(args.examples)]
+    examples = [with_shorter_context(real[i % len(real)], i // len(real) % 40) for i in range(args.examples)]
 
     def sync() -> None:
         if device.type == "cuda":

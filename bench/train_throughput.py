@@ -2,6 +2,7 @@
 
 usage: python bench/train_throughput.py [--preset mini-llama-109M] [--batch 32] [--seq 1024] [--steps 20]
        [--warmup 5] [--no-compile] [--device auto] [--dtype auto] [--profile]
+       [--no-cudnn-attention]
 A step is forward + backward (bf16 autocast where supported) + gradient clipping + fused AdamW, as in training.
 Prints one JSON line; --profile then profiles 3 more steps and prints the top kernels by device time.
 """
@@ -31,12 +32,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the top kernels")
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="let SDPA pick among flash, efficient and math")
     args = parser.parse_args()
 
     device = pick_device(args.device)
     precision = autocast_dtype(device, args.dtype)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
+        torch.backends.cuda.enable_cudnn_sdp(not args.no_cudnn_attention)
     config = preset(args.preset)
     torch.manual_seed(0)
     model = Transformer(config).to(device)
@@ -77,6 +80,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "preset": args.preset, "batch": args.batch, "seq": args.seq, "compiled": not args.no_compile,
+        "attention": "no cudnn" if args.no_cudnn_attention else "default",
         "dtype": str(precision or torch.float32), "steps": args.steps, "warmup_s": round(warmup_s, 1),
         "step_ms": round(1000 * elapsed / args.steps, 1), "tokens_per_s": round(tokens_per_s),
         "mfu": round(training_flops_per_token(config, args.seq) * tokens_per_s / peak, 4) if peak else None,
@@ -90,7 +94,7 @@ def main() -> None:
                 step()
             sync()
         sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(profiler.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=60))
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ def _compute_dtype(model: Transformer, device: torch.device) -> torch.dtype:
     return model.tok_embeddings.weight.dtype
 
 
+_EAGER_LENGTH_ROUNDING = 64
+_GRAPH_CACHE_ROUNDING = 256  # graph caches come in lengths of 256, 512, ... so that prompts of similar size share one
+
+
 class _DecodeStep:
     """A KV cache and the model step that extends it by one token per row: eager, or replayed from a CUDA graph.
 
@@ -107,7 +111,10 @@ class _DecodeStep:
         self.position.copy_(position)
         self.slot.fill_(slot)
         if self.graph is None:
-            self.cache.length = slot + 1  # eager: attend over the filled slots only
+            # Eager: attend over the filled slots, rounded up to a block so that attention sees a new shape only
+            # every _EAGER_LENGTH_ROUNDING steps (on a GPU each new shape costs a kernel plan, tens of ms).
+            rounded = -(-(slot + 1) // _EAGER_LENGTH_ROUNDING) * _EAGER_LENGTH_ROUNDING
+            self.cache.length = min(rounded, self.cache.keys.shape[3])
             return self._forward(model)
         self.graph.replay()
         return self.logits
@@ -116,7 +123,6 @@ class _DecodeStep:
 # Captured decode steps of each live model, newest last; a few, since each holds a KV cache in GPU memory.
 _captured: weakref.WeakKeyDictionary[Transformer, dict[tuple, _DecodeStep]] = weakref.WeakKeyDictionary()
 _CAPTURED_PER_MODEL = 2
-_GRAPH_CACHE_ROUNDING = 256  # graph caches come in lengths of 256, 512, ... so that prompts of similar size share one
 
 
 def _decode_step(model: Transformer, batch_size: int, length: int, device: torch.device, cuda_graph: bool) -> _DecodeStep:

@@ -139,7 +139,9 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
     for first in range(0, len(order), batch_size):
         chunk = order[first : first + batch_size]
         cands = [cand for i in chunk for cand in encoded[i][0]]
-        width = max(len(c.tokens) for c in cands)
+        # Widths rounded up to a multiple of 16: a GPU pays for each new shape (kernel plans), and HellaSwag's
+        # lengths would otherwise give nearly every batch one of its own.
+        width = min(max_len, -(-max(len(c.tokens) for c in cands) // 16) * 16)
         tokens = torch.zeros(len(cands), width, dtype=torch.long)
         targets = torch.full((len(cands), width), -1, dtype=torch.long)
         for row, cand in enumerate(cands):
