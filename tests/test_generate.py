@@ -7,7 +7,7 @@ import torch
 from minillama.checkpoint import save_checkpoint
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
-from minillama.generate import generate, generate_tokens, sample_next
+from minillama.generate import _static_steps, generate, generate_tokens, sample_next
 from minillama.model import KVCache, Transformer
 
 
@@ -74,9 +74,18 @@ def test_rows_stop_at_eos_independently(model):
         assert stopped[row] == expected
 
 
-def test_uncached_path_gives_the_same_tokens(model):
-    prompts = [[1, 5, 6, 7], [1, 9]]
-    assert generate_tokens(model, prompts, 20, temperature=0, use_cache=False) == generate_tokens(model, prompts, 20, temperature=0)
+def test_static_decode_step_equals_eager_on_a_left_padded_batch_and_when_reused(model):
+    """The static-shape step (what a CUDA graph captures; on the CPU it runs eagerly) attends over every slot of
+    a reused cache. Its tokens equal eager decoding's, also for a second batch of other lengths that reuses the
+    step, whose stale slots from the first batch must stay invisible."""
+    first = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 44], [1, 3, 4, 5, 300]]
+    second = [[1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 99, 98]]
+    for prompts in (first, second, first):
+        static = generate_tokens(model, prompts, 40, temperature=0, cuda_graph=True)
+        assert static == generate_tokens(model, prompts, 40, temperature=0, cuda_graph=False)
+    assert static[1] == greedy_by_rerunning(model, first[1], 40)[0]
+    reused = _static_steps[model]
+    assert len(reused) == 1  # one cache of 256 slots served all three batches
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(model):
@@ -143,18 +152,3 @@ def test_cli_refuses_a_tokenizer_with_another_vocab(tmp_path, tokenizer):
     result = subprocess.run([sys.executable, "-m", "minillama", "generate", str(tmp_path / "ckpt"), "hi", "--tokenizer", str(tokenizer.path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "has vocab 512" in result.stderr and "has 320" in result.stderr
-
-
-def test_static_cache_shapes_give_the_same_logits(model):
-    """The CUDA-graph decode step attends over every preallocated slot (empty ones masked); check that path's
-    arithmetic on the CPU against the full causal forward."""
-    prompt, steps = [1, 9, 8, 7], 12
-    expected, expected_logits = greedy_by_rerunning(model, prompt, steps)
-    cache = KVCache(model.config, 1, len(prompt) + steps, torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt]), cache=cache, positions=torch.arange(len(prompt))[None], slots=torch.arange(len(prompt)))[0][0, -1]
-        for i, token in enumerate(expected):
-            assert (logits - expected_logits[i]).abs().max() < 1e-4
-            assert cache.length is None  # every slot, as in the captured graph
-            slot = len(prompt) + i
-            logits = model(torch.tensor([[token]]), cache=cache, positions=torch.tensor([[slot]]), slots=torch.tensor([slot]))[0][0, -1]

@@ -6,7 +6,7 @@ import torch
 from minillama.checkpoint import model_state_dict
 from minillama.config import PRESETS, ModelConfig
 from minillama.interop.hf import hf_config, to_hf_state_dict
-from minillama.model import Transformer
+from minillama.model import Transformer, rotary_tables
 
 
 def hf_twin(model: Transformer):
@@ -139,3 +139,11 @@ def test_rmsnorm_matches_formula():
     x64 = x.double()
     expected = (x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16).double() * norm.weight.double()
     assert torch.allclose(norm(x).double(), expected, atol=1e-2)
+
+
+def test_casting_the_model_keeps_the_rotary_tables_float32(small_config):
+    model = Transformer(small_config).to(torch.bfloat16)
+    cos, sin = rotary_tables(small_config.head_dim, small_config.max_seq_len, small_config.rope_theta)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+    assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)

@@ -8,7 +8,6 @@ dominates small-model decoding; the captured step is kept for later calls of the
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import Callable
 
@@ -58,50 +57,50 @@ def _compute_dtype(model: Transformer, device: torch.device) -> torch.dtype:
 
 
 _EAGER_LENGTH_ROUNDING = 64
-_GRAPH_CACHE_ROUNDING = 256  # graph caches come in lengths of 256, 512, ... so that prompts of similar size share one
+_STATIC_CACHE_ROUNDING = 256  # static caches come in lengths of 256, 512, ... so that prompts of similar size share one
 
 
 class _DecodeStep:
-    """A KV cache and the model step that extends it by one token per row: eager, or replayed from a CUDA graph.
+    """A KV cache and the model step that extends it by one token per row.
 
-    A graph is captured once and replayed for every later batch of the same shape (see `_decode_step`), so
-    capture costs nothing per prompt; it reads the weights where they were at capture, so it is kept only while
-    they stay there.
+    Eager steps attend over the filled slots (in blocks, see __call__). Static steps attend over every slot, the
+    empty ones masked, so that every step has the same shapes: on CUDA the step is then captured once as a CUDA
+    graph and replayed; elsewhere the same static step runs eagerly. A static step is kept for later batches of
+    the same shape (see `_decode_step`); a graph reads the weights where they were at capture.
     """
 
     def __init__(self, model: Transformer, batch_size: int, cache_len: int, device: torch.device,
-                 dtype: torch.dtype, cuda_graph: bool):
+                 dtype: torch.dtype, static: bool):
         self.cache = KVCache(model.config, batch_size, cache_len, device, dtype)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.static = static
         self.graph: torch.cuda.CUDAGraph | None = None
-        if cuda_graph:
+        if static and device.type == "cuda":
             self._capture(model)
 
     def _forward(self, model: Transformer) -> Tensor:
+        if self.static:
+            self.cache.length = None
         return model(self.token, cache=self.cache, positions=self.position, slots=self.slot)[0][:, -1]
 
     def _capture(self, model: Transformer) -> None:
-        # Static shapes: the graph attends over every slot, the empty ones masked. Warm up on a side stream (as
-        # capture requires), then record one step. Warm-up and capture write slot 0, which `prefill` overwrites.
-        self.cache.length = None
-        # Under autocast, weight casts must not come from autocast's cache, which lives outside the graph.
-        no_cast_cache = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-                         if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
+        # Warm up on a side stream (as capture requires), then record one step. Warm-up and capture write
+        # slot 0, which `prefill` overwrites.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), no_cast_cache:
+        with torch.cuda.stream(stream):
             for _ in range(2):
                 self._forward(model)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), no_cast_cache:
+        with torch.cuda.graph(self.graph):
             self.logits = self._forward(model)
 
     def prefill(self, model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
-        """Fill slots 0..T-1 with the (left-padded) prompts; every later slot is marked empty. Last logits."""
-        self.cache.filled.zero_()  # a reused cache still marks the previous batch's slots
+        """Fill slots 0..T-1 with the (left-padded) prompts; last logits. A reused cache needs no clearing: a
+        query sees only slots up to its own, and each of those is written (or marked padding) by this batch."""
         self.cache.length = tokens.shape[1]
         slots = torch.arange(tokens.shape[1], device=tokens.device)
         return model(tokens, cache=self.cache, positions=positions, slots=slots)[0][:, -1]
@@ -110,35 +109,37 @@ class _DecodeStep:
         self.token.copy_(token)
         self.position.copy_(position)
         self.slot.fill_(slot)
-        if self.graph is None:
-            # Eager: attend over the filled slots, rounded up to a block so that attention sees a new shape only
-            # every _EAGER_LENGTH_ROUNDING steps (on a GPU each new shape costs a kernel plan, tens of ms).
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if not self.static:
+            # Attend over the filled slots, rounded up to a block so that attention sees a new shape only every
+            # _EAGER_LENGTH_ROUNDING steps: on a GPU each new shape costs a kernel plan.
             rounded = -(-(slot + 1) // _EAGER_LENGTH_ROUNDING) * _EAGER_LENGTH_ROUNDING
             self.cache.length = min(rounded, self.cache.keys.shape[3])
-            return self._forward(model)
-        self.graph.replay()
-        return self.logits
+        return self._forward(model)
 
 
-# Captured decode steps of each live model, newest last; a few, since each holds a KV cache in GPU memory.
-_captured: weakref.WeakKeyDictionary[Transformer, dict[tuple, _DecodeStep]] = weakref.WeakKeyDictionary()
-_CAPTURED_PER_MODEL = 2
+# Static decode steps of each live model, newest last; a few, since each holds a KV cache (and on CUDA a graph).
+_static_steps: weakref.WeakKeyDictionary[Transformer, dict[tuple, _DecodeStep]] = weakref.WeakKeyDictionary()
+_STATIC_STEPS_PER_MODEL = 2
 
 
-def _decode_step(model: Transformer, batch_size: int, length: int, device: torch.device, cuda_graph: bool) -> _DecodeStep:
-    """A decode step with room for `length` tokens: fresh when eager, else a captured one reused if it fits."""
+def _decode_step(model: Transformer, batch_size: int, length: int, device: torch.device, static: bool) -> _DecodeStep:
+    """A decode step with room for `length` tokens: a fresh eager one, or a static one reused when its shapes
+    and the weights' addresses match."""
     dtype = _compute_dtype(model, device)
-    if not cuda_graph:
-        return _DecodeStep(model, batch_size, length, device, dtype, cuda_graph=False)
-    rounded = min(model.config.max_seq_len, -(-length // _GRAPH_CACHE_ROUNDING) * _GRAPH_CACHE_ROUNDING)
+    if not static:
+        return _DecodeStep(model, batch_size, length, device, dtype, static=False)
+    rounded = min(model.config.max_seq_len, -(-length // _STATIC_CACHE_ROUNDING) * _STATIC_CACHE_ROUNDING)
     addresses = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-    key = (batch_size, rounded, dtype, torch.is_autocast_enabled(device.type), addresses)
-    steps = _captured.setdefault(model, {})
+    key = (batch_size, rounded, dtype, addresses)
+    steps = _static_steps.setdefault(model, {})
     step = steps.pop(key, None)
     if step is None:
-        while len(steps) >= _CAPTURED_PER_MODEL:
+        while len(steps) >= _STATIC_STEPS_PER_MODEL:
             del steps[next(iter(steps))]
-        step = _DecodeStep(model, batch_size, rounded, device, dtype, cuda_graph=True)
+        step = _DecodeStep(model, batch_size, rounded, device, dtype, static=True)
     steps[key] = step
     return step
 
@@ -153,14 +154,14 @@ def generate_tokens(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
-    use_cache: bool = True,
     cuda_graph: bool | None = None,
     on_token: TokenCallback | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (EOS excluded). Rows stop at EOS independently; the batch stops when all have.
 
-    `use_cache=False` re-runs the whole sequence for every token (for comparison only). `cuda_graph` defaults to
-    on for CUDA models.
+    `cuda_graph` (default: on for CUDA models outside autocast) decodes with static shapes, captured as a CUDA
+    graph on CUDA and run eagerly elsewhere. A graph needs the weights in the compute dtype: under autocast,
+    whose weight casts live outside any graph, it is refused.
     """
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -183,18 +184,18 @@ def generate_tokens(
     padded, positions = padded.to(device), positions.to(device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
 
+    autocasting = torch.is_autocast_enabled(device.type)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and not autocasting
+    elif cuda_graph and autocasting:
+        raise MiniLlamaError("cuda_graph=True under autocast: cast the model to the compute dtype instead, or pass cuda_graph=False")
+
     was_training = model.training
     model.eval()
-    if use_cache:
-        cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        step = _decode_step(model, batch_size, longest + max_new_tokens, device, cuda_graph)
-        logits = step.prefill(model, padded, positions)
-    else:
-        logits = _rerun(model, padded, positions)
-
+    step = _decode_step(model, batch_size, longest + max_new_tokens, device, static=cuda_graph)
+    logits = step.prefill(model, padded, positions)
     new_tokens: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    sequence = padded
     for i in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         for row, token_id in enumerate(token.tolist()):
@@ -206,20 +207,9 @@ def generate_tokens(
             finished |= token == eos_id
         if bool(finished.all()) or i == max_new_tokens - 1:
             break
-        if use_cache:
-            logits = step(model, token[:, None], (lengths + i)[:, None], longest + i)
-        else:
-            sequence = torch.cat([sequence, token[:, None]], dim=1)
-            positions = torch.cat([positions, (lengths + i)[:, None]], dim=1)
-            logits = _rerun(model, sequence, positions)
+        logits = step(model, token[:, None], (lengths + i)[:, None], longest + i)
     model.train(was_training)
     return new_tokens
-
-
-def _rerun(model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
-    """Last logits from the whole (left-padded) sequence, with a throwaway cache for the padding mask."""
-    cache = KVCache(model.config, tokens.shape[0], tokens.shape[1], tokens.device, _compute_dtype(model, tokens.device))
-    return model(tokens, cache=cache, positions=positions, slots=torch.arange(tokens.shape[1], device=tokens.device))[0][:, -1]
 
 
 def generate(

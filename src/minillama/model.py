@@ -61,13 +61,16 @@ class KVCache(nn.Module):
         self.register_buffer("filled", torch.zeros(batch_size, max_len, device=device, dtype=torch.bool), persistent=False)
         self.length: int | None = None
 
-    def mark(self, slots: Tensor, positions: Tensor) -> Tensor:
-        """Record which of `slots` hold real tokens; return the (B, 1, T, max_len) mask of keys each query may see."""
+    def record(self, slots: Tensor, positions: Tensor) -> None:
+        """Note which of `slots` (T,) now hold real tokens: those whose `positions` (B, T) are >= 0."""
         self.filled.index_copy_(1, slots, positions >= 0)
+
+    def attention_mask(self, slots: Tensor) -> Tensor:
+        """(B, 1, T, length) mask of the keys each query in `slots` may see: earlier or own slots that hold real
+        tokens. A query always sees its own slot, so a padding query has one key and its output stays finite."""
         filled = self.filled[:, : self.length]
         key_slots = torch.arange(filled.shape[1], device=slots.device)
         causal = key_slots[None, :] <= slots[:, None]  # (T, length)
-        # A query always sees its own slot, so a padding query has one key and its output stays finite.
         own = key_slots[None, :] == slots[:, None]
         return (causal[None] & (filled[:, None, :] | own[None])).unsqueeze(1)
 
@@ -134,8 +137,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
         self.residual_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **cache_args) -> Tensor:
-        h = x + self.residual_dropout(self.attention(self.attention_norm(x), cos, sin, **cache_args))
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor,
+        cache: KVCache | None = None, slots: Tensor | None = None, mask: Tensor | None = None,
+    ) -> Tensor:
+        h = x + self.residual_dropout(self.attention(self.attention_norm(x), cos, sin, cache, slots, mask))
         return h + self.residual_dropout(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -153,6 +159,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+
+    def _apply(self, fn, recurse: bool = True):
+        """`Module.to(dtype)` casts buffers too; rebuild the rotary tables in float32 when that happens, since
+        bf16's 8-bit mantissa would blur the angles of late positions (training keeps them float32 as well)."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            cos, sin = rotary_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
 
     def reset_parameters(self) -> None:
         """N(0, 0.02) everywhere; wo and w2, the two projections that add into the residual stream, get an extra
@@ -176,15 +191,16 @@ class Transformer(nn.Module):
         are the cache slots these tokens fill and `positions` (B, T) their rotary positions (-1 for padding).
         """
         x = self.tok_embeddings(tokens)
+        mask = None
         if cache is None:
             cos, sin = self.rope_cos[None, : tokens.shape[1]], self.rope_sin[None, : tokens.shape[1]]
-            cache_args = {}
         else:
             rope_positions = positions.clamp(min=0)
             cos, sin = self.rope_cos[rope_positions], self.rope_sin[rope_positions]
-            cache_args = {"cache": cache, "slots": slots, "mask": cache.mark(slots, positions)}
+            cache.record(slots, positions)
+            mask = cache.attention_mask(slots)
         for layer in self.layers:
-            x = layer(x, cos, sin, **cache_args)
+            x = layer(x, cos, sin, cache, slots, mask)
         logits = self.output(self.norm(x))
         if targets is None:
             return logits, None
