@@ -21,7 +21,7 @@ from minillama.config import preset
 from minillama.generate import generate_tokens
 from minillama.interop.hf import hf_config, to_hf_state_dict
 from minillama.model import KVCache, Transformer
-from minillama.train.device import pick_device
+from minillama.device import pick_device
 
 PROMPT_LENGTHS = [8, 3, 13, 6, 10, 1, 7, 12]  # row i of a batch gets PROMPT_LENGTHS[i % 8] tokens
 OTHER_LENGTHS = [5, 11, 2, 9, 4, 13, 8, 6]

@@ -21,7 +21,7 @@ from minillama.config import preset
 from minillama.eval.hellaswag import Example, load_examples, score
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
-from minillama.train.device import pick_device
+from minillama.device import pick_device
 
 
 def with_shorter_context(example: Example, words_cut: int) -> Example:

@@ -17,7 +17,7 @@ from minillama.config import preset
 from minillama.model import Transformer
 from minillama.summary import training_flops_per_token
 from minillama.train.config import OptimConfig
-from minillama.train.device import autocast, autocast_dtype, peak_flops, pick_device
+from minillama.device import autocast, autocast_dtype, peak_flops, pick_device
 from minillama.train.optim import build_optimizer
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from minillama.checkpoint import (
-    check_tokenizer, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, save_checkpoint,
+    find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, save_checkpoint,
 )
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
@@ -63,8 +63,8 @@ def test_vocab_mismatch_names_both_sizes(tmp_path, tokenizer):
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32000, multiple_of=16))
     save_checkpoint(tmp_path / "ckpt", model)
     _, info = load_checkpoint(tmp_path / "ckpt")
-    with pytest.raises(MiniLlamaError, match="has vocab 32000, tokenizer .* has 320"):
-        check_tokenizer(info, tokenizer)
+    with pytest.raises(MiniLlamaError, match=r"tokenizer .* has vocab 320, checkpoint .* has 32000"):
+        load_checkpoint_tokenizer(info, tokenizer.path)
 
 
 def test_failed_save_leaves_no_checkpoint(tmp_path, small_config, monkeypatch):

@@ -100,12 +100,12 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tokenizer, monk
 def test_full_disk_leaves_no_partial_shard(tmp_path, monkeypatch):
     import errno
 
-    from minillama.data import shards
+    from minillama import files
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shards.os, "fsync", disk_full)
+    monkeypatch.setattr(files.os, "fsync", disk_full)
     with pytest.raises(OSError):
         write_shard(tmp_path / "train_000001.bin", np.arange(1000, dtype=np.uint16))
     assert list(tmp_path.iterdir()) == []

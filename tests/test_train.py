@@ -147,7 +147,7 @@ def test_missing_data_names_the_prepare_command(tmp_path, tokenizer):
 
 def test_tokenizer_vocab_must_match_model(tmp_path, data_dir, tokenizer):
     config = load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "model.vocab_size=512"))
-    with pytest.raises(MiniLlamaError, match="has vocab 320, model.vocab_size is 512"):
+    with pytest.raises(MiniLlamaError, match="has vocab 320, model.vocab_size has 512"):
         train(config)
 
 

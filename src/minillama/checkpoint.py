@@ -8,10 +8,7 @@ directory that looks like a checkpoint but is not one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from minillama.config import ModelConfig, from_dict, to_dict
 from minillama.errors import MiniLlamaError
-from minillama.model import Transformer, rotary_tables
-from minillama.tokenizer import Tokenizer
+from minillama.files import write_directory_atomically
+from minillama.model import Transformer, meta_model, rotary_tables
+from minillama.tokenizer import Tokenizer, check_vocab
 
 FORMAT = "minillama-checkpoint"
 FORMAT_VERSION = 1
@@ -56,29 +54,6 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
-    """Let `fill` write into a fresh temporary directory, then rename it to `path` (replacing any old one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        fill(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 def save_checkpoint(
     path: Path,
     model: Transformer,
@@ -108,7 +83,7 @@ def save_checkpoint(
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
 
-    return write_atomically(path, fill)
+    return write_directory_atomically(path, fill)
 
 
 def read_checkpoint_info(path: Path) -> Checkpoint:
@@ -171,8 +146,7 @@ def _read_checked_weights(path: Path, model: Transformer) -> dict[str, torch.Ten
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Transformer, Checkpoint]:
     """Build the model a checkpoint describes and load its weights (float32 unless the caller casts it)."""
     info = read_checkpoint_info(path)
-    with torch.device("meta"):
-        model = Transformer(info.config)
+    model = meta_model(info.config)
     model = model.to_empty(device=device)  # allocates without initialising; the weights come from the file
     if info.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # to_empty gives each module its own new storage
@@ -184,22 +158,25 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Tra
     return model, info
 
 
-def check_tokenizer(info: Checkpoint, tokenizer: Tokenizer) -> None:
-    """Refuse a tokenizer whose vocabulary differs from the checkpoint's model."""
-    if tokenizer.vocab_size != info.config.vocab_size:
-        raise MiniLlamaError(
-            f"checkpoint {info.path} has vocab {info.config.vocab_size}, tokenizer {tokenizer.path} has "
-            f"{tokenizer.vocab_size}; pass the tokenizer the model was trained with"
-        )
-
-
 def load_checkpoint_tokenizer(info: Checkpoint, override: str | Path | None = None) -> Tokenizer:
     """The tokenizer stored in the checkpoint, unless the user names another; checked against the model."""
     from minillama.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(override) if override or info.tokenizer_path is None else Tokenizer(info.tokenizer_path)
-    check_tokenizer(info, tokenizer)
+    check_vocab(tokenizer, info.config.vocab_size, f"checkpoint {info.path}", "pass the tokenizer the model was trained with")
     return tokenizer
+
+
+def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto",
+                       tokenizer: str | Path | None = None) -> tuple[Transformer, Tokenizer, Checkpoint]:
+    """A checkpoint (or a run directory's newest) ready to sample from or evaluate: on `device`, in eval mode, its
+    weights in `dtype` (see `minillama.device.inference_dtype`), with its tokenizer (or `tokenizer`, checked)."""
+    from minillama.device import inference_dtype, pick_device
+
+    torch_device = pick_device(device)
+    model, info = load_checkpoint(find_checkpoint(Path(path)), torch_device)
+    loaded_tokenizer = load_checkpoint_tokenizer(info, tokenizer)
+    return model.to(inference_dtype(torch_device, dtype)).eval(), loaded_tokenizer, info
 
 
 def find_checkpoint(path: Path) -> Path:

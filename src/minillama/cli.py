@@ -62,27 +62,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(load_train_config(args.config, args.set), resume=args.resume)
 
 
-def _load_for_inference(path: str, device_name: str, dtype: str, tokenizer_path: str | None):
-    """A checkpoint (or a run directory's newest) on a device, in eval mode and the requested precision."""
-    import torch
-
-    from minillama.checkpoint import find_checkpoint, load_checkpoint, load_checkpoint_tokenizer
-    from minillama.train.device import pick_device
-
-    device = pick_device(device_name)
-    model, info = load_checkpoint(find_checkpoint(Path(path)), device)
-    tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return model.to(dtypes[dtype]).eval(), tokenizer, info
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
+    from minillama.checkpoint import load_for_inference
     from minillama.generate import check_sampling_args, completion_text, generate
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
-    model, tokenizer, _ = _load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
 
     def run(prompt: str) -> None:
         options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -118,28 +103,27 @@ HELLASWAG_NOTE = ("completion-style scoring as in the reference recipe (loss ove
 def cmd_eval_hellaswag(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from minillama.eval.hellaswag import download_hellaswag, load_examples, score
+    from minillama.checkpoint import load_for_inference
+    from minillama.eval.hellaswag import download_hellaswag, evaluate_hellaswag, load_examples
 
     examples = load_examples(Path(args.data) if args.data else download_hellaswag(), args.limit)
-    model, tokenizer, _ = _load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
-    predictions, truncated = score(model, tokenizer, examples, args.batch_size)
-    n = len(predictions)
-    result = {"acc_norm": sum(p.pred_norm == p.label for p in predictions) / n,
-              "acc": sum(p.pred_sum == p.label for p in predictions) / n, "examples": n, "truncated": truncated,
-              "scoring": HELLASWAG_NOTE}
+    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    result = evaluate_hellaswag(model, tokenizer, examples, args.batch_size)
+    predictions = result.pop("predictions")
     if args.json:
-        print(json.dumps({**result, "predictions": [asdict(p) for p in predictions]}, indent=2))
+        print(json.dumps({**result, "scoring": HELLASWAG_NOTE, "predictions": [asdict(p) for p in predictions]}, indent=2))
         return
-    print(f"HellaSwag acc_norm {result['acc_norm']:.4f}  acc {result['acc']:.4f}  over {n:,} examples"
-          + (f" ({truncated} with contexts cut to fit max_seq_len)" if truncated else ""))
+    print(f"HellaSwag acc_norm {result['acc_norm']:.4f}  acc {result['acc']:.4f}  over {result['examples']:,} examples"
+          + (f" ({result['truncated']} with contexts cut to fit max_seq_len)" if result["truncated"] else ""))
     print(f"({HELLASWAG_NOTE})")
 
 
 def cmd_eval_loss(args: argparse.Namespace) -> None:
+    from minillama.checkpoint import load_for_inference
     from minillama.data.loader import check_data
     from minillama.eval.loss import evaluate_loss
 
-    model, tokenizer, info = _load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
     check_data(Path(args.data), info.config.vocab_size, tokenizer.fingerprint)
     seq_len = args.seq_len or info.config.max_seq_len
     result = evaluate_loss(model, Path(args.data), tokenizer, args.batch_size, seq_len, args.tokens)

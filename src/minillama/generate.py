@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from minillama.errors import MiniLlamaError
-from minillama.model import KVCache, Transformer
+from minillama.model import KVCache, Transformer, evaluating
 from minillama.tokenizer import Tokenizer
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
@@ -190,25 +190,23 @@ def generate_tokens(
     elif cuda_graph and autocasting:
         raise MiniLlamaError("cuda_graph=True under autocast: cast the model to the compute dtype instead, or pass cuda_graph=False")
 
-    was_training = model.training
-    model.eval()
-    step = _decode_step(model, batch_size, longest + max_new_tokens, device, static=cuda_graph)
-    logits = step.prefill(model, padded, positions)
-    new_tokens: list[list[int]] = [[] for _ in prompts]
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    for i in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
-        for row, token_id in enumerate(token.tolist()):
-            if not finished[row] and token_id != eos_id:
-                new_tokens[row].append(token_id)
-                if on_token is not None:
-                    on_token(row, token_id)
-        if eos_id is not None:
-            finished |= token == eos_id
-        if bool(finished.all()) or i == max_new_tokens - 1:
-            break
-        logits = step(model, token[:, None], (lengths + i)[:, None], longest + i)
-    model.train(was_training)
+    with evaluating(model):
+        step = _decode_step(model, batch_size, longest + max_new_tokens, device, static=cuda_graph)
+        logits = step.prefill(model, padded, positions)
+        new_tokens: list[list[int]] = [[] for _ in prompts]
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            for row, token_id in enumerate(token.tolist()):
+                if not finished[row] and token_id != eos_id:
+                    new_tokens[row].append(token_id)
+                    if on_token is not None:
+                        on_token(row, token_id)
+            if eos_id is not None:
+                finished |= token == eos_id
+            if bool(finished.all()) or i == max_new_tokens - 1:
+                break
+            logits = step(model, token[:, None], (lengths + i)[:, None], longest + i)
     return new_tokens
 
 

@@ -7,6 +7,8 @@ Hugging Face rotates the two halves of a head instead, and `minillama.interop.ro
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -206,3 +208,21 @@ class Transformer(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+
+def meta_model(config: ModelConfig) -> Transformer:
+    """The model's structure without memory (meta device): exact names and shapes, for counting parameters,
+    listing expected tensors, or `to_empty` before loading weights."""
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (no dropout) inside the block; the caller's mode is restored after it, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from minillama.config import ModelConfig, to_dict
-from minillama.model import Transformer
+from minillama.model import meta_model
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
     """Parameter counts by part, from a model built on the meta device (no memory, exact shapes)."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = meta_model(config)
     total = sum(p.numel() for p in model.parameters())  # a tied head is one Parameter, counted once
     embedding = model.tok_embeddings.weight.numel()
     output = 0 if config.tie_embeddings else model.output.weight.numel()

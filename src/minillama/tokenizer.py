@@ -6,11 +6,11 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from minillama.errors import MiniLlamaError
+from minillama.files import write_file_atomically
 
 # A public, ungated copy of Meta's Llama 2 tokenizer.model on the Hugging Face hub, and its sha256.
 LLAMA2_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
@@ -72,6 +72,12 @@ def resolve_tokenizer_path(path: str | Path | None = None) -> Path:
     if os.environ.get(TOKENIZER_ENV):
         return Path(os.environ[TOKENIZER_ENV])
     return download_llama2_tokenizer()
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int, model: str, fix: str) -> None:
+    """Refuse a tokenizer whose vocabulary size differs from a model's: its ids would name other tokens."""
+    if tokenizer.vocab_size != vocab_size:
+        raise MiniLlamaError(f"tokenizer {tokenizer.path} has vocab {tokenizer.vocab_size}, {model} has {vocab_size}; {fix}")
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
@@ -152,7 +158,5 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path, text_field: s
         raise input_errors[0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) as tmp:
-        tmp.write(model.getvalue())
-    os.replace(tmp.name, out)
+    write_file_atomically(out, model.getvalue())
     return Tokenizer(out)

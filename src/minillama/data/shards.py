@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from minillama.errors import MiniLlamaError
+from minillama.files import write_file_atomically
 
 MANIFEST = "manifest.json"
 FORMAT = "minillama-shards"
@@ -27,24 +26,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def write_atomic_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers see all of it or none."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        try:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
-
-
 def write_shard(path: Path, tokens: np.ndarray) -> str:
     """Write one shard atomically and return its sha256."""
     data = memoryview(np.ascontiguousarray(tokens)).cast("B")
-    write_atomic_bytes(path, data)
+    write_file_atomically(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -62,7 +47,7 @@ def read_manifest(data_dir: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
-    write_atomic_bytes(Path(data_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_file_atomically(Path(data_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def split_entries(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:

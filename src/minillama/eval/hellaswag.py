@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from minillama.errors import MiniLlamaError
-from minillama.model import Transformer
+from minillama.files import write_file_atomically
+from minillama.model import Transformer, evaluating
 from minillama.tokenizer import Tokenizer
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-HELLASWAG_VAL_EXAMPLES = 10_042
 
 
 @dataclass(frozen=True)
@@ -63,9 +62,7 @@ def download_hellaswag(cache_dir: Path | None = None) -> Path:
             data = response.read()
     except OSError as exc:
         raise MiniLlamaError(f"could not download HellaSwag from {HELLASWAG_VAL_URL} ({exc}); pass --data FILE.jsonl") from None
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, target)
+    write_file_atomically(target, data)
     return target
 
 
@@ -129,47 +126,45 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
     sequence cannot change its logits."""
     device = model.tok_embeddings.weight.device
     max_len = model.config.max_seq_len
-    was_training = model.training
-    model.eval()
-    encoded = [candidates(example, tokenizer, max_len) for example in examples]
-    truncated = sum(was_truncated for _, was_truncated in encoded)
-    # Batch examples of similar length together, so that little of each forward pass is padding.
-    order = sorted(range(len(examples)), key=lambda i: max(len(c.tokens) for c in encoded[i][0]))
-    predictions: list[Prediction | None] = [None] * len(examples)
-    for first in range(0, len(order), batch_size):
-        chunk = order[first : first + batch_size]
-        cands = [cand for i in chunk for cand in encoded[i][0]]
-        # Widths rounded up to a multiple of 16: a GPU pays for each new shape (kernel plans), and HellaSwag's
-        # lengths would otherwise give nearly every batch one of its own.
-        width = min(max_len, -(-max(len(c.tokens) for c in cands) // 16) * 16)
-        tokens = torch.zeros(len(cands), width, dtype=torch.long)
-        targets = torch.full((len(cands), width), -1, dtype=torch.long)
-        for row, cand in enumerate(cands):
-            n = len(cand.tokens)
-            tokens[row, :n] = torch.tensor(cand.tokens)
-            # position t predicts token t+1; score only predictions of ending tokens
-            targets[row, cand.ending_start - 1 : n - 1] = torch.tensor(cand.tokens[cand.ending_start:])
-        tokens, targets = tokens.to(device), targets.to(device)
-        logits, _ = model(tokens)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-        losses = losses.view(len(cands), width).sum(dim=1).view(len(chunk), 4)
-        counts = (targets != -1).sum(dim=1).view(len(chunk), 4)
-        for i, loss_row, count_row in zip(chunk, losses.tolist(), counts.tolist()):
-            example = examples[i]
-            mean = [loss / count for loss, count in zip(loss_row, count_row)]
-            predictions[i] = Prediction(
-                example.index, example.label,
-                pred_norm=min(range(4), key=mean.__getitem__), pred_sum=min(range(4), key=loss_row.__getitem__),
-                losses=tuple(loss_row), ending_tokens=tuple(count_row),
-            )
-    model.train(was_training)
+    with evaluating(model):
+        encoded = [candidates(example, tokenizer, max_len) for example in examples]
+        truncated = sum(was_truncated for _, was_truncated in encoded)
+        # Batch examples of similar length together, so that little of each forward pass is padding.
+        order = sorted(range(len(examples)), key=lambda i: max(len(c.tokens) for c in encoded[i][0]))
+        predictions: list[Prediction | None] = [None] * len(examples)
+        for first in range(0, len(order), batch_size):
+            chunk = order[first : first + batch_size]
+            cands = [cand for i in chunk for cand in encoded[i][0]]
+            # Widths rounded up to a multiple of 16: a GPU pays for each new shape (kernel plans), and HellaSwag's
+            # lengths would otherwise give nearly every batch one of its own.
+            width = min(max_len, -(-max(len(c.tokens) for c in cands) // 16) * 16)
+            tokens = torch.zeros(len(cands), width, dtype=torch.long)
+            targets = torch.full((len(cands), width), -1, dtype=torch.long)
+            for row, cand in enumerate(cands):
+                n = len(cand.tokens)
+                tokens[row, :n] = torch.tensor(cand.tokens)
+                # position t predicts token t+1; score only predictions of ending tokens
+                targets[row, cand.ending_start - 1 : n - 1] = torch.tensor(cand.tokens[cand.ending_start:])
+            tokens, targets = tokens.to(device), targets.to(device)
+            logits, _ = model(tokens)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+            losses = losses.view(len(cands), width).sum(dim=1).view(len(chunk), 4)
+            counts = (targets != -1).sum(dim=1).view(len(chunk), 4)
+            for i, loss_row, count_row in zip(chunk, losses.tolist(), counts.tolist()):
+                example = examples[i]
+                mean = [loss / count for loss, count in zip(loss_row, count_row)]
+                predictions[i] = Prediction(
+                    example.index, example.label,
+                    pred_norm=min(range(4), key=mean.__getitem__), pred_sum=min(range(4), key=loss_row.__getitem__),
+                    losses=tuple(loss_row), ending_tokens=tuple(count_row),
+                )
     return predictions, truncated
 
 
 def evaluate_hellaswag(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32,
                        rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """acc_norm and acc over `examples`; with several ranks each scores every world_size-th example and the
-    counts are summed across ranks (all ranks must call this)."""
+    """acc_norm and acc over `examples`, and this rank's predictions. With several ranks each scores every
+    world_size-th example and the counts are summed across ranks (all ranks must call this)."""
     predictions, truncated = score(model, tokenizer, examples[rank::world_size], batch_size)
     counts = torch.tensor(
         [sum(p.pred_norm == p.label for p in predictions), sum(p.pred_sum == p.label for p in predictions), len(predictions), truncated],
@@ -178,4 +173,5 @@ def evaluate_hellaswag(model: Transformer, tokenizer: Tokenizer, examples: list[
     if world_size > 1:
         torch.distributed.all_reduce(counts)
     correct_norm, correct_sum, n, n_truncated = counts.tolist()
-    return {"acc_norm": correct_norm / n, "acc": correct_sum / n, "examples": n, "truncated": n_truncated}
+    return {"acc_norm": correct_norm / n, "acc": correct_sum / n, "examples": n, "truncated": n_truncated,
+            "predictions": predictions}

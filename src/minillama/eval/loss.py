@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillama.data.loader import validation_batches
+from minillama.model import evaluating
 from minillama.tokenizer import Tokenizer
 
 
@@ -52,19 +53,17 @@ def evaluate_loss(
     byte_lengths, leading_space = token_byte_lengths(tokenizer)
     device = next(model.parameters()).device
     byte_lengths, leading_space = byte_lengths.to(device), leading_space.to(device)
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
-    for x, y in validation_batches(Path(data_dir), batch_size, seq_len, total_tokens, rank, world_size):
-        x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        opens_document = (x == tokenizer.bos_id) & leading_space[y]
-        totals += torch.stack([nats.double(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
-                               (byte_lengths[y].sum() - opens_document.sum()).double()])
-    if world_size > 1:
-        torch.distributed.all_reduce(totals)
-    model.train(was_training)
+    with evaluating(model):
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+        for x, y in validation_batches(Path(data_dir), batch_size, seq_len, total_tokens, rank, world_size):
+            x, y = x.to(device), y.to(device)
+            logits, _ = model(x)
+            nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            opens_document = (x == tokenizer.bos_id) & leading_space[y]
+            totals += torch.stack([nats.double(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
+                                   (byte_lengths[y].sum() - opens_document.sum()).double()])
+        if world_size > 1:
+            torch.distributed.all_reduce(totals)
     nats, tokens, n_bytes = totals.tolist()
     loss = nats / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / n_bytes,

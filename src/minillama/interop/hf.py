@@ -12,13 +12,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minillama.checkpoint import (
-    load_checkpoint, load_checkpoint_tokenizer, model_state_dict, save_checkpoint, write_atomically,
+    load_checkpoint, load_checkpoint_tokenizer, model_state_dict, save_checkpoint,
 )
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
+from minillama.files import write_directory_atomically
 from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
-from minillama.model import Transformer
-from minillama.tokenizer import Tokenizer
+from minillama.model import meta_model
+from minillama.tokenizer import Tokenizer, check_vocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,8 +87,7 @@ def to_hf_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dic
 
 def from_hf_state_dict(config: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of `to_hf_state_dict`; a tied checkpoint may omit or include lm_head.weight."""
-    with torch.device("meta"):
-        expected = model_state_dict(Transformer(config))
+    expected = model_state_dict(meta_model(config))
     out = {}
     for name in expected:
         source = hf_name(name)
@@ -175,7 +175,7 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer
             (tmp / name).write_text(json.dumps(content, indent=2))
         write_fast_tokenizer(tmp, tokenizer)
 
-    return write_atomically(Path(out_dir), fill)
+    return write_directory_atomically(Path(out_dir), fill)
 
 
 def config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
@@ -242,8 +242,6 @@ def import_hf(model_dir: Path, out_checkpoint: Path, tokenizer_path: Path | None
     tokenizer = None
     if tokenizer_path or (model_dir / "tokenizer.model").is_file():
         tokenizer = Tokenizer(tokenizer_path or model_dir / "tokenizer.model")
-        if tokenizer.vocab_size != config.vocab_size:
-            raise MiniLlamaError(f"tokenizer {tokenizer.path} has vocab {tokenizer.vocab_size}, the model has {config.vocab_size}")
-    with torch.device("meta"):
-        model = Transformer(config)
+        check_vocab(tokenizer, config.vocab_size, str(model_dir), "pass --tokenizer with the model's own tokenizer.model")
+    model = meta_model(config)
     return save_checkpoint(out_checkpoint, model, tokenizer, metadata={"imported_from": str(model_dir)}, state_dict=state)

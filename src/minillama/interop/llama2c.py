@@ -22,10 +22,10 @@ import torch
 
 from minillama.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
 from minillama.config import ModelConfig
-from minillama.data.shards import write_atomic_bytes
+from minillama.files import write_file_atomically
 from minillama.errors import MiniLlamaError
-from minillama.model import Transformer
-from minillama.tokenizer import Tokenizer
+from minillama.model import meta_model
+from minillama.tokenizer import Tokenizer, check_vocab
 
 MAGIC = 0x616B3432  # "ak42" little-endian
 HEADER_V1_BYTES = 256
@@ -94,7 +94,7 @@ def export_llama2c(checkpoint: Path, out: Path, version: int = 0) -> Path:
         arrays.append(state["output.weight"].float().numpy())
     body = b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for a in arrays)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_bytes(Path(out), header + body)
+    write_file_atomically(Path(out), header + body)
     return Path(out)
 
 
@@ -148,11 +148,8 @@ def read_llama2c(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def import_llama2c(path: Path, out_checkpoint: Path, tokenizer_path: Path) -> Path:
     config, state = read_llama2c(path)
     tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise MiniLlamaError(f"tokenizer {tokenizer.path} has vocab {tokenizer.vocab_size}, {path} has {config.vocab_size}; "
-                             "pass the tokenizer the model was trained with")
-    with torch.device("meta"):
-        model = Transformer(config)
+    check_vocab(tokenizer, config.vocab_size, str(path), "pass the tokenizer the model was trained with")
+    model = meta_model(config)
     return save_checkpoint(out_checkpoint, model, tokenizer, metadata={"imported_from": str(path)}, state_dict=state)
 
 
@@ -168,6 +165,6 @@ def export_llama2c_tokenizer(tokenizer_path: Path, out: Path) -> Path:
         scores.append(sp.get_score(i))
     body = b"".join(struct.pack("fI", score, len(piece)) + piece for piece, score in zip(pieces, scores))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_bytes(Path(out), struct.pack("I", max(len(p) for p in pieces)) + body)
+    write_file_atomically(Path(out), struct.pack("I", max(len(p) for p in pieces)) + body)
     return Path(out)
 

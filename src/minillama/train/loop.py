@@ -17,22 +17,32 @@ from minillama.data.loader import TrainLoader, check_data
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
 from minillama.data.sources import FineWebEdu, LocalFiles
+from minillama.device import autocast, autocast_dtype, peak_flops, pick_device
 from minillama.errors import MiniLlamaError
-from minillama.eval.loss import evaluate_loss
+from minillama.eval.hellaswag import Example
 from minillama.model import Transformer
 from minillama.summary import count_parameters, training_flops_per_token
-from minillama.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from minillama.train import evaluation
-from minillama.train.checkpoints import (
-    complete_checkpoints, load_training_state, rng_state, save_training_checkpoint, set_rng_state,
-)
+from minillama.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
+from minillama.train import monitor
 from minillama.train.config import TrainConfig, config_to_toml, prepare_command
-from minillama.train.device import autocast, autocast_dtype, peak_flops, pick_device
 from minillama.train.distributed import (
-    Distributed, all_reduce_mean, barrier, close_distributed, gather_objects, init_distributed, wrap_data_parallel,
+    Distributed,
+    all_reduce_mean,
+    barrier,
+    close_distributed,
+    gather_objects,
+    init_distributed,
+    wrap_data_parallel,
 )
 from minillama.train.metrics import MetricsLogger, truncate_metrics
 from minillama.train.optim import build_optimizer, learning_rate
+from minillama.train.resume import (
+    complete_checkpoints,
+    load_training_state,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
 
 
 def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
@@ -59,19 +69,110 @@ class RunState:
     best_val_loss: float = math.inf
 
 
+@dataclass
+class Run:
+    """Everything a training run holds, built once by `setup` and used by the step, the loop and the monitor."""
+
+    config: TrainConfig
+    ctx: Distributed
+    device: torch.device
+    precision: torch.dtype | None  # autocast dtype; None: float32
+    tokenizer: Tokenizer
+    data_dir: Path
+    accumulation: int  # micro-steps per optimizer step
+    model: Transformer  # the weights; sampling and HellaSwag call it directly
+    compiled: torch.nn.Module  # `model` compiled (or itself): training steps and validation loss
+    step_model: torch.nn.Module  # `compiled` under DDP (or itself): what the micro-steps call
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: TrainLoader
+    logger: MetricsLogger
+    state: RunState
+    hellaswag: list[Example] | None
+
+
 def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
     """Run (or continue) training as `config` says; returns the last step's metrics. Under torchrun, every
     process calls this."""
     ctx = init_distributed(config.device)
     try:
-        result = _train(config, resume, ctx)
+        result = _train(setup(config, resume, ctx))
         barrier(ctx)  # no rank tears down its connections while another still uses them
         return result
     finally:
         close_distributed(ctx)
 
 
-def _train(config: TrainConfig, resume: str, ctx: Distributed) -> dict[str, Any]:
+def _train(run: Run) -> dict[str, Any]:
+    """build-nanogpt's recipe: evaluate every eval.interval steps, one optimizer step over total_tokens at a
+    time, a checkpoint every checkpoint.interval steps; evaluate once more after the last step."""
+    config, state = run.config, run.state
+    last: dict[str, Any] = {}
+    while state.step < config.last_step:
+        if state.step % config.eval.interval == 0:
+            monitor.evaluate_and_sample(run)
+        last = train_step(run)
+        _log_step(run, last)
+        state.step += 1
+        if state.step % config.checkpoint.interval == 0 or state.step == config.last_step:
+            _save(run)
+    monitor.evaluate_and_sample(run)
+    run.logger.close()
+    return last
+
+
+def train_step(run: Run) -> dict[str, Any]:
+    """One optimizer step: `accumulation` micro-batches, gradients averaged across ranks once, clipped, applied."""
+    config, device = run.config, run.device
+    started = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(run.accumulation):
+        x, y = (t.to(device, non_blocking=True) for t in next(run.loader))
+        # DDP averages gradients across ranks; do it once, after the last micro-step, not after each.
+        sync = micro_step == run.accumulation - 1
+        with run.step_model.no_sync() if run.ctx.enabled and not sync else contextlib.nullcontext():
+            with autocast(device, run.precision):
+                _, loss = run.step_model(x, y)
+            loss = loss / run.accumulation  # the gradient of the mean over all micro-batches
+            loss_sum += loss.detach()
+            run.scaler.scale(loss).backward()
+    all_reduce_mean(loss_sum, run.ctx)
+
+    run.scaler.unscale_(run.optimizer)
+    # Clipping at 1.0 bounds the update when a rare batch produces a huge gradient (common early on).
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.grad_clip or math.inf)
+    lr = learning_rate(run.state.step, config.optim)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if torch.isfinite(loss_sum) and (torch.isfinite(grad_norm) or run.scaler.is_enabled()):
+        run.scaler.step(run.optimizer)
+    else:
+        _on_nonfinite(config, run.state.step, loss_sum.item(), grad_norm.item(), Path(config.run_dir))
+        run.optimizer.zero_grad(set_to_none=True)  # skip: no update from this batch
+    run.scaler.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"kind": "train", "step": run.state.step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
+            "step_time_s": time.perf_counter() - started}
+
+
+def _log_step(run: Run, record: dict[str, Any]) -> None:
+    config, state = run.config, run.state
+    state.tokens_seen += config.batch.total_tokens
+    tokens_per_s = config.batch.total_tokens / record["step_time_s"]
+    record.update(tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s, time=time.time())
+    peak = peak_flops(run.device)
+    if peak:
+        record["mfu"] = training_flops_per_token(config.model, config.batch.seq_len) * tokens_per_s / (peak * run.ctx.world_size)
+    run.logger.log(record, f"step {record['step']:6d} | loss {record['loss']:.6f} | lr {record['lr']:.4e} | "
+                           f"norm {record['grad_norm']:.4f} | dt {record['step_time_s'] * 1000:.1f}ms | tok/s {tokens_per_s:,.0f}"
+                           + (f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""))
+
+
+def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
+    """Device, tokenizer, data, model, optimizer, loader and logger for `config`; restored from the run
+    directory's newest checkpoint when resuming."""
     device = pick_device(config.device, ctx.local_rank)
     precision = autocast_dtype(device, config.dtype)
     if device.type == "cuda":
@@ -103,93 +204,20 @@ def _train(config: TrainConfig, resume: str, ctx: Distributed) -> dict[str, Any]
     # change with every prompt, use `model`, which shares its weights, so they never trigger recompilation.
     compiled = torch.compile(model) if compile_model else model
     step_model = wrap_data_parallel(compiled, device, ctx) if ctx.enabled else compiled
-    hellaswag = evaluation.load_hellaswag(config.eval) if config.eval.hellaswag else None
+    hellaswag = monitor.load_hellaswag(config.eval) if config.eval.hellaswag else None
 
-    flops_per_token = training_flops_per_token(config.model, config.batch.seq_len)
-    peak = peak_flops(device)
     logger = MetricsLogger(run_dir, ctx.is_main, config.last_step, state.step, config.log.tensorboard, config.log.wandb,
                            config.log.wandb_project, to_dict(config))
     if ctx.is_main and state.step == 0:
-        logger.log({"kind": "run", "step": 0, "parameters": count_parameters(config.model)["total"],
-                    "model_preset": config.model_preset, "vocab_size": config.model.vocab_size,
-                    "tokenizer": tokenizer.path.name, "world_size": ctx.world_size, "device": str(device),
-                    "accumulation": accumulation, "tokens_per_step": config.batch.total_tokens},
-                   f"training {config.model_preset} ({count_parameters(config.model)['total']:,} parameters) on "
-                   f"{ctx.world_size} x {device}, {config.batch.total_tokens:,} tokens per step "
-                   f"({accumulation} micro-steps of {config.batch.micro_batch} x {config.batch.seq_len} per rank)")
-
-    def eval_and_sample() -> None:
-        with autocast(device, precision):
-            val = evaluate_loss(compiled, data_dir, tokenizer, config.batch.micro_batch, config.batch.seq_len,
-                                config.eval.val_tokens, ctx.rank, ctx.world_size)
-            state.best_val_loss = min(state.best_val_loss, val["loss"])
-            record = {"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val["loss"],
-                      "val_bits_per_byte": val["bits_per_byte"], "val_perplexity": val["perplexity"]}
-            line = f"step {state.step:6d} | val loss {val['loss']:.4f} | val bpb {val['bits_per_byte']:.4f}"
-            if hellaswag:
-                result = evaluation.hellaswag_accuracy(model, tokenizer, hellaswag, ctx, config.batch.micro_batch)
-                record["hellaswag_acc_norm"], record["hellaswag_examples"] = result["acc_norm"], result["examples"]
-                line += f" | hellaswag {result['acc_norm']:.4f} ({result['examples']} examples)"
-            logger.log(record, line)
-            if ctx.is_main:  # samples are for reading, not a metric: rank 0 alone, so other ranks need not wait
-                samples = evaluation.samples(model, tokenizer, config.eval, seed=config.seed + state.step)
-                logger.log({"kind": "samples", "step": state.step, "samples": samples},
-                           "\n".join(f"  sample {i}: {s!r}" for i, s in enumerate(samples)))
-
-    last = None
-    while state.step < config.last_step:
-        if state.step % config.eval.interval == 0:
-            eval_and_sample()
-
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(accumulation):
-            x, y = next(loader)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # DDP averages gradients across ranks; do it once, after the last micro-step, not after each.
-            sync = micro_step == accumulation - 1
-            with step_model.no_sync() if ctx.enabled and not sync else contextlib.nullcontext():
-                with autocast(device, precision):
-                    _, loss = step_model(x, y)
-                loss = loss / accumulation  # the gradient of the mean over all micro-batches
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-        all_reduce_mean(loss_sum, ctx)
-
-        scaler.unscale_(optimizer)
-        # Clipping at 1.0 bounds the update when a rare batch produces a huge gradient (common early on).
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip or math.inf)
-        lr = learning_rate(state.step, config.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if not (torch.isfinite(loss_sum) and (torch.isfinite(grad_norm) or scaler.is_enabled())):
-            _on_nonfinite(config, state.step, loss_sum.item(), grad_norm.item(), run_dir)
-            optimizer.zero_grad(set_to_none=True)  # skip: no update from this batch
-        else:
-            scaler.step(optimizer)
-        scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-
-        tokens_per_s = config.batch.total_tokens / elapsed
-        state.tokens_seen += config.batch.total_tokens
-        last = {"kind": "train", "step": state.step, "tokens_seen": state.tokens_seen, "loss": loss_sum.item(),
-                "lr": lr, "grad_norm": grad_norm.item(), "step_time_s": elapsed, "tokens_per_s": tokens_per_s,
-                "time": time.time()}
-        mfu = flops_per_token * tokens_per_s / (peak * ctx.world_size) if peak else None
-        if mfu is not None:
-            last["mfu"] = mfu
-        logger.log(last, f"step {state.step:6d} | loss {last['loss']:.6f} | lr {lr:.4e} | norm {last['grad_norm']:.4f} | "
-                         f"dt {elapsed * 1000:.1f}ms | tok/s {tokens_per_s:,.0f}" + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
-        state.step += 1
-
-        if state.step % config.checkpoint.interval == 0 or state.step == config.last_step:
-            _save(run_dir, config, model, optimizer, scaler, loader, state, tokenizer, device, ctx)
-    eval_and_sample()  # the final model, after the last update
-    logger.close()
-    return last or {}
+        parameters = count_parameters(config.model)["total"]
+        logger.log({"kind": "run", "step": 0, "parameters": parameters, "model_preset": config.model_preset,
+                    "vocab_size": config.model.vocab_size, "tokenizer": tokenizer.path.name, "world_size": ctx.world_size,
+                    "device": str(device), "accumulation": accumulation, "tokens_per_step": config.batch.total_tokens},
+                   f"training {config.model_preset} ({parameters:,} parameters) on {ctx.world_size} x {device}, "
+                   f"{config.batch.total_tokens:,} tokens per step ({accumulation} micro-steps of "
+                   f"{config.batch.micro_batch} x {config.batch.seq_len} per rank)")
+    return Run(config, ctx, device, precision, tokenizer, data_dir, accumulation, model, compiled, step_model,
+               optimizer, scaler, loader, logger, state, hellaswag)
 
 
 def _on_nonfinite(config: TrainConfig, step: int, loss: float, grad_norm: float, run_dir: Path) -> None:
@@ -215,11 +243,8 @@ def _tokenizer(config: TrainConfig, ctx: Distributed) -> Tokenizer:
             train_tokenizer(files, config.model.vocab_size, Path(data.tokenizer))
         barrier(ctx)
     tokenizer = load_tokenizer(data.tokenizer)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise MiniLlamaError(
-            f"tokenizer {tokenizer.path} has vocab {tokenizer.vocab_size}, model.vocab_size is {config.model.vocab_size}; "
-            "pass the matching --set data.tokenizer=PATH or --set model.vocab_size=N"
-        )
+    check_vocab(tokenizer, config.model.vocab_size, "model.vocab_size",
+                "pass the matching --set data.tokenizer=PATH or --set model.vocab_size=N")
     return tokenizer
 
 
@@ -253,20 +278,19 @@ def _checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
     return saved[-1] if saved and resume != "never" else None
 
 
-def _save(run_dir: Path, config: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer,
-          scaler: torch.amp.GradScaler, loader: TrainLoader, state: RunState, tokenizer: Tokenizer,
-          device: torch.device, ctx: Distributed) -> None:
-    rng = gather_objects(rng_state(device), ctx)  # every rank takes part; rank 0 writes
-    if ctx.is_main:
+def _save(run: Run) -> None:
+    rng = gather_objects(rng_state(run.device), run.ctx)  # every rank takes part; rank 0 writes
+    if run.ctx.is_main:
+        config, state = run.config, run.state
         save_training_checkpoint(
-            run_dir, state.step, model, tokenizer,
-            training_state={"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                            "loader": loader.state_dict(), "rng": rng, "tokens_seen": state.tokens_seen,
+            Path(config.run_dir), state.step, run.model, run.tokenizer,
+            training_state={"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                            "loader": run.loader.state_dict(), "rng": rng, "tokens_seen": state.tokens_seen,
                             "best_val_loss": state.best_val_loss},
-            metadata={"run_dir": str(run_dir), "model_preset": config.model_preset, "tokens_seen": state.tokens_seen},
+            metadata={"run_dir": config.run_dir, "model_preset": config.model_preset, "tokens_seen": state.tokens_seen},
             keep_last=config.checkpoint.keep_last,
         )
-    barrier(ctx)
+    barrier(run.ctx)
 
 
 def _restore(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -11,8 +11,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from minillama.data.shards import write_atomic_bytes
 from minillama.errors import MiniLlamaError
+from minillama.files import write_file_atomically
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -36,7 +36,7 @@ def truncate_metrics(run_dir: Path, resume_step: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     if path.is_file():
         kept = [r for r in read_metrics(run_dir) if r["step"] < resume_step]
-        write_atomic_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        write_file_atomically(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 class MetricsLogger:

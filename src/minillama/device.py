@@ -1,4 +1,5 @@
-"""Which device to train on, in which precision, and what its peak throughput is (for MFU)."""
+"""Which device to run on, in which precision, and what its peak throughput is (for MFU): one policy for
+training and inference."""
 
 from __future__ import annotations
 
@@ -37,16 +38,33 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _native_bf16(device: torch.device) -> bool:
+    return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def autocast_dtype(device: torch.device, choice: str) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32. 'auto': bf16 where the hardware has it; fp16 (with a
-    gradient scaler) on GPUs without bf16 such as V100 and T4, where bf16 would be emulated or NaN-prone."""
+    """The training autocast dtype, or None for plain float32. 'auto': bf16 where the hardware has it; fp16 (with
+    a gradient scaler) on GPUs without bf16 such as V100 and T4, where bf16 would be emulated or NaN-prone."""
     if choice == "float32" or (choice == "auto" and device.type == "cpu"):
         return None
     if choice == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        return torch.bfloat16
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+        return torch.bfloat16 if _native_bf16(device) else torch.float16
+    return DTYPES[choice]
+
+
+def inference_dtype(device: torch.device, choice: str) -> torch.dtype:
+    """The dtype to hold weights in for sampling and evaluation. 'auto': bfloat16 on GPUs that have it natively,
+    float16 on older GPUs, float32 elsewhere. Emulated bf16 is refused, as training refuses it."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if _native_bf16(device) else torch.float16
+    if choice == "bfloat16" and not _native_bf16(device):
+        raise MiniLlamaError(f"{torch.cuda.get_device_name(device)} has no native bfloat16; use --dtype float16 or float32")
+    return DTYPES[choice]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

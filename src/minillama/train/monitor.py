@@ -1,0 +1,80 @@
+"""What a training run measures at each eval interval: validation loss, HellaSwag accuracy, and samples from
+fixed prompts, all logged as one record each."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from minillama.device import autocast
+from minillama.errors import MiniLlamaError
+from minillama.eval.hellaswag import (
+    Example,
+    download_hellaswag,
+    evaluate_hellaswag,
+    load_examples,
+)
+from minillama.eval.loss import evaluate_loss
+from minillama.generate import generate
+from minillama.model import Transformer
+from minillama.tokenizer import Tokenizer
+from minillama.train.config import EvalConfig
+
+if TYPE_CHECKING:
+    from minillama.train.loop import Run
+
+
+def load_hellaswag(config: EvalConfig) -> list[Example] | None:
+    """The HellaSwag examples to score during training, or None (with a warning) when none can be had."""
+    try:
+        path = Path(config.hellaswag_file) if config.hellaswag_file else download_hellaswag()
+        return load_examples(path, config.hellaswag_limit)
+    except MiniLlamaError as exc:
+        if config.hellaswag_file:
+            raise
+        warnings.warn(f"HellaSwag is off for this run: {exc}", stacklevel=2)
+        return None
+
+
+def evaluate_and_sample(run: Run) -> None:
+    """Validation loss (every rank, compiled model), HellaSwag (every rank) and samples (rank 0), at run.state.step."""
+    config, state, ctx = run.config, run.state, run.ctx
+    with autocast(run.device, run.precision):
+        val = evaluate_loss(run.compiled, run.data_dir, run.tokenizer, config.batch.micro_batch, config.batch.seq_len,
+                            config.eval.val_tokens, ctx.rank, ctx.world_size)
+        state.best_val_loss = min(state.best_val_loss, val["loss"])
+        record = {"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val["loss"],
+                  "val_bits_per_byte": val["bits_per_byte"], "val_perplexity": val["perplexity"]}
+        line = f"step {state.step:6d} | val loss {val['loss']:.4f} | val bpb {val['bits_per_byte']:.4f}"
+        if run.hellaswag:
+            # A HellaSwag example is 4 sequences: micro_batch // 4 examples make a forward pass of a micro-batch's size.
+            examples_per_batch = max(1, config.batch.micro_batch // 4)
+            result = evaluate_hellaswag(run.model, run.tokenizer, run.hellaswag, examples_per_batch, ctx.rank, ctx.world_size)
+            record["hellaswag_acc_norm"], record["hellaswag_examples"] = result["acc_norm"], result["examples"]
+            line += f" | hellaswag {result['acc_norm']:.4f} ({result['examples']} examples)"
+        run.logger.log(record, line)
+        if ctx.is_main:  # samples are for reading, not a metric: rank 0 alone, so other ranks need not wait
+            texts = samples(run.model, run.tokenizer, config.eval, seed=config.seed + state.step)
+            run.logger.log({"kind": "samples", "step": state.step, "samples": texts},
+                           "\n".join(f"  sample {i}: {s!r}" for i, s in enumerate(texts)))
+
+
+def samples(model: Transformer, tokenizer: Tokenizer, config: EvalConfig, seed: int) -> list[str]:
+    """`num_samples` continuations of each prompt, as full texts, reproducible for a given seed."""
+    if config.num_samples < 1 or not config.prompts:
+        return []
+    texts = []
+    limit = model.config.max_seq_len
+    for index, prompt in enumerate(config.prompts):
+        room = limit - len(tokenizer.encode(prompt))
+        if room < 1:
+            continue
+        with torch.random.fork_rng(devices=[]):  # leave the training RNG exactly where it was
+            # Eager decoding: a few short samples do not repay capturing a CUDA graph inside training's autocast.
+            completions = generate(model, tokenizer, prompt, config.num_samples, min(config.sample_tokens, room),
+                                   top_k=config.top_k, seed=seed + index, cuda_graph=False)
+        texts += [prompt + c for c in completions]
+    return texts
