@@ -1,7 +1,14 @@
+import dataclasses
+import inspect
+import re
+
 import pytest
 
 from minillama.config import ModelConfig, from_dict, parse_override, preset
 from minillama.errors import MiniLlamaError
+from minillama.train.config import (
+    BatchConfig, CheckpointConfig, DataConfig, EvalConfig, LogConfig, OptimConfig, TrainConfig, config_to_toml, load_train_config,
+)
 
 
 @pytest.mark.parametrize(
@@ -46,3 +53,50 @@ def test_override_values_parse_as_json_or_string():
     assert parse_override("compile=false") == (["compile"], False)
     with pytest.raises(MiniLlamaError, match="expected key=value"):
         parse_override("lr")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=-1", "'seed' is -1; expected an integer >= 0"),
+        ("optim.lr=NaN", "'optim.lr' is nan; expected a number > 0"),
+        ("optim.lr=-0.1", "'optim.lr' is -0.1; expected a number > 0"),
+        ("optim.beta2=1", "'optim.beta2' is 1.0; expected a number in [0, 1)"),
+        ("data.source=fineweb", "'data.source' is \"fineweb\"; expected one of \"fineweb-edu\", \"text\""),
+        ("eval.top_k=0", "'eval.top_k' is 0; expected a positive integer"),
+        ("data.prepare_workers=-3", "'data.prepare_workers' is -3; expected a positive integer"),
+        ("eval.hellaswag_limit=0", "'eval.hellaswag_limit' is 0; expected a positive integer or null"),
+        ("compile=1", "'compile' is 1; expected one of \"auto\", true, false"),
+        ("on_nonfinite=ignore", "'on_nonfinite' is \"ignore\"; expected one of \"stop\", \"skip\""),
+        ("model.max_seq_len=1000000000000", "'max_seq_len' is 1000000000000; expected an integer in [1, 1,048,576]"),
+    ],
+)
+def test_run_config_choices_and_ranges_come_from_the_annotations(override, message):
+    with pytest.raises(MiniLlamaError, match=re.escape(message)):
+        load_train_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "path, overrides",
+    [
+        ("configs/tiny.toml", []),
+        ("configs/mini-llama-109M.toml", ["data.tokenizer=tok.model", "stop_at_step=7"]),
+        (None, ['model.preset="mini-llama-1.1B"', "model.hidden_dim=null", "model.n_kv_heads=null",
+                'eval.prompts=["two\\nlines, a \\"quote\\", a \\\\ and é"]']),
+    ],
+)
+def test_saved_config_toml_reloads_equal(tmp_path, path, overrides):
+    config = load_train_config(path, overrides)
+    saved = tmp_path / "config.toml"
+    saved.write_text(config_to_toml(config))
+    assert load_train_config(saved) == config
+
+
+@pytest.mark.parametrize("cls", [ModelConfig, DataConfig, BatchConfig, OptimConfig, EvalConfig, CheckpointConfig, LogConfig, TrainConfig])
+def test_every_config_field_has_its_explanation(cls):
+    source = inspect.getsource(cls)
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(field.type) or field.name in {"model", "data", "batch", "optim", "eval", "checkpoint", "log"}:
+            continue
+        line = next(line for line in source.splitlines() if line.strip().startswith(f"{field.name}:"))
+        assert "  # " in line, f"{cls.__name__}.{field.name} has no explanation"

@@ -6,13 +6,16 @@ override any ModelConfig field. `--set section.field=value` overrides anything a
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-from minillama.config import ModelConfig, from_dict, parse_override, preset, to_dict
+from minillama.config import (
+    ABOVE_ZERO, NON_NEGATIVE, ModelConfig, PositiveInt, Range, check_fields, from_dict, parse_override, preset, to_dict,
+)
 from minillama.errors import MiniLlamaError
 
 if sys.version_info >= (3, 11):
@@ -21,71 +24,92 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+class _Section:
+    """A table of the run config; its fields are checked against their annotations whenever it is built."""
+
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        check_fields(self, f"run config field '{self.name}.{{}}'")
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
+    name = "data"
+
     dir: str = "data/fineweb-edu-sample-10BT"  # prepared shards (manifest.json) to train on
     tokenizer: str | None = None  # SentencePiece .model; None: $MINILLAMA_TOKENIZER or Llama 2 from the hub
-    source: str = "fineweb-edu"  # what to prepare `dir` from when it is missing: "fineweb-edu" or "text"
+    source: Literal["fineweb-edu", "text"] = "fineweb-edu"  # what to prepare `dir` from when it is missing
     subset: str = "sample-10BT"  # FineWeb-Edu config to stream
     files: list[str] = field(default_factory=list)  # for source "text": files or globs
     split_paragraphs: bool = False  # for source "text": each blank-line-separated paragraph is a document
-    shard_tokens: int = 100_000_000  # tokens per shard when preparing
-    val_tokens: int | None = None  # validation tokens when preparing (None: one shard)
-    prepare_workers: int = 8  # tokenizer processes when preparing
+    shard_tokens: PositiveInt = 100_000_000  # tokens per shard when preparing
+    val_tokens: PositiveInt | None = None  # validation tokens when preparing (None: one shard)
+    prepare_workers: PositiveInt = 8  # tokenizer processes when preparing
     auto_prepare: bool = False  # prepare `dir` when missing instead of saying how (large corpora: prepare first)
     train_tokenizer: bool = False  # train a tokenizer of the model's vocab size on `files` if `tokenizer` is missing
 
 
 @dataclass(frozen=True)
-class BatchConfig:
-    total_tokens: int = 524_288  # tokens per optimizer step (2**19, about 0.5M as in GPT-3 small), all ranks together
-    micro_batch: int = 64  # sequences per forward pass per rank; gradient accumulation makes up the rest
-    seq_len: int = 1024  # tokens per sequence
+class BatchConfig(_Section):
+    name = "batch"
+
+    total_tokens: PositiveInt = 524_288  # tokens per optimizer step (2**19, about 0.5M as in GPT-3 small), all ranks together
+    micro_batch: PositiveInt = 64  # sequences per forward pass per rank; gradient accumulation makes up the rest
+    seq_len: PositiveInt = 1024  # tokens per sequence
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 6e-4  # peak learning rate, reached after warmup
-    min_lr: float = 6e-5  # floor of the cosine decay (10% of peak)
-    warmup_steps: int = 715  # linear warmup from lr/warmup_steps (375M tokens at 0.5M per step, as GPT-3)
-    max_steps: int = 19_073  # end of the cosine decay: 10B tokens / 524,288 per step = one epoch of sample-10BT
-    weight_decay: float = 0.1  # on 2-D weights only (matmuls, embeddings); norms are not decayed
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+class OptimConfig(_Section):
+    name = "optim"
+
+    lr: Annotated[float, ABOVE_ZERO] = 6e-4  # peak learning rate, reached after warmup
+    min_lr: Annotated[float, NON_NEGATIVE] = 6e-5  # floor of the cosine decay (10% of peak)
+    warmup_steps: Annotated[int, NON_NEGATIVE] = 715  # linear warmup from lr/warmup_steps (375M tokens at 0.5M per step, as GPT-3)
+    max_steps: PositiveInt = 19_073  # end of the cosine decay: 10B tokens / 524,288 per step = one epoch of sample-10BT
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.1  # on 2-D weights only (matmuls, embeddings); norms are not decayed
+    beta1: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.9  # AdamW's decay of the gradient mean
+    beta2: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.95  # of the squared-gradient mean (0.95, not 0.999: steadier for LLMs)
+    eps: Annotated[float, ABOVE_ZERO] = 1e-8  # added to the root of the squared-gradient mean, against division by ~0
+    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0  # clip the global gradient norm to this (0 disables)
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    interval: int = 250  # evaluate every this many steps, and at the last step
-    val_tokens: int = 10_485_760  # validation tokens per evaluation, split across ranks (fixed for any GPU count)
+class EvalConfig(_Section):
+    name = "eval"
+
+    interval: PositiveInt = 250  # evaluate every this many steps, and at the last step
+    val_tokens: PositiveInt = 10_485_760  # validation tokens per evaluation, split across ranks (fixed for any GPU count)
     hellaswag: bool = True  # HellaSwag accuracy at each evaluation when a HellaSwag file can be had
     hellaswag_file: str | None = None  # local HellaSwag jsonl; None: download the official validation file
-    hellaswag_limit: int | None = None  # score only the first N examples
-    prompts: list[str] = field(default_factory=lambda: ["To stay healthy, I have to", "Hello, I'm a language model,"])
-    num_samples: int = 2  # samples per prompt
-    sample_tokens: int = 32  # new tokens per sample
-    top_k: int = 50
+    hellaswag_limit: PositiveInt | None = None  # score only the first N examples
+    prompts: list[str] = field(default_factory=lambda: ["To stay healthy, I have to", "Hello, I'm a language model,"])  # sampled at each evaluation
+    num_samples: Annotated[int, NON_NEGATIVE] = 2  # samples per prompt (0: none)
+    sample_tokens: PositiveInt = 32  # new tokens per sample
+    top_k: PositiveInt = 50  # samples draw from the k most likely tokens
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
-    interval: int = 1000  # save every this many steps, and at the end
-    keep_last: int = 3  # checkpoints kept; the newest complete one is never deleted
+class CheckpointConfig(_Section):
+    name = "checkpoint"
+
+    interval: PositiveInt = 1000  # save every this many steps, and at the end
+    keep_last: PositiveInt = 3  # checkpoints kept; the newest complete one is never deleted
 
 
 @dataclass(frozen=True)
-class LogConfig:
+class LogConfig(_Section):
+    name = "log"
+
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard (needs the tensorboard package)
     wandb: bool = False  # also log to Weights & Biases (needs the wandb package)
-    wandb_project: str = "minillama"
+    wandb_project: str = "minillama"  # the Weights & Biases project runs are logged under
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/mini-llama-109M"  # logs, metrics.jsonl, config and checkpoints go here
-    model_preset: str = "mini-llama-109M"  # the preset the [model] table started from
+    model_preset: str = "mini-llama-109M"  # a label: the preset [model] started from (set it with [model] preset = ...)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -93,31 +117,20 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    seed: int = 1337
+    seed: Annotated[int, NON_NEGATIVE] = 1337  # initial weights, data order and sampling all follow it
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device string
-    dtype: str = "auto"  # auto: bf16 autocast where supported, fp16 + grad scaler on older GPUs, fp32 on CPU
-    compile: bool | str = "auto"  # "auto" (on for CUDA), true or false
-    stop_at_step: int | None = None  # stop after this step without changing the schedule (None: optim.max_steps)
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 autocast where native, fp16 + grad scaler on older GPUs, fp32 on CPU
+    compile: Literal["auto", True, False] = "auto"  # torch.compile the model: "auto" (on for CUDA), true or false
+    stop_at_step: PositiveInt | None = None  # stop after this step without changing the schedule (None: optim.max_steps)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
 
     def __post_init__(self) -> None:
-        choices = {"dtype": ("auto", "bfloat16", "float16", "float32"), "compile": ("auto", True, False),
-                   "on_nonfinite": ("stop", "skip")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise MiniLlamaError(f"run config field '{name}' is {getattr(self, name)!r}; expected one of {', '.join(map(_toml_value, allowed))}")
-        positive = {"batch.total_tokens": self.batch.total_tokens, "batch.micro_batch": self.batch.micro_batch,
-                    "batch.seq_len": self.batch.seq_len, "optim.max_steps": self.optim.max_steps,
-                    "eval.interval": self.eval.interval, "eval.val_tokens": self.eval.val_tokens,
-                    "checkpoint.interval": self.checkpoint.interval, "checkpoint.keep_last": self.checkpoint.keep_last}
-        for name, value in positive.items():
-            if value < 1:
-                raise MiniLlamaError(f"run config field '{name}' is {value}; expected a positive integer")
+        check_fields(self, "run config field '{}'")
         if self.batch.seq_len > self.model.max_seq_len:
             raise MiniLlamaError(
                 f"run config field 'batch.seq_len' is {self.batch.seq_len}; expected at most model.max_seq_len={self.model.max_seq_len}"
             )
-        if not 0 <= self.optim.warmup_steps < self.optim.max_steps:
+        if not self.optim.warmup_steps < self.optim.max_steps:
             raise MiniLlamaError(f"run config field 'optim.warmup_steps' is {self.optim.warmup_steps}; expected 0 <= it < optim.max_steps")
 
     @property
@@ -126,12 +139,15 @@ class TrainConfig:
 
 
 def _resolve_model(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    """Replace the [model] table (preset + overrides) by the full ModelConfig it names."""
+    """Replace the [model] table by the full ModelConfig it describes: the fields of its `preset` (without one,
+    the defaults, which are mini-llama-109M's), overridden by the fields it sets."""
     raw = dict(raw)
     table = dict(raw.get("model", {}))
-    name = table.pop("preset", raw.get("model_preset", TrainConfig.model_preset))
-    raw["model_preset"] = name
-    base = to_dict(preset(name))
+    if "preset" in table:
+        raw["model_preset"] = table.pop("preset")
+        base = to_dict(preset(raw["model_preset"]))
+    else:
+        base = to_dict(ModelConfig())
     unknown = table.keys() - base.keys()
     if unknown:
         raise MiniLlamaError(f"{where}: unknown field 'model.{sorted(unknown)[0]}'; known fields: preset, {', '.join(base)}")
@@ -169,9 +185,11 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
 
 
 def config_to_toml(config: TrainConfig) -> str:
-    """The fully resolved config as TOML, loadable by load_train_config (saved in the run directory)."""
+    """The fully resolved config as TOML (saved in the run directory); load_train_config reads it back equal.
+
+    TOML has no null: a field that is None is left out, and reloads as None because every such field defaults
+    to None and [model] is written without a preset, so its omitted fields come from the defaults too."""
     data = to_dict(config)
-    data["model"] = {"preset": data.pop("model_preset"), **data["model"]}
     top = {k: v for k, v in data.items() if not isinstance(v, dict)}
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items() if v is not None]
     for section, table in data.items():
@@ -185,7 +203,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value, ensure_ascii=False)  # JSON's string escapes are all valid in TOML basic strings
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
