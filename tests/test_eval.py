@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import data_file, write_examples
-from minillama.checkpoint import save_checkpoint
+from minillama.checkpoint import load_checkpoint, save_checkpoint
 from minillama.config import ModelConfig
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
 from minillama.data.sources import LocalFiles
 from minillama.errors import MiniLlamaError
-from minillama.eval.hellaswag import evaluate_hellaswag, load_examples, score
+from minillama.eval.hellaswag import Candidate, Example, candidates, evaluate_hellaswag, load_examples, score
 from minillama.eval.loss import evaluate_loss
 from minillama.eval.plot import plot_runs
 from minillama.eval.report import write_report
@@ -71,6 +71,17 @@ def test_scores_match_reference_and_accuracies_follow(tmp_path, tokenizer, small
     result = evaluate_hellaswag(model, tokenizer, examples, batch_size=3)
     assert result["acc_norm"] == sum(p.pred_norm == p.label for p in predictions) / 12
     assert result["acc"] == sum(p.pred_sum == p.label for p in predictions) / 12 and result["examples"] == 12
+
+
+def test_truncation_keeps_bos_the_newest_context_tokens_and_the_whole_ending(tokenizer):
+    example = Example("one two three four five six seven eight nine ten eleven twelve", ("a b c", "d", "e f", "g h i j"), 0, 0)
+    context = tokenizer.encode(example.context, bos=True)
+    for ending, candidate in zip(example.endings, candidates(example, tokenizer, max_len=12)[0]):
+        ending_ids = tokenizer.encode(ending, bos=False)
+        kept = 12 - 1 - len(ending_ids)
+        assert candidate.tokens == [tokenizer.bos_id] + context[len(context) - kept:] + ending_ids
+        assert candidate.ending_start == 1 + kept
+    assert candidates(example, tokenizer, max_len=200) == ([Candidate(context + tokenizer.encode(e, bos=False), len(context)) for e in example.endings], False)
 
 
 def test_long_contexts_are_cut_from_the_left_and_counted(tmp_path, tokenizer):
@@ -160,7 +171,12 @@ def test_training_logs_hellaswag_bits_per_byte_and_samples(tiny_run_dir):
     records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 10, 20, 30]
-    assert all(r["hellaswag_examples"] == 8 and 0 <= r["hellaswag_acc_norm"] <= 1 and r["val_bits_per_byte"] > 0 for r in evals)
+    assert all(r["hellaswag_examples"] == 8 and r["val_bits_per_byte"] > 0 for r in evals)
+    # The last evaluation follows the last update, so the final checkpoint scores what was logged.
+    model, _ = load_checkpoint(tiny_run_dir / "checkpoints" / "step_0000030")
+    examples = load_examples(tiny_run_dir.parent / "hs.jsonl")
+    fresh = evaluate_hellaswag(model, Tokenizer(tiny_run_dir / "checkpoints" / "step_0000030" / "tokenizer.model"), examples, 3)
+    assert fresh["acc_norm"] == evals[-1]["hellaswag_acc_norm"]
     assert len([r for r in records if r["kind"] == "samples"][-1]["samples"]) == 2  # 2 prompts x 1 sample (tiny.toml)
 
 

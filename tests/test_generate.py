@@ -106,16 +106,17 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         draws = torch.stack([sample_next(logits, 1.0, None, top_p, generator) for _ in range(400)])
         return set(draws.flatten().tolist())
 
-    assert support(0.5) == {1}
-    assert support(0.8) == {1, 3}  # 0.5 + 0.3 reaches 0.8 exactly
+    assert support(0.45) == {1}  # 0.5 alone reaches it
+    assert support(0.55) == {1, 3}
+    assert support(0.79) == {1, 3}  # 0.5 + 0.3
     assert support(0.81) == {1, 3, 2}
     assert support(1.0) == {0, 1, 2, 3}
     assert set(sample_next(logits.repeat(200, 1), 1.0, 2, 0.99, generator).tolist()) == {1, 3}  # top-k then top-p
 
 
 def test_empty_prompt_starts_from_bos(model, tokenizer):
-    completions = generate(model, tokenizer, "", num_samples=2, max_new_tokens=5, seed=0)
-    assert len(completions) == 2
+    text = generate(model, tokenizer, "", num_samples=1, max_new_tokens=8, temperature=0)[0]
+    assert text == tokenizer.decode(generate_tokens(model, [[tokenizer.bos_id]], 8, temperature=0)[0])
 
 
 @pytest.mark.parametrize(

@@ -238,3 +238,50 @@ def test_llama2c_export_refuses_other_rope_theta(tmp_path, small_config):
     with pytest.raises(MiniLlamaError, match="llama2.c hard-codes rope_theta 10000"):
         export_llama2c(tmp_path / "ckpt", tmp_path / "m.bin")
     assert not (tmp_path / "m.bin").exists()
+
+
+def read_llama2c_v1(path):
+    """An independent reading of llama2.c's version-1 layout as its export.py writes it: a 256-byte header
+    (uint32 magic 0x616b3432, int32 version, 7 int32 params, uint8 shared-classifier flag, zero padding), then
+    float32: every layer's attention norm, every layer's ffn norm, the final norm, the token embedding, then per
+    matrix kind all layers of wq, wk, wv, wo, w1, w2, w3, and the classifier when it is not shared."""
+    data = open(path, "rb").read()
+    magic, version, dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack_from("<Ii7i", data)
+    shared = data[36]
+    assert (magic, version) == (0x616B3432, 1) and data[37:256] == bytes(219)
+    flat = np.frombuffer(data, "<f4", offset=256)
+    kv_dim = dim // n_heads * n_kv
+    out, offset = {}, 0
+
+    def take(name, *shape):
+        nonlocal offset
+        size = int(np.prod(shape))
+        out[name] = torch.from_numpy(flat[offset : offset + size].reshape(shape).copy())
+        offset += size
+
+    for i in range(n_layers):
+        take(f"layers.{i}.attention_norm.weight", dim)
+    for i in range(n_layers):
+        take(f"layers.{i}.ffn_norm.weight", dim)
+    take("norm.weight", dim)
+    take("tok_embeddings.weight", vocab, dim)
+    shapes = {"attention.wq": (dim, dim), "attention.wk": (kv_dim, dim), "attention.wv": (kv_dim, dim), "attention.wo": (dim, dim),
+              "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden), "feed_forward.w3": (hidden, dim)}
+    for kind, shape in shapes.items():
+        for i in range(n_layers):
+            take(f"layers.{i}.{kind}.weight", *shape)
+    if not shared:
+        take("output.weight", vocab, dim)
+    assert offset == len(flat)
+    return out
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama2c_v1_export_follows_the_published_layout(tmp_path, small_config, tokenizer, tie):
+    model = Transformer(dataclasses.replace(small_config, tie_embeddings=tie))
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    export_llama2c(tmp_path / "ckpt", tmp_path / "v1.bin", version=1)
+    tensors = read_llama2c_v1(tmp_path / "v1.bin")
+    expected = model_state_dict(model)
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[name], expected[name]) for name in expected)

@@ -8,15 +8,17 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_examples
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
 from minillama.data.sources import LocalFiles
 from minillama.errors import MiniLlamaError
-from minillama.train.config import config_to_toml, load_train_config
+from minillama.model import Transformer
+from minillama.train.config import OptimConfig, config_to_toml, load_train_config
 from minillama.train.loop import gradient_accumulation_steps, train
-from minillama.train.optim import learning_rate
+from minillama.train.optim import build_optimizer, learning_rate
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +201,47 @@ def test_auto_prepare_refuses_data_made_from_other_files(tmp_path, corpus_file, 
     train(load_train_config("configs/tiny.toml", common + [f'data.files=["{corpus_file}"]']))
     with pytest.raises(MiniLlamaError, match="was prepared from .*corpus.txt.*but the config names .*other.txt"):
         train(load_train_config("configs/tiny.toml", common + [f'data.files=["{other}"]', f"run_dir={tmp_path / 'run2'}"]))
+
+
+def test_optimizer_decays_matrices_once_each_and_never_norm_gains(small_config):
+    model = Transformer(small_config)  # tied: the head is the embedding matrix
+    decay, no_decay = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}  # named_parameters lists a shared tensor once
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(n for n, p in model.named_parameters() if p.dim() == 2)
+    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(n for n in names.values() if n.endswith("norm.weight"))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names) and "output.weight" not in names.values()
+
+
+def three_step_losses(tmp_path, data_dir, tokenizer, *extra):
+    """Train losses of 3 steps of 2 micro-batches of 2 x 16 tokens (small: fp16 matmuls are slow on a CPU)."""
+    overrides = tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=3", "optim.warmup_steps=1", "batch.seq_len=16",
+                         "batch.micro_batch=2", "batch.total_tokens=64", "eval.val_tokens=64", *extra)
+    train(load_train_config(None, overrides))
+    return np.array(train_losses(tmp_path / "run")[0])
+
+
+@pytest.fixture(scope="module")
+def float32_losses(tmp_path_factory, data_dir, tokenizer):
+    return three_step_losses(tmp_path_factory.mktemp("fp32"), data_dir, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, tolerance",
+    [
+        ("bf16 autocast", ["dtype=bfloat16"], 2e-2),
+        ("fp16 autocast + GradScaler", ["dtype=float16"], 2e-2),
+        ("compiled (inductor)", ["compile=true"], 1e-4),
+    ],
+)
+def test_precision_and_compilation_follow_the_float32_run(tmp_path, data_dir, tokenizer, float32_losses, name, overrides, tolerance):
+    """Three steps of the same run (warmup to a high learning rate, so that updates matter) in each mode, against
+    plain float32 eager: the losses agree within the mode's tolerance (relative)."""
+    losses = three_step_losses(tmp_path, data_dir, tokenizer, *overrides)
+    assert len(losses) == 3 and np.all(np.abs(losses - float32_losses) <= tolerance * float32_losses), (name, losses, float32_losses)
+
+
+def test_grad_clip_zero_never_clips(tmp_path, data_dir, tokenizer):
+    unclipped = three_step_losses(tmp_path / "huge", data_dir, tokenizer, "optim.grad_clip=1e9")
+    assert np.array_equal(three_step_losses(tmp_path / "zero", data_dir, tokenizer, "optim.grad_clip=0"), unclipped)
+    assert not np.array_equal(three_step_losses(tmp_path / "tight", data_dir, tokenizer, "optim.grad_clip=1e-3"), unclipped)
