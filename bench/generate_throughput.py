@@ -21,7 +21,7 @@ from minillama.config import preset
 from minillama.generate import generate_tokens
 from minillama.interop.hf import hf_config, to_hf_state_dict
 from minillama.model import KVCache, Transformer
-from minillama.device import pick_device
+from minillama.device import inference_dtype, pick_device
 
 PROMPT_LENGTHS = [8, 3, 13, 6, 10, 1, 7, 12]  # row i of a batch gets PROMPT_LENGTHS[i % 8] tokens
 OTHER_LENGTHS = [5, 11, 2, 9, 4, 13, 8, 6]
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = pick_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = inference_dtype(device, args.dtype)
     torch.manual_seed(0)
     if args.checkpoint:
         model = load_checkpoint(find_checkpoint(args.checkpoint), device)[0]

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import random
 import struct
 import subprocess
 import sys
@@ -53,22 +54,37 @@ def test_export_hf_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_
     assert generate_tokens(model, [prompt], 30, temperature=0) == [theirs]
 
 
-def test_exported_tokenizer_gives_the_same_ids(tmp_path, small_config, tokenizer):
-    save_checkpoint(tmp_path / "ckpt", Transformer(small_config), tokenizer)
+def whitespace_and_unicode_strings(n: int, seed: int = 0) -> list[str]:
+    """Random concatenations of the cases tokenizers disagree on: runs of spaces, newlines and tabs at either end
+    and inside, non-ASCII letters, emoji, digits, literal special-token text."""
+    rng = random.Random(seed)
+    atoms = [" ", "  ", "   ", "\n", "\t", "\n\n", " \n", "\r\n", "a", "the", "Hello", "world", "naïve", "café",
+             "日本語", "🙂", "x", "1234", ".", ",", "'s", "<s>", "</s>", "<unk>", "ß", "Ωmega", "\u00a0", "ﬁ", "－"]
+    return ["".join(rng.choice(atoms) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["llama2_tokenizer.model", "tok512.model", "trained"])
+def test_exported_tokenizer_gives_sentencepiece_ids_for_any_text(tmp_path, test_data, tokenizer, name):
+    """transformers' AutoTokenizer on the exported directory against SentencePiece itself, on 3,000 generated
+    whitespace-heavy and unicode strings and every paragraph of tiny shakespeare: Llama 2's tokenizer, llama2.c's
+    whitespace-collapsing tok512, and one trained here."""
+    if name != "trained":
+        tokenizer = Tokenizer(data_file(test_data, name))
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tokenizer.vocab_size, multiple_of=16, max_seq_len=64))
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in ["The cat sees the moon.", "A dog  follows\n\nthe old king 42 times!", " naïve café 東京"]:
-        assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text)
+    texts = whitespace_and_unicode_strings(3000) + data_file(test_data, "tinyshakespeare.txt").read_text().split("\n\n")
+    mismatches = [text for text in texts if hf_tokenizer(text)["input_ids"] != tokenizer.encode(text)]
+    assert mismatches == []
+    assert hf_tokenizer.decode(tokenizer.encode("x <s> y"), skip_special_tokens=True) == "x <s> y"
 
 
-def test_exported_llama2_tokenizer_gives_the_same_ids(tmp_path, test_data):
+def test_exported_llama2_weights_take_the_asked_dtype(tmp_path, test_data):
     tokenizer = Tokenizer(data_file(test_data, "llama2_tokenizer.model"))
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32000, multiple_of=16, max_seq_len=64))
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype="bfloat16")
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in ["I believe the meaning of life is", "To stay healthy, I have to", "Hello  world\n\n 2024 ünï"]:
-        assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text)
     assert all(t.dtype == torch.bfloat16 for t in load_file(str(tmp_path / "hf" / "model.safetensors")).values())
 
 

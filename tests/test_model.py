@@ -7,6 +7,8 @@ from minillama.checkpoint import model_state_dict
 from minillama.config import PRESETS, ModelConfig
 from minillama.interop.hf import hf_config, to_hf_state_dict
 from minillama.model import Transformer, rotary_tables
+from minillama.device import inference_dtype
+from minillama.errors import MiniLlamaError
 from minillama.summary import training_flops_per_token
 
 
@@ -154,3 +156,13 @@ def test_training_flops_per_token_by_hand(tie):
     weights = 2 * per_layer + 64 + 100 * 64  # final norm, and the head's matmul (the tied embedding is that same matrix)
     assert weights == 80_448
     assert training_flops_per_token(config, 32) == 6 * 80_448 + 12 * 2 * 64 * 32 == 531_840
+
+
+def test_inference_precision_policy(monkeypatch):
+    assert inference_dtype(torch.device("cpu"), "auto") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    gpu = torch.device("cuda", 0)
+    assert inference_dtype(gpu, "auto") == torch.float16  # emulated bf16 is never picked
+    with pytest.raises(MiniLlamaError, match="Tesla T4 has no native bfloat16; use --dtype float16 or float32"):
+        inference_dtype(gpu, "bfloat16")

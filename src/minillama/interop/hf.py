@@ -15,13 +15,13 @@ from minillama.checkpoint import (
     load_checkpoint, load_checkpoint_tokenizer, model_state_dict, save_checkpoint,
 )
 from minillama.config import ModelConfig
+from minillama.device import DTYPES
 from minillama.errors import MiniLlamaError
 from minillama.files import write_directory_atomically
 from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
 from minillama.model import meta_model
 from minillama.tokenizer import Tokenizer, check_vocab
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Mini Llama name -> Hugging Face name, per block and for the rest of the model.
 BLOCK_NAMES = {
@@ -128,30 +128,42 @@ def tokenizer_files(tokenizer: Tokenizer, max_seq_len: int) -> dict[str, Any]:
 
 
 def write_fast_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:
-    """Write tokenizer.json beside tokenizer.model, so AutoTokenizer loads a fast tokenizer with our ids.
+    """Write tokenizer.json beside tokenizer.model, so that AutoTokenizer loads a fast tokenizer that gives
+    SentencePiece's ids for any text.
 
-    transformers' own conversion lets BPE merge across word boundaries ("Hello  world" differs) and skips
-    SentencePiece's unconditional "▁" prefix. Here the text is prefixed and spaces replaced as SentencePiece does,
-    then split where SentencePiece splits words (a run of spaces keeps all but its last "▁", which opens the next
-    word). Ids then match SentencePiece on ordinary text; models trained to collapse repeated whitespace
-    (llama2.c's) can still differ on leading or repeated whitespace.
+    What SentencePiece does, rebuilt in `tokenizers`: collapse and strip runs of spaces (only for models trained
+    to), prefix "▁" and replace spaces by it; split into SentencePiece's words (a run of "▁" and the text up to
+    the next "▁"); then BPE in SentencePiece's order, which merges the adjacent pair whose merged piece has the
+    highest score (transformers' own conversion orders merges otherwise, and Llama 2 then splits "  x" wrongly).
+    Literal "<s>", "</s>" and "<unk>" in text stay text, as in SentencePiece (`split_special_tokens`).
     """
     try:
         import transformers
-        from tokenizers import Regex, normalizers, pre_tokenizers
+        from tokenizers import Regex, models, normalizers, pre_tokenizers
     except ImportError:
         return  # AutoTokenizer will convert tokenizer.model itself (with sentencepiece and protobuf installed)
+    sp = tokenizer.sp
     fast = transformers.AutoTokenizer.from_pretrained(folder)
     backend = fast.backend_tokenizer
-    collapses_spaces = tokenizer.sp.encode("a  b") == tokenizer.sp.encode("a b")
-    collapse = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")] if collapses_spaces else []
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    mergeable = [i for i in range(sp.get_piece_size()) if sp.is_control(i) + sp.is_unknown(i) + sp.is_byte(i) == 0]
+    merges = sorted(
+        ((sp.get_score(i), i, piece[:k], piece[k:]) for i in mergeable if len(piece := sp.id_to_piece(i)) > 1
+         for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab),
+        key=lambda merge: (-merge[0], merge[1]),
+    )
+    backend.model = models.BPE(vocab, [(left, right) for _, _, left, right in merges], unk_token=sp.id_to_piece(sp.unk_id()),
+                               byte_fallback=any(sp.is_byte(i) for i in range(sp.get_piece_size())), fuse_unk=True)
+    collapses_spaces = sp.encode("a  b") == sp.encode("a b")
+    # \A and \z, not ^ and $: in the regex dialect of `tokenizers` those also match at every newline.
+    collapse = [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")] if collapses_spaces else []
     backend.normalizer = normalizers.Sequence(collapse + [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581+(?=\u2581[^\u2581])|\u2581?[^\u2581]+|\u2581+"), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581*[^\u2581]+|\u2581+"), behavior="isolated")
     fast.save_pretrained(folder)
     # The Llama tokenizer class rebuilds its own pipeline on load; the generic fast class uses tokenizer.json as is.
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.update(tokenizer_class="PreTrainedTokenizerFast", split_special_tokens=True)
     config_path.write_text(json.dumps(config, indent=2))
 
 
