@@ -1,24 +1,32 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import data_file, write_examples
+
 from minillama.checkpoint import load_checkpoint, save_checkpoint
 from minillama.config import ModelConfig
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
-from minillama.data.sources import LocalFiles
+from minillama.data.sources import FineWebEdu, LocalFiles
 from minillama.errors import MiniLlamaError
-from minillama.eval.hellaswag import Candidate, Example, candidates, evaluate_hellaswag, load_examples, score
+from minillama.eval.hellaswag import (
+    Candidate,
+    Example,
+    candidates,
+    evaluate_hellaswag,
+    load_examples,
+    score,
+)
 from minillama.eval.loss import evaluate_loss
-from minillama.eval.plot import plot_runs
+from minillama.eval.plot import curves_figure, load_run, plot_runs
 from minillama.eval.report import write_report
 from minillama.model import Transformer
-from minillama.tokenizer import Tokenizer
+from minillama.tokenizer import LLAMA2_TOKENIZER_SHA256, Tokenizer
 from minillama.train.config import load_train_config
 from minillama.train.loop import train
 
@@ -191,6 +199,27 @@ def test_plot_and_report(tiny_run_dir, tmp_path):
     assert (tmp_path / "curves.png").is_file()
 
 
+def test_curves_draw_the_reference_loss_only_for_runs_like_it(tiny_run_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run = load_run(tiny_run_dir)
+    assert not run.like_reference  # its own 320-token tokenizer, synthetic text
+    loss_ax, bpb_ax, hella_ax = curves_figure([run]).axes[:3]
+    assert not any("reference" in line.get_label() for line in loss_ax.get_lines())
+    assert [list(line.get_ydata()) for line in bpb_ax.get_lines()] == [[r["val_bits_per_byte"] for r in run.evals]]
+    assert sum("reference" in line.get_label() or "GPT" in line.get_label() for line in hella_ax.get_lines()) == 4
+    references = [line for line in hella_ax.get_lines() if line.get_label().endswith("%")]
+    assert len({line.get_color() for line in references}) == len(references) == 4  # told apart by colour and by name
+    assert sorted(text.get_text() for text in hella_ax.texts) == sorted(line.get_label().split(":")[0] for line in references)
+
+    run.run.update(tokenizer_sha256=LLAMA2_TOKENIZER_SHA256, data_source=FineWebEdu("sample-10BT").describe())
+    run.evals = [{k: v for k, v in r.items() if not k.startswith("hellaswag")} for r in run.evals]
+    loss_ax, _, hella_ax = curves_figure([run]).axes[:3]
+    assert any(line.get_label().startswith("reference mini-llama-109M: 2.7095") for line in loss_ax.get_lines())
+    assert "no HellaSwag evaluations" in " ".join(text.get_text() for text in hella_ax.texts)
+
+
 def test_plot_of_a_run_in_progress_and_of_no_run(tmp_path, tiny_run_dir):
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -202,17 +231,26 @@ def test_plot_of_a_run_in_progress_and_of_no_run(tmp_path, tiny_run_dir):
     assert result.returncode == 2 and "has no metrics.jsonl" in result.stderr
 
 
-def test_notebooks_run_top_to_bottom(tiny_run_dir, tmp_path, monkeypatch):
+def test_notebooks_run_where_jupyter_starts_them(tiny_run_dir, tmp_path, monkeypatch):
+    """As a user runs them: from examples/ of a checkout whose runs/tiny holds the README's run, no variables set.
+    Outputs land in runs/, which git ignores, not beside the notebooks."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("MINILLAMA_CHECKPOINT", str(tiny_run_dir))
-    monkeypatch.setenv("MINILLAMA_RUN_DIRS", str(tiny_run_dir))
+    checkout = tmp_path / "checkout"
+    (checkout / "examples").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    (checkout / "runs").mkdir()
+    (checkout / "runs" / "tiny").symlink_to(tiny_run_dir)
+    for variable in ("MINILLAMA_CHECKPOINT", "MINILLAMA_RUN_DIRS"):
+        monkeypatch.delenv(variable, raising=False)
     for name in ("infer.ipynb", "visualize.ipynb"):
         notebook = nbformat.read(f"examples/{name}", as_version=4)
-        nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-        outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
-        assert not [o for o in outputs if o.output_type == "error"]
-    assert (tmp_path / "curves.png").is_file()
+        nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                                resources={"metadata": {"path": str(checkout / "examples")}}).execute()
+        errors = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+        assert not errors, errors
+    assert (checkout / "runs" / "curves.png").is_file() and list((checkout / "examples").iterdir()) == []
+    assert "/runs/" in Path(".gitignore").read_text().split()
 
 
 def test_eval_loss_command_reproduces_the_logged_val_loss(tiny_run_dir):

@@ -41,8 +41,12 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
             top = max(hella, key=lambda r: r["hellaswag_acc_norm"])
             lines.append(f"- best HellaSwag acc_norm: {top['hellaswag_acc_norm']:.2%} at step {top['step']:,} "
                          f"({top['hellaswag_examples']:,} examples; completion-style scoring, not the lm-evaluation-harness number)")
-    lines += ["", "For comparison: " + "; ".join(f"{label} val loss {value}" for label, value in REFERENCE_VAL_LOSS)
-              + "; HellaSwag " + ", ".join(f"{label} {value:.2%}" for label, value in REFERENCE_HELLASWAG) + ".",
+    label, value = REFERENCE_VAL_LOSS
+    loss_note = (f"{label} val loss {value} (same tokenizer and data as this run); " if run.like_reference else
+                 "val loss is comparable with the reference run's only on its tokenizer and data (bits per byte compares "
+                 "across tokenizers); ")
+    lines += ["", "For comparison: " + loss_note
+              + "HellaSwag " + ", ".join(f"{label} {value:.2%}" for label, value in REFERENCE_HELLASWAG) + ".",
               "", f"![training curves]({curves.name})", ""]
     if run.samples:
         last_samples = run.samples[-1]

@@ -212,6 +212,7 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
         parameters = count_parameters(config.model)["total"]
         logger.log({"kind": "run", "step": 0, "parameters": parameters, "model_preset": config.model_preset,
                     "vocab_size": config.model.vocab_size, "tokenizer": tokenizer.path.name, "world_size": ctx.world_size,
+                    "tokenizer_sha256": tokenizer.fingerprint, "data_source": read_manifest(data_dir)["source"],
                     "device": str(device), "accumulation": accumulation, "tokens_per_step": config.batch.total_tokens},
                    f"training {config.model_preset} ({parameters:,} parameters) on {ctx.world_size} x {device}, "
                    f"{config.batch.total_tokens:,} tokens per step ({accumulation} micro-steps of "
