@@ -125,7 +125,8 @@ def test_empty_prompt_starts_from_bos(model, tokenizer):
         ({"max_new_tokens": 200}, "at most 122 new tokens fit"),
         ({"temperature": -1.0}, "temperature is -1.0"),
         ({"top_p": 1.5}, r"top_p is 1.5; expected a number in \(0, 1\]"),
-        ({"top_k": 0}, "top_k is 0"),
+        ({"top_k": -1}, "top_k is -1"),
+        ({"temperature": float("nan")}, "temperature is nan"),
     ],
 )
 def test_bad_sampling_arguments(model, kwargs, message):
@@ -153,3 +154,22 @@ def test_cli_refuses_a_tokenizer_with_another_vocab(tmp_path, tokenizer):
     result = subprocess.run([sys.executable, "-m", "minillama", "generate", str(tmp_path / "ckpt"), "hi", "--tokenizer", str(tokenizer.path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "has vocab 320, checkpoint" in result.stderr and "has 512" in result.stderr
+
+
+def test_top_k_zero_means_no_cut(model):
+    def sampled(top_k):
+        return generate_tokens(model, [[1, 2, 3]] * 2, 20, temperature=1.0, top_k=top_k, generator=torch.Generator().manual_seed(5))
+
+    assert sampled(0) == sampled(None) != sampled(2)
+
+
+def test_cli_interactive_prompts_get_successive_seeds_and_long_prompts_fail_before_printing(tmp_path, model, tokenizer):
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    base = [sys.executable, "-m", "minillama", "generate", str(tmp_path / "ckpt"), "--num-samples", "1", "--max-new-tokens", "10"]
+    interactive = subprocess.run(base + ["--interactive", "--seed", "7"], input="The cat\nThe cat\n", capture_output=True, text=True)
+    first, second = [line for line in interactive.stdout.splitlines() if line.startswith("Sample 0:")]
+    assert first == "Sample 0: The cat" + generate(model, tokenizer, "The cat", 1, 10, seed=7)[0]
+    assert second == "Sample 0: The cat" + generate(model, tokenizer, "The cat", 1, 10, seed=8)[0] != first
+    assert f"using {tmp_path / 'ckpt'}" in interactive.stderr
+    too_long = subprocess.run(base[:5] + ["word " * 200] + base[5:], capture_output=True, text=True)
+    assert too_long.returncode == 2 and too_long.stdout == "" and "exceeds the model's max_seq_len of 128" in too_long.stderr

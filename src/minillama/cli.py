@@ -21,7 +21,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.target in PRESETS or not Path(args.target).exists():
         config = preset(args.target)
     else:
-        config = read_checkpoint_info(find_checkpoint(Path(args.target))).config
+        info = read_checkpoint_info(find_checkpoint(Path(args.target)))
+        _say_which(info)
+        config = info.config
     description = describe(config)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
 
@@ -62,18 +64,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(load_train_config(args.config, args.set), resume=args.resume)
 
 
+def _say_which(info) -> None:
+    """Name the checkpoint a command uses (a run directory means its newest), on stderr so stdout stays data."""
+    print(f"using {info.path}" + (f" (step {info.metadata['step']:,})" if "step" in info.metadata else ""), file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from minillama.checkpoint import load_for_inference
-    from minillama.generate import check_sampling_args, completion_text, generate
+    from minillama.generate import check_length, check_sampling_args, completion_text, generate
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
-    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    _say_which(info)
 
-    def run(prompt: str) -> None:
+    def run(prompt: str, seed: int | None) -> None:
+        prompt_ids = tokenizer.encode(prompt, bos=True)
+        check_length(model, len(prompt_ids), args.max_new_tokens)  # before anything is printed
         options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=not args.no_stop_at_eos)
+                       top_k=args.top_k, top_p=args.top_p, seed=seed, stop_at_eos=not args.no_stop_at_eos)
         if args.num_samples == 1:  # stream: print each token's text as soon as it is chosen
-            prompt_ids, new_ids, shown = tokenizer.encode(prompt), [], [""]
+            new_ids, shown = [], [""]
 
             def show(row: int, token: int) -> None:
                 new_ids.append(token)
@@ -89,11 +99,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 print(f"Sample {i}: {prompt}{completion}")
 
     if not args.interactive:
-        run(args.prompt or "")
+        run(args.prompt or "", args.seed)
         return
     print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
-    for line in sys.stdin:
-        run(line.rstrip("\n"))
+    for i, line in enumerate(sys.stdin):
+        run(line.rstrip("\n"), None if args.seed is None else args.seed + i)  # each prompt its own seed
 
 
 HELLASWAG_NOTE = ("completion-style scoring as in the reference recipe (loss over the ending tokens); "
@@ -107,7 +117,8 @@ def cmd_eval_hellaswag(args: argparse.Namespace) -> None:
     from minillama.eval.hellaswag import download_hellaswag, evaluate_hellaswag, load_examples
 
     examples = load_examples(Path(args.data) if args.data else download_hellaswag(), args.limit)
-    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    _say_which(info)
     result = evaluate_hellaswag(model, tokenizer, examples, args.batch_size)
     predictions = result.pop("predictions")
     if args.json:
@@ -124,6 +135,7 @@ def cmd_eval_loss(args: argparse.Namespace) -> None:
     from minillama.eval.loss import evaluate_loss
 
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    _say_which(info)
     check_data(Path(args.data), info.config.vocab_size, tokenizer.fingerprint)
     seq_len = args.seq_len or info.config.max_seq_len
     result = evaluate_loss(model, Path(args.data), tokenizer, args.batch_size, seq_len, args.tokens)
@@ -253,9 +265,10 @@ def _add_generate(commands: Subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=4, help="samples to draw (default 4); with 1, tokens stream as they come")
     p.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per sample (default 100)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding (default 1.0)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50; 0 turns the cut off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this much mass")
-    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible on the same device")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible on the same device; with --interactive, "
+                   "the i-th prompt (from 0) uses seed + i")
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep going after an end-of-sequence token")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
 

@@ -22,12 +22,24 @@ TokenCallback = Callable[[int, int], None]  # (row, token id), called as each to
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
+    if not 0 <= temperature < float("inf"):
         raise MiniLlamaError(f"temperature is {temperature}; expected 0 (greedy) or a positive number")
-    if top_k is not None and top_k < 1:
-        raise MiniLlamaError(f"top_k is {top_k}; expected an integer >= 1 (or none)")
+    if top_k is not None and top_k < 0:
+        raise MiniLlamaError(f"top_k is {top_k}; expected a positive integer, or 0 (or none) for no top-k cut")
     if top_p is not None and not 0 < top_p <= 1:
         raise MiniLlamaError(f"top_p is {top_p}; expected a number in (0, 1]")
+
+
+def check_length(model: Transformer, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that leaves no room for `max_new_tokens` within the model's max_seq_len."""
+    if max_new_tokens < 1:
+        raise MiniLlamaError(f"max_new_tokens is {max_new_tokens}; expected at least 1")
+    limit = model.config.max_seq_len
+    if prompt_tokens + max_new_tokens > limit:
+        raise MiniLlamaError(
+            f"a prompt of {prompt_tokens} tokens plus {max_new_tokens} new tokens exceeds the model's max_seq_len of {limit}; "
+            f"at most {max(limit - prompt_tokens, 0)} new tokens fit"
+        )
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -36,7 +48,7 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:  # 0 or None: no cut
         kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1:
@@ -166,14 +178,8 @@ def generate_tokens(
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MiniLlamaError("a prompt has no tokens; start it with BOS at least")
-    if max_new_tokens < 1:
-        raise MiniLlamaError(f"max_new_tokens is {max_new_tokens}; expected at least 1")
-    longest, limit = max(len(p) for p in prompts), model.config.max_seq_len
-    if longest + max_new_tokens > limit:
-        raise MiniLlamaError(
-            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's max_seq_len of {limit}; "
-            f"at most {max(limit - longest, 0)} new tokens fit"
-        )
+    longest = max(len(p) for p in prompts)
+    check_length(model, longest, max_new_tokens)
     device = model.tok_embeddings.weight.device
     batch_size = len(prompts)
     padded = torch.zeros(batch_size, longest, dtype=torch.long)
