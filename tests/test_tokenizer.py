@@ -66,3 +66,9 @@ def test_training_on_jsonl_and_bad_records(tmp_path):
     with pytest.raises(MiniLlamaError, match=r"bad.jsonl:2: not a JSON object with a 'text' field"):
         train_tokenizer([bad], 320, tmp_path / "b.model")
     assert not (tmp_path / "b.model").exists()
+
+
+def test_too_small_a_vocabulary_is_explained_in_our_terms(tmp_path, corpus_file):
+    with pytest.raises(MiniLlamaError, match=r"^vocab size 40 is too small for this text: .* need at least \d+; choose a vocab size of \d+ or more$"):
+        train_tokenizer([corpus_file], 40, tmp_path / "t.model")
+    assert not (tmp_path / "t.model").exists()

@@ -182,10 +182,15 @@ def test_reference_config_is_the_reference_recipe():
 
 
 def test_bad_config_fields(tmp_path):
-    with pytest.raises(MiniLlamaError, match="unknown field 'lrate'"):
+    with pytest.raises(MiniLlamaError, match=r"^--set optim.lrate=1: the \[optim\] table has no field 'lrate'; its fields are lr, "):
         load_train_config("configs/tiny.toml", ["optim.lrate=1"])
-    with pytest.raises(MiniLlamaError, match="unknown field 'model.width'"):
+    with pytest.raises(MiniLlamaError, match=r"^--set model.width=1: the \[model\] table has no field 'width'"):
         load_train_config("configs/tiny.toml", ["model.width=1"])
+    with pytest.raises(MiniLlamaError, match=r"^--set model=tiny: 'model' is a table; set one of its fields, e.g. --set model.preset="):
+        load_train_config("configs/tiny.toml", ["model=tiny"])
+    (tmp_path / "typo.toml").write_text("[optim]\nlrate = 1\n")
+    with pytest.raises(MiniLlamaError, match=r"typo.toml: field 'optim': unknown field 'lrate'"):
+        load_train_config(tmp_path / "typo.toml")
     with pytest.raises(MiniLlamaError, match="'batch.seq_len' is 512; expected at most model.max_seq_len=256"):
         load_train_config("configs/tiny.toml", ["batch.seq_len=512"])
     with pytest.raises(MiniLlamaError, match="does not exist"):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -153,6 +154,12 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path, text_field: s
     except RuntimeError as exc:
         if input_errors:
             raise input_errors[0] from None
+        too_small = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(exc))
+        if too_small:
+            raise MiniLlamaError(
+                f"vocab size {vocab_size} is too small for this text: its characters and the 256 byte-fallback pieces "
+                f"need at least {too_small.group(1)}; choose a vocab size of {too_small.group(1)} or more"
+            ) from None
         raise MiniLlamaError(f"tokenizer training failed: {str(exc).strip().splitlines()[-1]}") from None
     if input_errors:
         raise input_errors[0]

@@ -6,9 +6,11 @@ override any ModelConfig field. `--set section.field=value` overrides anything a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -155,10 +157,30 @@ def _resolve_model(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return raw
 
 
+def _check_override_key(keys: list[str], text: str) -> None:
+    """Refuse an override of a field the run config does not have, naming --set (not the config file) as its source."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    section = hints.get(keys[0])
+    if len(keys) == 1 and keys[0] in fields and dataclasses.is_dataclass(section):
+        example = "preset" if keys[0] == "model" else dataclasses.fields(section)[0].name
+        raise MiniLlamaError(f"--set {text}: '{keys[0]}' is a table; set one of its fields, e.g. --set {keys[0]}.{example}=...")
+    if keys[0] not in fields or (len(keys) > 1) != dataclasses.is_dataclass(section) or len(keys) > 2:
+        sections = [name for name in fields if dataclasses.is_dataclass(hints[name])]
+        raise MiniLlamaError(f"--set {text}: the run config has no field '{'.'.join(keys)}'; its fields are "
+                             f"{', '.join(name for name in fields if name not in sections and name != 'model_preset')} "
+                             f"and the tables {', '.join(sections)}")
+    if len(keys) == 2:
+        known = [f.name for f in dataclasses.fields(section)] + (["preset"] if keys[0] == "model" else [])
+        if keys[1] not in known:
+            raise MiniLlamaError(f"--set {text}: the [{keys[0]}] table has no field '{keys[1]}'; its fields are {', '.join(known)}")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
         keys, value = parse_override(text)
+        _check_override_key(keys, text)
         table = raw
         for key in keys[:-1]:
             table = table.setdefault(key, {})
