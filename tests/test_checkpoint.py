@@ -5,7 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from minillama.checkpoint import (
-    find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, save_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    load_checkpoint_tokenizer,
+    save_checkpoint,
 )
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError

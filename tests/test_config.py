@@ -7,7 +7,15 @@ import pytest
 from minillama.config import ModelConfig, from_dict, parse_override, preset
 from minillama.errors import MiniLlamaError
 from minillama.train.config import (
-    BatchConfig, CheckpointConfig, DataConfig, EvalConfig, LogConfig, OptimConfig, TrainConfig, config_to_toml, load_train_config,
+    BatchConfig,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    OptimConfig,
+    TrainConfig,
+    config_to_toml,
+    load_train_config,
 )
 
 

@@ -4,8 +4,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_corpus
+
 from minillama.data import prepare as prepare_module
 from minillama.data.loader import TrainLoader, check_data, validation_batches
 from minillama.data.prepare import prepare

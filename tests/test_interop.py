@@ -8,15 +8,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import data_file
 from safetensors.torch import load_file
 
-from conftest import data_file
 from minillama.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
 from minillama.generate import generate_tokens
 from minillama.interop.hf import export_hf, import_hf
-from minillama.interop.llama2c import export_llama2c, export_llama2c_tokenizer, import_llama2c, read_llama2c
+from minillama.interop.llama2c import (
+    export_llama2c,
+    export_llama2c_tokenizer,
+    import_llama2c,
+    read_llama2c,
+)
 from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer

@@ -5,10 +5,10 @@ import torch
 
 from minillama.checkpoint import model_state_dict
 from minillama.config import PRESETS, ModelConfig
-from minillama.interop.hf import hf_config, to_hf_state_dict
-from minillama.model import Transformer, rotary_tables
 from minillama.device import inference_dtype
 from minillama.errors import MiniLlamaError
+from minillama.interop.hf import hf_config, to_hf_state_dict
+from minillama.model import Transformer, rotary_tables
 from minillama.summary import training_flops_per_token
 
 

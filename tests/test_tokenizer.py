@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import data_file, synthetic_corpus
+
 from minillama.errors import MiniLlamaError
 from minillama.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_examples
+
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
 from minillama.data.sources import LocalFiles
@@ -250,3 +250,39 @@ def test_grad_clip_zero_never_clips(tmp_path, data_dir, tokenizer):
     unclipped = three_step_losses(tmp_path / "huge", data_dir, tokenizer, "optim.grad_clip=1e9")
     assert np.array_equal(three_step_losses(tmp_path / "zero", data_dir, tokenizer, "optim.grad_clip=0"), unclipped)
     assert not np.array_equal(three_step_losses(tmp_path / "tight", data_dir, tokenizer, "optim.grad_clip=1e-3"), unclipped)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_says_what_it_did_keeps_config_history_and_refuses_a_meaningless_resume(tmp_path, data_dir, tokenizer, capsys):
+    run_dir = tmp_path / "run"
+    short = ["optim.max_steps=8", "optim.warmup_steps=1", "stop_at_step=4"]
+    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, *short)))
+    out = capsys.readouterr().out
+    assert f"finished step 4 of 8; final checkpoint {run_dir / 'checkpoints' / 'step_0000004'}" in out
+    assert f"minillama generate {run_dir} " in out and f"minillama eval loss {run_dir} --data {data_dir}" in out
+
+    before = snapshot(run_dir)
+    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, *short)))  # the same run again
+    assert f"{run_dir} is complete: its newest checkpoint is step 4 of 4" in capsys.readouterr().out
+    assert snapshot(run_dir) == before  # nothing re-evaluated, nothing rewritten
+
+    with pytest.raises(MiniLlamaError, match=r"was trained with model.n_layers = 12, this config gives 2: a resume must keep"):
+        train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "model.n_layers=2")))
+    assert snapshot(run_dir) == before
+
+    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "optim.lr=0.001")))
+    out = capsys.readouterr().out
+    assert "resuming at step 4 with a changed config: optim.lr 0.003 -> 0.001; stop_at_step 4 -> None" in out
+    assert load_train_config(run_dir / "config.before_step_4.toml").optim.lr == 0.003
+    assert load_train_config(run_dir / "config.toml").optim.lr == 0.001
+
+
+def test_training_its_own_tokenizer_says_so(tmp_path, corpus_file, capsys):
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}", f"data.tokenizer={tmp_path / 'tok.model'}",
+                 f"data.files=[\"{corpus_file}\"]", "model.vocab_size=320", "data.val_tokens=2048", "eval.val_tokens=1024",
+                 "optim.max_steps=1", "optim.warmup_steps=0", "eval.num_samples=0", "device=cpu"]
+    train(load_train_config("configs/tiny.toml", overrides))
+    assert f"trained a 320-token tokenizer on {corpus_file}: {tmp_path / 'tok.model'}" in capsys.readouterr().out

@@ -71,7 +71,12 @@ def _say_which(info) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from minillama.checkpoint import load_for_inference
-    from minillama.generate import check_length, check_sampling_args, completion_text, generate
+    from minillama.generate import (
+        check_length,
+        check_sampling_args,
+        completion_text,
+        generate,
+    )
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
@@ -114,7 +119,11 @@ def cmd_eval_hellaswag(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from minillama.checkpoint import load_for_inference
-    from minillama.eval.hellaswag import download_hellaswag, evaluate_hellaswag, load_examples
+    from minillama.eval.hellaswag import (
+        download_hellaswag,
+        evaluate_hellaswag,
+        load_examples,
+    )
 
     examples = load_examples(Path(args.data) if args.data else download_hellaswag(), args.limit)
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from minillama.config import ModelConfig, to_dict
 from minillama.model import meta_model
 

@@ -19,7 +19,15 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from minillama.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, token_dtype, write_manifest, write_shard
+from minillama.data.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    read_manifest,
+    token_dtype,
+    write_manifest,
+    write_shard,
+)
 from minillama.data.sources import SkipCounter
 from minillama.errors import MiniLlamaError
 from minillama.tokenizer import Tokenizer

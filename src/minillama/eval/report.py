@@ -5,7 +5,12 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from minillama.eval.plot import REFERENCE_HELLASWAG, REFERENCE_VAL_LOSS, load_run, plot_runs
+from minillama.eval.plot import (
+    REFERENCE_HELLASWAG,
+    REFERENCE_VAL_LOSS,
+    load_run,
+    plot_runs,
+)
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:

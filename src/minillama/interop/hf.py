@@ -12,7 +12,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minillama.checkpoint import (
-    load_checkpoint, load_checkpoint_tokenizer, model_state_dict, save_checkpoint,
+    load_checkpoint,
+    load_checkpoint_tokenizer,
+    model_state_dict,
+    save_checkpoint,
 )
 from minillama.config import ModelConfig
 from minillama.device import DTYPES
@@ -21,7 +24,6 @@ from minillama.files import write_directory_atomically
 from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
 from minillama.model import meta_model
 from minillama.tokenizer import Tokenizer, check_vocab
-
 
 # Mini Llama name -> Hugging Face name, per block and for the rest of the model.
 BLOCK_NAMES = {

@@ -22,8 +22,8 @@ import torch
 
 from minillama.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
 from minillama.config import ModelConfig
-from minillama.files import write_file_atomically
 from minillama.errors import MiniLlamaError
+from minillama.files import write_file_atomically
 from minillama.model import meta_model
 from minillama.tokenizer import Tokenizer, check_vocab
 

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from minillama.config import (
-    ABOVE_ZERO, NON_NEGATIVE, ModelConfig, PositiveInt, Range, check_fields, from_dict, parse_override, preset, to_dict,
+    ABOVE_ZERO,
+    NON_NEGATIVE,
+    ModelConfig,
+    PositiveInt,
+    Range,
+    check_fields,
+    from_dict,
+    parse_override,
+    preset,
+    to_dict,
 )
 from minillama.errors import MiniLlamaError
 

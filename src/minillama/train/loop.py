@@ -23,8 +23,8 @@ from minillama.eval.hellaswag import Example
 from minillama.model import Transformer
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
-from minillama.train import monitor
-from minillama.train.config import TrainConfig, config_to_toml, prepare_command
+from minillama.train import history, monitor
+from minillama.train.config import TrainConfig, prepare_command
 from minillama.train.distributed import (
     Distributed,
     all_reduce_mean,
@@ -96,8 +96,19 @@ def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
     process calls this."""
     ctx = init_distributed(config.device)
     try:
+        done = history.finished_step(Path(config.run_dir), config, resume)
+        if done is not None:
+            if ctx.is_main:
+                print(f"{config.run_dir} is complete: its newest checkpoint is step {done:,} of {config.last_step:,}; nothing "
+                      f"to train (raise optim.max_steps or stop_at_step to go on, or choose another run_dir)\n"
+                      + history.next_commands(config))
+            return {}
         result = _train(setup(config, resume, ctx))
         barrier(ctx)  # no rank tears down its connections while another still uses them
+        if ctx.is_main:
+            final = complete_checkpoints(Path(config.run_dir))[-1]
+            print(f"finished step {config.last_step:,} of {config.optim.max_steps:,}; final checkpoint {final}\n"
+                  + history.next_commands(config))
         return result
     finally:
         close_distributed(ctx)
@@ -192,11 +203,14 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     state = RunState()
 
     checkpoint = _checkpoint_to_resume(run_dir, resume)
+    changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
     if checkpoint is not None:
         _restore(checkpoint, model, optimizer, scaler, loader, state, device, ctx)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(config_to_toml(config))
+        line = history.keep_config_history(run_dir, config, state.step, changes)
+        if line:
+            print(line)
         truncate_metrics(run_dir, state.step)
 
     compile_model = config.compile is True or (config.compile == "auto" and device.type == "cuda")
@@ -241,7 +255,8 @@ def _tokenizer(config: TrainConfig, ctx: Distributed) -> Tokenizer:
             raise MiniLlamaError("data.train_tokenizer is on but data.files is empty; name the text to train it on")
         if ctx.is_main:
             files = LocalFiles(list(data.files)).files
-            train_tokenizer(files, config.model.vocab_size, Path(data.tokenizer))
+            trained = train_tokenizer(files, config.model.vocab_size, Path(data.tokenizer))
+            print(f"trained a {trained.vocab_size}-token tokenizer on {', '.join(map(str, files))}: {trained.path}")
         barrier(ctx)
     tokenizer = load_tokenizer(data.tokenizer)
     check_vocab(tokenizer, config.model.vocab_size, "model.vocab_size",

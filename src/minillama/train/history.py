@@ -1,0 +1,84 @@
+"""What a run directory says about the runs made in it: a changed config on resume, a run already complete, and
+the commands that use a finished run."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from minillama.checkpoint import read_checkpoint_info
+from minillama.config import to_dict
+from minillama.errors import MiniLlamaError
+from minillama.train.config import TrainConfig, config_to_toml, load_train_config
+from minillama.train.resume import complete_checkpoints
+
+# Fields a resume must keep: the checkpoint's weights, optimizer state and data position only mean something
+# for the same model, tokenizer and batch arithmetic.
+FIXED_ON_RESUME = ("model.", "model_preset", "data.tokenizer", "data.dir", "batch.total_tokens", "batch.seq_len")
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(run_dir: Path, config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (before, now)} between the run directory's saved config.toml and `config`."""
+    saved = Path(run_dir) / "config.toml"
+    if not saved.is_file():
+        return {}
+    before, now = _flat(to_dict(load_train_config(saved))), _flat(to_dict(config))
+    return {key: (before.get(key), now.get(key)) for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)}
+
+
+def check_resume_config(run_dir: Path, config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The changed fields of a resumed run, after refusing changes that would make the resume meaningless."""
+    changes = config_changes(run_dir, config)
+    fixed = {key: change for key, change in changes.items() if key.startswith(FIXED_ON_RESUME)}
+    if fixed:
+        key, (before, now) = next(iter(fixed.items()))
+        raise MiniLlamaError(
+            f"{run_dir} was trained with {key} = {before!r}, this config gives {now!r}: a resume must keep the model, "
+            "tokenizer, data and batch (total_tokens, seq_len); use another run_dir for a new run"
+        )
+    return changes
+
+
+def keep_config_history(run_dir: Path, config: TrainConfig, step: int, changes: dict[str, tuple[Any, Any]]) -> str:
+    """Write config.toml for this run, keeping a changed earlier one as config.before_step_N.toml; a line to print."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.toml"
+    line = ""
+    if changes:
+        kept = run_dir / f"config.before_step_{step}.toml"
+        saved.replace(kept)
+        line = (f"resuming at step {step:,} with a changed config: "
+                + "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items())
+                + f" (the earlier config is kept as {kept.name})")
+    saved.write_text(config_to_toml(config))
+    return line
+
+
+def finished_step(run_dir: Path, config: TrainConfig, resume: str) -> int | None:
+    """The step of the newest checkpoint when it already reaches the config's last step (nothing to train)."""
+    saved = complete_checkpoints(run_dir)
+    if resume == "never" or not saved:
+        return None
+    step = read_checkpoint_info(saved[-1]).metadata.get("step", 0)
+    return step if step >= config.last_step else None
+
+
+def next_commands(config: TrainConfig) -> str:
+    """How to use a finished run: sample, evaluate, plot."""
+    run, data = shlex.quote(config.run_dir), shlex.quote(config.data.dir)
+    prompt = shlex.quote(config.eval.prompts[0] if config.eval.prompts else "Once upon a time")
+    return (f"  sample:   minillama generate {run} {prompt}\n"
+            f"  evaluate: minillama eval loss {run} --data {data}   |   minillama eval hellaswag {run}\n"
+            f"  curves:   minillama plot {run} -o {shlex.quote(str(Path(config.run_dir) / 'curves.png'))}   |   "
+            f"minillama report {run}")
