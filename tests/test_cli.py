@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from minillama.cli import main
 
 
@@ -29,3 +31,15 @@ def test_user_error_is_one_line_and_exit_code_2():
 def test_tokenizer_train_command(tmp_path, corpus_file, capsys):
     assert main(["tokenizer", "train", str(corpus_file), "--vocab-size", "300", "--out", str(tmp_path / "t.model")]) == 0
     assert "vocab 300" in capsys.readouterr().out
+
+
+def test_each_export_and_import_format_has_its_own_help(capsys):
+    def help_of(*command):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        return capsys.readouterr().out
+
+    assert "--dtype" in help_of("export", "hf") and "--version" not in help_of("export", "hf")
+    assert "--version" in help_of("export", "llama2c") and "--dtype" not in help_of("export", "llama2c")
+    assert "run.c's tokenizer file" in help_of("export", "llama2c-tokenizer")
+    assert "--tokenizer TOKENIZER" in help_of("import", "llama2c")

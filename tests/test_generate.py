@@ -68,7 +68,7 @@ def test_rows_stop_at_eos_independently(model):
     prompts = [[1, 5, 6], [1, 77]]
     free = generate_tokens(model, prompts, 40, temperature=0)
     eos = free[0][3]
-    stopped = generate_tokens(model, prompts, 40, temperature=0, eos_id=eos)
+    stopped = generate_tokens(model, prompts, 40, temperature=0, stop_ids=[eos])
     for row, tokens in enumerate(free):
         expected = tokens[: tokens.index(eos)] if eos in tokens else tokens
         assert stopped[row] == expected

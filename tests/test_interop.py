@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from minillama.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
-from minillama.generate import generate_tokens
+from minillama.generate import document_end_ids, generate_tokens
 from minillama.interop.hf import export_hf, import_hf
 from minillama.interop.llama2c import (
     export_llama2c,
@@ -306,3 +306,35 @@ def test_llama2c_v1_export_follows_the_published_layout(tmp_path, small_config, 
     expected = model_state_dict(model)
     assert tensors.keys() == expected.keys()
     assert all(torch.equal(tensors[name], expected[name]) for name in expected)
+
+
+def test_transformers_generate_stops_where_minillama_does(tmp_path, small_config, tokenizer):
+    """Training separates documents with BOS, so a model ends a text by emitting BOS. Make greedy decoding reach
+    BOS at step k (the head's BOS row points along step k's final hidden state, just long enough to win there):
+    Mini Llama's document-end rule stops there, and so does transformers' generate with the exported config."""
+    model = Transformer(dataclasses.replace(small_config, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # sharp enough to be far from ties, not so sharp that it repeats itself
+            if p.dim() == 2:
+                p.mul_(4)
+    prompt = [1, 40, 41, 42]
+    free = generate_tokens(model, [prompt], 30, temperature=0)[0]
+    hidden = []
+    model.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + free]))[0][0, len(prompt) - 1 :]
+    states = hidden[-1][0, len(prompt) - 1 :]
+    for k in range(3, 30):
+        scale = (logits[k].max() + 1.0) / states[k].dot(states[k])
+        with torch.no_grad():
+            model.output.weight[tokenizer.bos_id] = scale * states[k]
+        stopped = generate_tokens(model, [prompt], 30, temperature=0, stop_ids=document_end_ids(tokenizer))[0]
+        if len(stopped) == k:
+            break
+    assert len(stopped) == k < 30 and stopped == free[:k]
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30)[0, len(prompt):].tolist()
+    assert theirs == stopped + [tokenizer.bos_id]

@@ -167,36 +167,36 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(Path(args.run_dir), Path(args.out) if args.out else None)}")
 
 
-def cmd_export(args: argparse.Namespace) -> None:
+def cmd_export_hf(args: argparse.Namespace) -> None:
     from minillama.checkpoint import find_checkpoint
+    from minillama.interop.hf import export_hf
 
-    if args.format == "hf":
-        from minillama.interop.hf import export_hf
-
-        out = export_hf(find_checkpoint(Path(args.source)), Path(args.out), args.dtype)
-    elif args.format == "llama2c":
-        from minillama.interop.llama2c import export_llama2c
-
-        out = export_llama2c(find_checkpoint(Path(args.source)), Path(args.out), args.version)
-    else:
-        from minillama.interop.llama2c import export_llama2c_tokenizer
-
-        out = export_llama2c_tokenizer(Path(args.source), Path(args.out))
-    print(f"wrote {out}")
+    print(f"wrote {export_hf(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.dtype)}")
 
 
-def cmd_import(args: argparse.Namespace) -> None:
-    if args.format == "hf":
-        from minillama.interop.hf import import_hf
+def cmd_export_llama2c(args: argparse.Namespace) -> None:
+    from minillama.checkpoint import find_checkpoint
+    from minillama.interop.llama2c import export_llama2c
 
-        out = import_hf(Path(args.source), Path(args.out), Path(args.tokenizer) if args.tokenizer else None)
-    else:
-        from minillama.interop.llama2c import import_llama2c
+    print(f"wrote {export_llama2c(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.version)}")
 
-        if not args.tokenizer:
-            raise MiniLlamaError("import llama2c needs --tokenizer TOKENIZER.model (llama2.c files carry no tokenizer)")
-        out = import_llama2c(Path(args.source), Path(args.out), Path(args.tokenizer))
-    print(f"wrote checkpoint {out}")
+
+def cmd_export_llama2c_tokenizer(args: argparse.Namespace) -> None:
+    from minillama.interop.llama2c import export_llama2c_tokenizer
+
+    print(f"wrote {export_llama2c_tokenizer(Path(args.tokenizer), Path(args.out))}")
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from minillama.interop.hf import import_hf
+
+    print(f"wrote checkpoint {import_hf(Path(args.source), Path(args.out), Path(args.tokenizer) if args.tokenizer else None)}")
+
+
+def cmd_import_llama2c(args: argparse.Namespace) -> None:
+    from minillama.interop.llama2c import import_llama2c
+
+    print(f"wrote checkpoint {import_llama2c(Path(args.source), Path(args.out), Path(args.tokenizer))}")
 
 
 Subparsers = argparse._SubParsersAction
@@ -278,7 +278,8 @@ def _add_generate(commands: Subparsers) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this much mass")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible on the same device; with --interactive, "
                    "the i-th prompt (from 0) uses seed + i")
-    p.add_argument("--no-stop-at-eos", action="store_true", help="keep going after an end-of-sequence token")
+    p.add_argument("--no-stop-at-eos", action="store_true", help="keep going past the end of a document (BOS, which training "
+                   "puts between documents, or EOS)")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
 
 
@@ -310,19 +311,27 @@ def _add_results(commands: Subparsers) -> None:
 
 
 def _add_interop(commands: Subparsers) -> None:
-    p = _command(commands, "export", "Export a checkpoint to Hugging Face transformers or llama2.c (or a tokenizer to run.c's format).",
-                 cmd_export)
-    p.add_argument("format", choices=["hf", "llama2c", "llama2c-tokenizer"],
-                   help="hf: a LlamaForCausalLM directory; llama2c: a run.c model file; llama2c-tokenizer: run.c's -z file")
-    p.add_argument("source", help="checkpoint (or run) directory; for llama2c-tokenizer, a SentencePiece .model")
-    p.add_argument("out", help="output directory (hf) or file (llama2c, llama2c-tokenizer)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="hf: weights dtype (default float32)")
-    p.add_argument("--version", type=int, default=0, choices=[0, 1], help="llama2c: 0 = legacy layout run.c reads (default), 1 = header v1")
-    p = _command(commands, "import", "Import a Hugging Face Llama directory or a llama2.c model file as a Mini Llama checkpoint.", cmd_import)
-    p.add_argument("format", choices=["hf", "llama2c"], help="hf: a local transformers Llama directory; llama2c: a .bin file")
-    p.add_argument("source", help="the model directory (hf) or file (llama2c)")
+    export = _group(commands, "export", "Export a checkpoint to Hugging Face transformers or llama2.c (or a tokenizer to run.c's format).", "FORMAT")
+    p = _command(export, "hf", "Write a directory that transformers' AutoModelForCausalLM and AutoTokenizer load as Llama.", cmd_export_hf)
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    p = _command(export, "llama2c", "Write a llama2.c model file that run.c samples from.", cmd_export_llama2c)
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("out", help="output .bin file")
+    p.add_argument("--version", type=int, default=0, choices=[0, 1], help="0: the legacy layout run.c reads (default); 1: the header-v1 layout")
+    p = _command(export, "llama2c-tokenizer", "Write a SentencePiece model as run.c's tokenizer file (its -z option).", cmd_export_llama2c_tokenizer)
+    p.add_argument("tokenizer", help="a SentencePiece .model")
+    p.add_argument("out", help="output .bin file")
+    imports = _group(commands, "import", "Import a Hugging Face Llama directory or a llama2.c model file as a Mini Llama checkpoint.", "FORMAT")
+    p = _command(imports, "hf", "Import a local transformers Llama directory (safetensors weights, config.json).", cmd_import_hf)
+    p.add_argument("source", help="the model directory")
     p.add_argument("out", help="checkpoint directory to write")
-    p.add_argument("--tokenizer", help="SentencePiece .model (required for llama2c; hf uses the directory's tokenizer.model)")
+    p.add_argument("--tokenizer", help="SentencePiece .model (default: the directory's tokenizer.model, if any)")
+    p = _command(imports, "llama2c", "Import a llama2.c model file (version 0 or 1).", cmd_import_llama2c)
+    p.add_argument("source", help="the .bin model file")
+    p.add_argument("out", help="checkpoint directory to write")
+    p.add_argument("--tokenizer", required=True, help="the SentencePiece .model it was trained with (llama2.c files carry none)")
 
 
 def _add_inspect(commands: Subparsers) -> None:

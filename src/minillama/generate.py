@@ -9,7 +9,7 @@ dominates small-model decoding; the captured step is kept for later calls of the
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -165,11 +165,12 @@ def generate_tokens(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
     cuda_graph: bool | None = None,
     on_token: TokenCallback | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt (EOS excluded). Rows stop at EOS independently; the batch stops when all have.
+    """New token ids for each prompt. A row stops at any of `stop_ids` (not included), independently of the others;
+    the batch stops when all have.
 
     `cuda_graph` (default: on for CUDA models outside autocast) decodes with static shapes, captured as a CUDA
     graph on CUDA and run eagerly elsewhere. A graph needs the weights in the compute dtype: under autocast,
@@ -204,12 +205,12 @@ def generate_tokens(
         for i in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             for row, token_id in enumerate(token.tolist()):
-                if not finished[row] and token_id != eos_id:
+                if not finished[row] and token_id not in stop_ids:
                     new_tokens[row].append(token_id)
                     if on_token is not None:
                         on_token(row, token_id)
-            if eos_id is not None:
-                finished |= token == eos_id
+            if stop_ids:
+                finished |= torch.isin(token, torch.tensor(list(stop_ids), device=device))
             if bool(finished.all()) or i == max_new_tokens - 1:
                 break
             logits = step(model, token[:, None], (lengths + i)[:, None], longest + i)
@@ -240,9 +241,15 @@ def generate(
     prompt_ids = tokenizer.encode(prompt, bos=True)
     new = generate_tokens(
         model, [prompt_ids] * num_samples, max_new_tokens, temperature, top_k, top_p, generator,
-        eos_id=tokenizer.eos_id if stop_at_eos else None, cuda_graph=cuda_graph, on_token=on_token,
+        stop_ids=document_end_ids(tokenizer) if stop_at_eos else (), cuda_graph=cuda_graph, on_token=on_token,
     )
     return [completion_text(tokenizer, prompt_ids, ids) for ids in new]
+
+
+def document_end_ids(tokenizer: Tokenizer) -> tuple[int, int]:
+    """The tokens that end a document for a model: BOS, which training puts between documents (so a model ends one
+    by starting the next, and run.c stops there too), and EOS, for models trained with it."""
+    return tokenizer.bos_id, tokenizer.eos_id
 
 
 def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:

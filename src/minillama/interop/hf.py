@@ -21,6 +21,7 @@ from minillama.config import ModelConfig
 from minillama.device import DTYPES
 from minillama.errors import MiniLlamaError
 from minillama.files import write_directory_atomically
+from minillama.generate import document_end_ids
 from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
 from minillama.model import meta_model
 from minillama.tokenizer import Tokenizer, check_vocab
@@ -181,7 +182,8 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config(config, tokenizer.bos_id, tokenizer.eos_id, dtype), indent=2))
         (tmp / "generation_config.json").write_text(
-            json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2)
+            # transformers' generate stops where Mini Llama and run.c do: at the BOS that starts the next document.
+            json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": list(document_end_ids(tokenizer))}, indent=2)
         )
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
