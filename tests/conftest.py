@@ -51,7 +51,7 @@ def test_data() -> Path:
     """$MINILLAMA_TEST_DATA (real tokenizers, tiny shakespeare, HellaSwag head); tests needing it skip without it."""
     folder = os.environ.get("MINILLAMA_TEST_DATA")
     if not folder or not Path(folder).is_dir():
-        pytest.skip("MINILLAMA_TEST_DATA is not set to the shared data folder (CI sets it to ../shared/data)")
+        pytest.skip("needs the real data files: run with MINILLAMA_TEST_DATA=../shared/data (see the README)")
     return Path(folder)
 
 

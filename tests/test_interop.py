@@ -338,3 +338,48 @@ def test_transformers_generate_stops_where_minillama_does(tmp_path, small_config
     with torch.no_grad():
         theirs = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30)[0, len(prompt):].tolist()
     assert theirs == stopped + [tokenizer.bos_id]
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_exports_and_imports_never_replace_what_they_did_not_write(tmp_path, small_config, tokenizer, capsys):
+    from minillama.cli import main
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "step_0000001", Transformer(small_config), tokenizer)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    (tmp_path / "file.txt").write_text("mine too")
+    assert main(["export", "hf", str(run), str(tmp_path / "hf")]) == 0
+    assert main(["export", "llama2c", str(run), str(tmp_path / "m.bin")]) == 0
+    assert main(["export", "llama2c-tokenizer", str(tokenizer.path), str(tmp_path / "tok.bin")]) == 0
+    capsys.readouterr()
+    cases = [
+        (["export", "hf", str(run), str(tmp_path / "notes")], "notes already exists; choose a new path for the Hugging Face export, or pass --force"),
+        (["export", "hf", str(run), str(tmp_path / "notes"), "--force"], "notes exists and is not a Hugging Face export (--force replaces only"),
+        (["export", "hf", str(run), str(run)], "is or holds the source"),
+        (["export", "hf", str(run), str(run / "checkpoints" / "step_0000001" / "hf")], "is or holds the source"),
+        (["export", "hf", str(run), str(tmp_path / "file.txt"), "--force"], "file.txt is a file; give a new directory path"),
+        (["export", "hf", str(run), str(tmp_path / "hf")], "hf already exists; choose a new path"),
+        (["export", "llama2c", str(run), str(tmp_path / "file.txt"), "--force"], "file.txt exists and is not a llama2.c model file"),
+        (["export", "llama2c", str(run), str(tmp_path / "notes")], "notes is a directory; give a new file path"),
+        (["export", "llama2c-tokenizer", str(tokenizer.path), str(tmp_path / "m.bin"), "--force"], "m.bin exists and is not a run.c tokenizer file"),
+        (["import", "hf", str(tmp_path / "hf"), str(tmp_path / "hf")], "is or holds the source"),
+        (["import", "hf", str(tmp_path / "hf"), str(tmp_path / "notes"), "--force"], "notes exists and is not a checkpoint"),
+        (["import", "llama2c", str(tmp_path / "m.bin"), str(run), "--tokenizer", str(tokenizer.path), "--force"], "run exists and is not a checkpoint"),
+    ]
+    before = tree(tmp_path)
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("minillama: error: ") and message in err, (argv, err)
+        assert tree(tmp_path) == before, argv
+    # --force replaces an earlier output of the same kind
+    assert main(["export", "hf", str(run), str(tmp_path / "hf"), "--dtype", "bfloat16", "--force"]) == 0
+    assert main(["export", "llama2c", str(run), str(tmp_path / "m.bin"), "--version", "1", "--force"]) == 0
+    assert main(["export", "llama2c-tokenizer", str(tokenizer.path), str(tmp_path / "tok.bin"), "--force"]) == 0
+    assert main(["import", "llama2c", str(tmp_path / "m.bin"), str(tmp_path / "back"), "--tokenizer", str(tokenizer.path)]) == 0
+    assert main(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "back"), "--force"]) == 0
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and (tmp_path / "file.txt").read_text() == "mine too"

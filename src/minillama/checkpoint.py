@@ -179,6 +179,15 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
     return model.to(inference_dtype(torch_device, dtype)).eval(), loaded_tokenizer, info
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A directory holding a Mini Llama checkpoint (its config.json names the format)."""
+    try:
+        read_checkpoint_info(Path(path))
+    except MiniLlamaError:
+        return False
+    return True
+
+
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint directory as given, or the newest complete checkpoint inside a training run directory."""
     path = Path(path)

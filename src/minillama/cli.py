@@ -171,32 +171,32 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     from minillama.checkpoint import find_checkpoint
     from minillama.interop.hf import export_hf
 
-    print(f"wrote {export_hf(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.dtype)}")
+    print(f"wrote {export_hf(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.dtype, force=args.force)}")
 
 
 def cmd_export_llama2c(args: argparse.Namespace) -> None:
     from minillama.checkpoint import find_checkpoint
     from minillama.interop.llama2c import export_llama2c
 
-    print(f"wrote {export_llama2c(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.version)}")
+    print(f"wrote {export_llama2c(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.version, force=args.force)}")
 
 
 def cmd_export_llama2c_tokenizer(args: argparse.Namespace) -> None:
     from minillama.interop.llama2c import export_llama2c_tokenizer
 
-    print(f"wrote {export_llama2c_tokenizer(Path(args.tokenizer), Path(args.out))}")
+    print(f"wrote {export_llama2c_tokenizer(Path(args.tokenizer), Path(args.out), force=args.force)}")
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
     from minillama.interop.hf import import_hf
 
-    print(f"wrote checkpoint {import_hf(Path(args.source), Path(args.out), Path(args.tokenizer) if args.tokenizer else None)}")
+    print(f"wrote checkpoint {import_hf(Path(args.source), Path(args.out), Path(args.tokenizer) if args.tokenizer else None, force=args.force)}")
 
 
 def cmd_import_llama2c(args: argparse.Namespace) -> None:
     from minillama.interop.llama2c import import_llama2c
 
-    print(f"wrote checkpoint {import_llama2c(Path(args.source), Path(args.out), Path(args.tokenizer))}")
+    print(f"wrote checkpoint {import_llama2c(Path(args.source), Path(args.out), Path(args.tokenizer), force=args.force)}")
 
 
 Subparsers = argparse._SubParsersAction
@@ -310,28 +310,37 @@ def _add_results(commands: Subparsers) -> None:
     p.add_argument("-o", "--out", help="output .md (default RUN_DIR/report.md; curves.png goes beside it)")
 
 
+def _force_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace OUT if it holds an earlier {what} (nothing else is ever replaced)")
+
+
 def _add_interop(commands: Subparsers) -> None:
     export = _group(commands, "export", "Export a checkpoint to Hugging Face transformers or llama2.c (or a tokenizer to run.c's format).", "FORMAT")
     p = _command(export, "hf", "Write a directory that transformers' AutoModelForCausalLM and AutoTokenizer load as Llama.", cmd_export_hf)
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    _force_option(p, "Hugging Face export")
     p = _command(export, "llama2c", "Write a llama2.c model file that run.c samples from.", cmd_export_llama2c)
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("out", help="output .bin file")
     p.add_argument("--version", type=int, default=0, choices=[0, 1], help="0: the legacy layout run.c reads (default); 1: the header-v1 layout")
+    _force_option(p, "llama2.c model file")
     p = _command(export, "llama2c-tokenizer", "Write a SentencePiece model as run.c's tokenizer file (its -z option).", cmd_export_llama2c_tokenizer)
     p.add_argument("tokenizer", help="a SentencePiece .model")
     p.add_argument("out", help="output .bin file")
+    _force_option(p, "run.c tokenizer file")
     imports = _group(commands, "import", "Import a Hugging Face Llama directory or a llama2.c model file as a Mini Llama checkpoint.", "FORMAT")
     p = _command(imports, "hf", "Import a local transformers Llama directory (safetensors weights, config.json).", cmd_import_hf)
     p.add_argument("source", help="the model directory")
     p.add_argument("out", help="checkpoint directory to write")
     p.add_argument("--tokenizer", help="SentencePiece .model (default: the directory's tokenizer.model, if any)")
+    _force_option(p, "checkpoint")
     p = _command(imports, "llama2c", "Import a llama2.c model file (version 0 or 1).", cmd_import_llama2c)
     p.add_argument("source", help="the .bin model file")
     p.add_argument("out", help="checkpoint directory to write")
     p.add_argument("--tokenizer", required=True, help="the SentencePiece .model it was trained with (llama2.c files carry none)")
+    _force_option(p, "checkpoint")
 
 
 def _add_inspect(commands: Subparsers) -> None:

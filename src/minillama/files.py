@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from minillama.errors import MiniLlamaError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -60,3 +62,26 @@ def write_directory_atomically(path: Path, fill: Callable[[Path], None]) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def check_output(out: Path, sources: list[Path], what: str, force: bool, is_earlier_output: Callable[[Path], bool],
+                 directory: bool) -> None:
+    """Refuse to write `what` (a directory, or a file) at `out` where that would lose something the user did not
+    ask to lose: `out` is one of the `sources` or inside or around one; or `out` exists (a non-empty directory,
+    or a file) and is not an earlier output of the same kind being replaced with `force`."""
+    out = Path(out).resolve()
+    for source in (Path(s).resolve() for s in sources):
+        if out == source or source in out.parents or out in source.parents:
+            raise MiniLlamaError(f"{out} is or holds the source {source}; write the {what} somewhere else")
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() != directory:
+        raise MiniLlamaError(f"{out} is {'a file' if directory else 'a directory'}; give a new {'directory' if directory else 'file'} "
+                             f"path for the {what}")
+    if directory and not any(out.iterdir()):
+        return
+    if not force:
+        raise MiniLlamaError(f"{out} already exists; choose a new path for the {what}, or pass --force to replace an "
+                             f"earlier {what} there")
+    if not is_earlier_output(out):
+        raise MiniLlamaError(f"{out} exists and is not a {what} (--force replaces only an earlier {what}); choose a new path")

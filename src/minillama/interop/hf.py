@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minillama.checkpoint import (
+    is_checkpoint,
     load_checkpoint,
     load_checkpoint_tokenizer,
     model_state_dict,
@@ -20,7 +21,7 @@ from minillama.checkpoint import (
 from minillama.config import ModelConfig
 from minillama.device import DTYPES
 from minillama.errors import MiniLlamaError
-from minillama.files import write_directory_atomically
+from minillama.files import check_output, write_directory_atomically
 from minillama.generate import document_end_ids
 from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
 from minillama.model import meta_model
@@ -170,10 +171,22 @@ def write_fast_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer_path: Path | None = None) -> Path:
-    """Write a directory that AutoModelForCausalLM and AutoTokenizer load as Llama."""
+def is_hf_export(path: Path) -> bool:
+    """A directory an earlier `export hf` wrote: a Llama config.json beside model.safetensors."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("architectures") == ["LlamaForCausalLM"] and (Path(path) / "model.safetensors").is_file()
+
+
+def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer_path: Path | None = None,
+              force: bool = False) -> Path:
+    """Write a directory that AutoModelForCausalLM and AutoTokenizer load as Llama. An existing OUT is replaced
+    only with `force`, and only when it is an earlier export."""
     if dtype not in DTYPES:
         raise MiniLlamaError(f"--dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
+    check_output(out_dir, [checkpoint], "Hugging Face export", force, is_hf_export, directory=True)
     model, info = load_checkpoint(checkpoint)
     tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
     config = info.config
@@ -246,9 +259,10 @@ def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_hf(model_dir: Path, out_checkpoint: Path, tokenizer_path: Path | None = None) -> Path:
+def import_hf(model_dir: Path, out_checkpoint: Path, tokenizer_path: Path | None = None, force: bool = False) -> Path:
     """Turn a local transformers Llama directory into a Mini Llama checkpoint (float32)."""
     model_dir = Path(model_dir)
+    check_output(out_checkpoint, [model_dir], "checkpoint", force, is_checkpoint, directory=True)
     try:
         hf = json.loads((model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillama.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
+from minillama.checkpoint import is_checkpoint, load_checkpoint, model_state_dict, save_checkpoint
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
-from minillama.files import write_file_atomically
+from minillama.files import check_output, write_file_atomically
 from minillama.model import meta_model
 from minillama.tokenizer import Tokenizer, check_vocab
 
@@ -70,10 +70,32 @@ def _array(name: str, state: dict[str, torch.Tensor], config: ModelConfig) -> np
     return state[f"{name}.weight"].float().numpy()
 
 
-def export_llama2c(checkpoint: Path, out: Path, version: int = 0) -> Path:
-    """Write a checkpoint as a llama2.c model file, atomically."""
+def is_llama2c_model(path: Path) -> bool:
+    try:
+        read_llama2c(path)
+    except MiniLlamaError:
+        return False
+    return True
+
+
+def is_llama2c_tokenizer(path: Path) -> bool:
+    """A run.c tokenizer file: a uint32, then records of float32 score, uint32 length and that many bytes, to the end."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    offset = 4
+    while offset + 8 <= len(data):
+        offset += 8 + struct.unpack_from("I", data, offset + 4)[0]
+    return len(data) >= 4 and offset == len(data)
+
+
+def export_llama2c(checkpoint: Path, out: Path, version: int = 0, force: bool = False) -> Path:
+    """Write a checkpoint as a llama2.c model file, atomically (an existing file only with `force`, and only
+    when it is a llama2.c model file)."""
     if version not in ORDER:
         raise MiniLlamaError(f"--version {version} is not supported; llama2.c's float32 formats are 0 and 1")
+    check_output(out, [checkpoint], "llama2.c model file", force, is_llama2c_model, directory=False)
     model, info = load_checkpoint(checkpoint)
     config = info.config
     if config.rope_theta != LLAMA2C_ROPE_THETA or config.norm_eps != LLAMA2C_NORM_EPS:
@@ -145,7 +167,8 @@ def read_llama2c(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
-def import_llama2c(path: Path, out_checkpoint: Path, tokenizer_path: Path) -> Path:
+def import_llama2c(path: Path, out_checkpoint: Path, tokenizer_path: Path, force: bool = False) -> Path:
+    check_output(out_checkpoint, [path, tokenizer_path], "checkpoint", force, is_checkpoint, directory=True)
     config, state = read_llama2c(path)
     tokenizer = Tokenizer(tokenizer_path)
     check_vocab(tokenizer, config.vocab_size, str(path), "pass the tokenizer the model was trained with")
@@ -153,9 +176,10 @@ def import_llama2c(path: Path, out_checkpoint: Path, tokenizer_path: Path) -> Pa
     return save_checkpoint(out_checkpoint, model, tokenizer, metadata={"imported_from": str(path)}, state_dict=state)
 
 
-def export_llama2c_tokenizer(tokenizer_path: Path, out: Path) -> Path:
+def export_llama2c_tokenizer(tokenizer_path: Path, out: Path, force: bool = False) -> Path:
     """run.c's tokenizer file: uint32 max token length, then per token float32 score, uint32 length, UTF-8
     bytes; '▁' becomes a space and BOS/EOS become '\\n<s>\\n' / '\\n</s>\\n'."""
+    check_output(out, [tokenizer_path], "run.c tokenizer file", force, is_llama2c_tokenizer, directory=False)
     tokenizer = Tokenizer(tokenizer_path)
     sp = tokenizer.sp
     pieces, scores = [], []
