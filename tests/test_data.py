@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest, write_manifest, write_shard
 from minillama.data.sources import FineWebEdu, LocalFiles
 from minillama.errors import MiniLlamaError
+from minillama.files import DirectoryLock
 
 FINEWEB_COLUMNS = ["text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score"]
 
@@ -292,3 +294,29 @@ def test_cli_prepare_bad_input_exit_code(tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 2 and "matches no files" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_overwrite_removes_only_shards_and_a_second_prepare_is_refused(tmp_path, corpus_file, tokenizer):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights.bin").write_bytes(b"not a shard")  # a user's file that merely ends in .bin
+    (out / "train_000001.bin").write_bytes(b"\0\0")
+    source = LocalFiles([str(corpus_file)], split_paragraphs=True)
+    with pytest.raises(MiniLlamaError, match=r"already holds 1 shard files \(train_000001.bin, ...\) but no manifest.json; .* --overwrite"):
+        prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, progress=False)
+    with DirectoryLock(out, "prepare command"):
+        with pytest.raises(MiniLlamaError, match=rf"{out} is in use by another prepare command \(process {os.getpid()}\)"):
+            prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
+    manifest = prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
+    assert (out / "weights.bin").read_bytes() == b"not a shard"
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted([s["file"] for s in manifest["shards"]] + ["weights.bin"])
+
+
+def test_written_files_follow_the_umask(tmp_path, corpus_file, tokenizer):
+    old = os.umask(0o022)
+    try:
+        prepare(LocalFiles([str(corpus_file)]), tmp_path / "out", tokenizer, shard_tokens=20_000, val_tokens=2_000, progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")}
+    assert modes and set(modes.values()) == {0o644}, modes

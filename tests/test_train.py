@@ -15,6 +15,7 @@ from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
 from minillama.data.sources import LocalFiles
 from minillama.errors import MiniLlamaError
+from minillama.files import DirectoryLock
 from minillama.model import Transformer
 from minillama.train.config import OptimConfig, config_to_toml, load_train_config
 from minillama.train.loop import gradient_accumulation_steps, train
@@ -286,3 +287,13 @@ def test_training_its_own_tokenizer_says_so(tmp_path, corpus_file, capsys):
                  "optim.max_steps=1", "optim.warmup_steps=0", "eval.num_samples=0", "device=cpu"]
     train(load_train_config("configs/tiny.toml", overrides))
     assert f"trained a 320-token tokenizer on {corpus_file}: {tmp_path / 'tok.model'}" in capsys.readouterr().out
+
+
+def test_a_run_directory_has_one_training_run_at_a_time(tmp_path, data_dir, tokenizer):
+    config = load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=2", "optim.warmup_steps=0"))
+    with DirectoryLock(tmp_path / "run", "training run"):  # as another `minillama train` would hold it
+        with pytest.raises(MiniLlamaError, match=rf"run is in use by another training run \(process {os.getpid()}\); wait"):
+            train(config)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written
+    train(config)  # the lock went with its holder
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()

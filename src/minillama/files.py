@@ -7,6 +7,7 @@ would give them (tempfile alone would make them private).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -85,3 +86,37 @@ def check_output(out: Path, sources: list[Path], what: str, force: bool, is_earl
                              f"earlier {what} there")
     if not is_earlier_output(out):
         raise MiniLlamaError(f"{out} exists and is not a {what} (--force replaces only an earlier {what}); choose a new path")
+
+
+class DirectoryLock:
+    """An OS lock (flock) on DIR/.lock, held while one command owns DIR: a second command on the same folder is
+    refused, naming the process that holds it. The OS drops the lock when the holder dies, even by kill -9, so a
+    lock is never stale; the empty .lock file stays behind and means nothing by itself."""
+
+    fd: int | None
+
+    def __init__(self, folder: Path, what: str):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise MiniLlamaError(f"{folder} is in use by another {what} (process {holder}); wait for it to end, "
+                                 "or use another folder") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -9,6 +9,7 @@ and produces the same bytes an uninterrupted run would.
 from __future__ import annotations
 
 import multiprocessing
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,9 @@ from minillama.data.shards import (
 )
 from minillama.data.sources import SkipCounter
 from minillama.errors import MiniLlamaError
+from minillama.files import DirectoryLock
+
+SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")  # the names `ShardStream` gives its shards
 from minillama.tokenizer import Tokenizer
 
 RECORDS_PER_TASK = 256  # documents sent to a worker at once: large enough to amortise the inter-process hop
@@ -148,7 +152,7 @@ class ShardStream:
             return
         index = len(self.manifest["shards"])
         split = "val" if self.tokens_done < self.manifest["val_tokens"] else "train"
-        name = f"{split}_{index:06d}.bin"
+        name = f"{split}_{index:06d}.bin"  # SHARD_NAME
         sha256 = write_shard(self.out_dir / name, self.buffer[: self.filled])
         self.manifest["shards"].append({
             "file": name, "split": split, "tokens": self.filled, "documents": self.documents, "sha256": sha256,
@@ -186,10 +190,12 @@ def _start_or_resume(out_dir: Path, settings: dict[str, Any], overwrite: bool) -
                     "choose another --out or pass --overwrite to replace them"
                 )
         return existing
-    if out_dir.exists() and any(out_dir.glob("*.bin")) and not overwrite:
-        raise MiniLlamaError(f"{out_dir} already holds .bin files but no {MANIFEST}; choose another --out or pass --overwrite")
-    if overwrite and out_dir.exists():
-        for path in [*out_dir.glob("*.bin"), out_dir / MANIFEST]:
+    shards = sorted(p for p in out_dir.glob("*.bin") if SHARD_NAME.fullmatch(p.name)) if out_dir.is_dir() else []
+    if shards and not overwrite:
+        raise MiniLlamaError(f"{out_dir} already holds {len(shards)} shard files ({shards[0].name}, ...) but no {MANIFEST}; "
+                             "choose another --out, or pass --overwrite to replace them")
+    if overwrite:  # only what is ours: shards by their names, and the manifest; any other file stays
+        for path in [*shards, out_dir / MANIFEST]:
             path.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     return {**settings, "shards": [], "complete": False}
@@ -212,62 +218,63 @@ def prepare(
         if value is not None and value < 1:
             raise MiniLlamaError(f"{name} is {value}; expected a positive integer")
     val_tokens = shard_tokens if val_tokens is None else val_tokens
-    manifest = _start_or_resume(out_dir, _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens), overwrite)
-    if manifest["complete"]:
-        print(f"{out_dir} is already complete: {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards")
-        return manifest
+    with DirectoryLock(out_dir, "prepare command"):  # one writer per folder
+        manifest = _start_or_resume(out_dir, _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens), overwrite)
+        if manifest["complete"]:
+            print(f"{out_dir} is already complete: {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards")
+            return manifest
 
-    last = manifest["shards"][-1] if manifest["shards"] else None
-    start = StreamPosition(last["end_record"], last["end_offset"]) if last else StreamPosition()
-    stream = ShardStream(out_dir, manifest)
-    skipped = SkipCounter()
-    budget = (max_tokens or float("inf")) - stream.tokens_done
-    began, tokens_this_run = time.monotonic(), 0
-    bar = tqdm(total=source.total_records, initial=start.record, unit="doc",
-               disable=None if progress else True, dynamic_ncols=True)  # None: a bar on terminals only
+        last = manifest["shards"][-1] if manifest["shards"] else None
+        start = StreamPosition(last["end_record"], last["end_offset"]) if last else StreamPosition()
+        stream = ShardStream(out_dir, manifest)
+        skipped = SkipCounter()
+        budget = (max_tokens or float("inf")) - stream.tokens_done
+        began, tokens_this_run = time.monotonic(), 0
+        bar = tqdm(total=source.total_records, initial=start.record, unit="doc",
+                   disable=None if progress else True, dynamic_ncols=True)  # None: a bar on terminals only
 
-    record, end = start.record, start
-    batches = batched(source.records(start.record, skipped), RECORDS_PER_TASK)
-    for flat, lengths in encode_in_order(batches, tokenizer, workers):
-        begin = 0
-        for length in lengths.tolist():
-            tokens = flat[begin : begin + length]
-            begin += length
-            if length == 0:
-                stream.skipped_records += 1
-            offset = start.offset if record == start.record else 0
-            while offset < length and budget > 0:
-                piece = tokens[offset : offset + int(min(length - offset, budget))]
-                taken = stream.add(piece, StreamPosition(record, offset), starts_document=offset == 0)
-                offset += taken
-                budget -= taken
-                tokens_this_run += taken
-            end = StreamPosition(record + 1, 0) if offset >= length else StreamPosition(record, offset)
-            record += 1
+        record, end = start.record, start
+        batches = batched(source.records(start.record, skipped), RECORDS_PER_TASK)
+        for flat, lengths in encode_in_order(batches, tokenizer, workers):
+            begin = 0
+            for length in lengths.tolist():
+                tokens = flat[begin : begin + length]
+                begin += length
+                if length == 0:
+                    stream.skipped_records += 1
+                offset = start.offset if record == start.record else 0
+                while offset < length and budget > 0:
+                    piece = tokens[offset : offset + int(min(length - offset, budget))]
+                    taken = stream.add(piece, StreamPosition(record, offset), starts_document=offset == 0)
+                    offset += taken
+                    budget -= taken
+                    tokens_this_run += taken
+                end = StreamPosition(record + 1, 0) if offset >= length else StreamPosition(record, offset)
+                record += 1
+                if budget <= 0:
+                    break
+            bar.update(len(lengths))
+            bar.set_postfix(tokens=f"{stream.tokens_done + stream.filled:,}", tok_per_s=f"{tokens_this_run / max(time.monotonic() - began, 1e-9):,.0f}")
             if budget <= 0:
                 break
-        bar.update(len(lengths))
-        bar.set_postfix(tokens=f"{stream.tokens_done + stream.filled:,}", tok_per_s=f"{tokens_this_run / max(time.monotonic() - began, 1e-9):,.0f}")
-        if budget <= 0:
-            break
-    bar.close()
-    stream.flush(end)
+        bar.close()
+        stream.flush(end)
 
-    manifest["complete"] = True
-    manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
-    manifest["documents"] = sum(s["documents"] for s in manifest["shards"])
-    manifest["skipped_records"] = stream.skipped_records
-    _check_splits(out_dir, manifest)
-    write_manifest(out_dir, manifest)
-    elapsed = time.monotonic() - began
-    n_train = sum(s["split"] == "train" for s in manifest["shards"])
-    print(
-        f"prepared {manifest['tokens']:,} tokens from {manifest['documents']:,} documents into {len(manifest['shards'])} shards "
-        f"({len(manifest['shards']) - n_train} val, {n_train} train) in {out_dir}; this run: {tokens_this_run:,} tokens in "
-        f"{elapsed:.1f}s ({tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s); skipped {manifest['skipped_records']:,} records"
-        + (f" (this run: {', '.join(f'{n:,} {reason}' for reason, n in skipped.counts.items())})" if skipped.counts else "")
-    )
-    return manifest
+        manifest["complete"] = True
+        manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+        manifest["documents"] = sum(s["documents"] for s in manifest["shards"])
+        manifest["skipped_records"] = stream.skipped_records
+        _check_splits(out_dir, manifest)
+        write_manifest(out_dir, manifest)
+        elapsed = time.monotonic() - began
+        n_train = sum(s["split"] == "train" for s in manifest["shards"])
+        print(
+            f"prepared {manifest['tokens']:,} tokens from {manifest['documents']:,} documents into {len(manifest['shards'])} shards "
+            f"({len(manifest['shards']) - n_train} val, {n_train} train) in {out_dir}; this run: {tokens_this_run:,} tokens in "
+            f"{elapsed:.1f}s ({tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s); skipped {manifest['skipped_records']:,} records"
+            + (f" (this run: {', '.join(f'{n:,} {reason}' for reason, n in skipped.counts.items())})" if skipped.counts else "")
+        )
+        return manifest
 
 
 def _check_splits(out_dir: Path, manifest: dict[str, Any]) -> None:

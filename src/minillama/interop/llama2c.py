@@ -20,7 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillama.checkpoint import is_checkpoint, load_checkpoint, model_state_dict, save_checkpoint
+from minillama.checkpoint import (
+    is_checkpoint,
+    load_checkpoint,
+    model_state_dict,
+    save_checkpoint,
+)
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
 from minillama.files import check_output, write_file_atomically

@@ -20,6 +20,7 @@ from minillama.data.sources import FineWebEdu, LocalFiles
 from minillama.device import autocast, autocast_dtype, peak_flops, pick_device
 from minillama.errors import MiniLlamaError
 from minillama.eval.hellaswag import Example
+from minillama.files import DirectoryLock
 from minillama.model import Transformer
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
@@ -89,6 +90,7 @@ class Run:
     logger: MetricsLogger
     state: RunState
     hellaswag: list[Example] | None
+    lock: DirectoryLock | None  # rank 0's hold on the run directory
 
 
 def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
@@ -103,7 +105,12 @@ def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
                       f"to train (raise optim.max_steps or stop_at_step to go on, or choose another run_dir)\n"
                       + history.next_commands(config))
             return {}
-        result = _train(setup(config, resume, ctx))
+        run = setup(config, resume, ctx)
+        try:
+            result = _train(run)
+        finally:
+            if run.lock:
+                run.lock.release()
         barrier(ctx)  # no rank tears down its connections while another still uses them
         if ctx.is_main:
             final = complete_checkpoints(Path(config.run_dir))[-1]
@@ -206,12 +213,6 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
     if checkpoint is not None:
         _restore(checkpoint, model, optimizer, scaler, loader, state, device, ctx)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        line = history.keep_config_history(run_dir, config, state.step, changes)
-        if line:
-            print(line)
-        truncate_metrics(run_dir, state.step)
 
     compile_model = config.compile is True or (config.compile == "auto" and device.type == "cuda")
     # `compiled` serves training steps and validation loss (fixed shapes); sampling and HellaSwag, whose shapes
@@ -220,6 +221,27 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     step_model = wrap_data_parallel(compiled, device, ctx) if ctx.enabled else compiled
     hellaswag = monitor.load_hellaswag(config.eval) if config.eval.hellaswag else None
 
+    # Everything above only reads; from here on the run directory is written, by one run at a time.
+    lock = DirectoryLock(run_dir, "training run") if ctx.is_main else None
+    try:
+        if ctx.is_main:
+            line = history.keep_config_history(run_dir, config, state.step, changes)
+            if line:
+                print(line)
+            truncate_metrics(run_dir, state.step)
+        logger = _logger(config, tokenizer, data_dir, device, accumulation, state, ctx)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return Run(config, ctx, device, precision, tokenizer, data_dir, accumulation, model, compiled, step_model,
+               optimizer, scaler, loader, logger, state, hellaswag, lock)
+
+
+def _logger(config: TrainConfig, tokenizer: Tokenizer, data_dir: Path, device: torch.device, accumulation: int,
+            state: RunState, ctx: Distributed) -> MetricsLogger:
+    """The run's metrics log; a new run's first record describes it."""
+    run_dir = Path(config.run_dir)
     logger = MetricsLogger(run_dir, ctx.is_main, config.last_step, state.step, config.log.tensorboard, config.log.wandb,
                            config.log.wandb_project, to_dict(config))
     if ctx.is_main and state.step == 0:
@@ -231,8 +253,7 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
                    f"training {config.model_preset} ({parameters:,} parameters) on {ctx.world_size} x {device}, "
                    f"{config.batch.total_tokens:,} tokens per step ({accumulation} micro-steps of "
                    f"{config.batch.micro_batch} x {config.batch.seq_len} per rank)")
-    return Run(config, ctx, device, precision, tokenizer, data_dir, accumulation, model, compiled, step_model,
-               optimizer, scaler, loader, logger, state, hellaswag)
+    return logger
 
 
 def _on_nonfinite(config: TrainConfig, step: int, loss: float, grad_norm: float, run_dir: Path) -> None:
