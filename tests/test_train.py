@@ -108,6 +108,35 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer)
     assert kept == ["step_0000012", "step_0000014"]  # keep_last=2, the final step always saved
 
 
+def test_sigterm_saves_the_last_finished_step_and_the_resume_equals_an_uninterrupted_run(tmp_path, data_dir, tokenizer):
+    """What SLURM preemption sends: the run stops after the step in flight with a checkpoint of it (not the last
+    interval's), says so in one line, exits 143, and resuming loses nothing."""
+    overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=14", "checkpoint.interval=100")
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_cli("-m", "minillama", "train", "--config", str(config_file(straight, overrides)), "--set", f"run_dir={straight / 'run'}")
+    expected, _ = train_losses(straight / "run")
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    command = [sys.executable, "-m", "minillama", "train", "--config", str(config_file(stopped, overrides)), "--set", f"run_dir={stopped / 'run'}"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = stopped / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143, stderr
+    steps_done = len(train_losses(stopped / "run")[0])
+    checkpoint = stopped / "run" / "checkpoints" / f"step_{steps_done:07d}"
+    assert stderr.strip().splitlines()[-1] == (f"minillama: stopped by SIGTERM after step {steps_done}; saved {checkpoint}; "
+                                               "run the same command to resume")
+    assert 6 <= steps_done < 14 and checkpoint.is_dir()
+    run_cli(*command[1:], "--resume")
+    assert train_losses(stopped / "run")[0] == expected
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is not set up on Windows runners")
 def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, data_dir, tokenizer):
     hellaswag = write_examples(tmp_path / "hellaswag.jsonl", 7)  # odd: the two ranks score 4 and 3 examples

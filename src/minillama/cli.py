@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from minillama.errors import MiniLlamaError
+from minillama.errors import MiniLlamaError, TrainingStopped
 
 Handler = Callable[[argparse.Namespace], None]
 
@@ -364,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except MiniLlamaError as exc:
         print(f"minillama: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:
+        print(f"minillama: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("minillama: interrupted", file=sys.stderr)
         return 130

@@ -63,6 +63,15 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, ctx: Distributed, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (all ranks must call this; `device`: NCCL reduces on the GPU)."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather_objects(obj: object, ctx: Distributed) -> list[object]:
     """Every rank's `obj`, in rank order (on every rank)."""
     if not ctx.enabled:

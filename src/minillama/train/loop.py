@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
 from minillama.data.sources import FineWebEdu, LocalFiles
 from minillama.device import autocast, autocast_dtype, peak_flops, pick_device
-from minillama.errors import MiniLlamaError
+from minillama.errors import MiniLlamaError, TrainingStopped
 from minillama.eval.hellaswag import Example
 from minillama.files import DirectoryLock
 from minillama.model import Transformer
@@ -29,6 +31,7 @@ from minillama.train.config import TrainConfig, prepare_command
 from minillama.train.distributed import (
     Distributed,
     all_reduce_mean,
+    any_rank,
     barrier,
     close_distributed,
     gather_objects,
@@ -123,20 +126,47 @@ def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
 
 def _train(run: Run) -> dict[str, Any]:
     """build-nanogpt's recipe: evaluate every eval.interval steps, one optimizer step over total_tokens at a
-    time, a checkpoint every checkpoint.interval steps; evaluate once more after the last step."""
+    time, a checkpoint every checkpoint.interval steps; evaluate once more after the last step. SIGTERM or
+    Ctrl-C ends the run after the step in flight, with a checkpoint of it."""
     config, state = run.config, run.state
     last: dict[str, Any] = {}
-    while state.step < config.last_step:
-        if state.step % config.eval.interval == 0:
-            monitor.evaluate_and_sample(run)
-        last = train_step(run)
-        _log_step(run, last)
-        state.step += 1
-        if state.step % config.checkpoint.interval == 0 or state.step == config.last_step:
-            _save(run)
+    with StopSignals() as signals:
+        while state.step < config.last_step:
+            if state.step % config.eval.interval == 0:
+                monitor.evaluate_and_sample(run)
+            last = train_step(run)
+            _log_step(run, last)
+            state.step += 1
+            stopping = any_rank(signals.received is not None, run.ctx, run.device)
+            if stopping or state.step % config.checkpoint.interval == 0 or state.step == config.last_step:
+                _save(run)
+            if stopping:
+                raise TrainingStopped(signals.received or signal.SIGTERM, state.step, complete_checkpoints(Path(config.run_dir))[-1])
     monitor.evaluate_and_sample(run)
     run.logger.close()
     return last
+
+
+class StopSignals:
+    """SIGTERM (what SLURM preemption and spot reclaims send) and SIGINT (Ctrl-C) become a request to stop after
+    the step in flight, so that at most that step is lost. A second Ctrl-C stops at once."""
+
+    received: int | None = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def train_step(run: Run) -> dict[str, Any]:
