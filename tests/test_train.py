@@ -326,3 +326,14 @@ def test_a_run_directory_has_one_training_run_at_a_time(tmp_path, data_dir, toke
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written
     train(config)  # the lock went with its holder
     assert (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()
+
+
+def test_resuming_in_another_precision_says_so_and_goes_on(tmp_path, data_dir, tokenizer, capsys):
+    base = ["optim.max_steps=4", "optim.warmup_steps=1", "batch.seq_len=16", "batch.micro_batch=2", "batch.total_tokens=64",
+            "eval.val_tokens=64"]
+    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, *base, "stop_at_step=2")))
+    capsys.readouterr()
+    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, *base, "dtype=float16")))
+    out = capsys.readouterr().out
+    assert "the precision changed, so the fp16 gradient scaler starts afresh" in out and "dtype 'auto' -> 'float16'" in out
+    assert len(train_losses(tmp_path / "run")[0]) == 4

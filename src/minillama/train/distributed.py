@@ -34,12 +34,15 @@ def init_distributed(device_name: str) -> Distributed:
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # device_id binds the process group to this rank's GPU up front (and silences NCCL's guess at it).
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group(backend="gloo")
     return Distributed(dist.get_rank(), local_rank, dist.get_world_size())
 
 
 def close_distributed(ctx: Distributed) -> None:
-    if ctx.enabled and dist.is_initialized():
+    if dist.is_initialized():  # also under torchrun with one process
         dist.destroy_process_group()
 
 

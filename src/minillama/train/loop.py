@@ -249,7 +249,7 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     # change with every prompt, use `model`, which shares its weights, so they never trigger recompilation.
     compiled = torch.compile(model) if compile_model else model
     step_model = wrap_data_parallel(compiled, device, ctx) if ctx.enabled else compiled
-    hellaswag = monitor.load_hellaswag(config.eval) if config.eval.hellaswag else None
+    hellaswag = monitor.load_hellaswag(config.eval, ctx, device) if config.eval.hellaswag else None
 
     # Everything above only reads; from here on the run directory is written, by one run at a time.
     lock = DirectoryLock(run_dir, "training run") if ctx.is_main else None
@@ -365,10 +365,17 @@ def _restore(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, s
     load_weights(path, model)
     saved = load_training_state(path)
     optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
+    notes = []
+    if bool(saved["scaler"]) == scaler.is_enabled():  # an fp16 run saves its gradient scaler; other runs have none
+        scaler.load_state_dict(saved["scaler"])
+    else:
+        notes.append("the precision changed, so the fp16 gradient scaler starts afresh")
     loader.load_state_dict(saved["loader"])
     state.step, state.tokens_seen, state.best_val_loss = saved["step"], saved["tokens_seen"], saved["best_val_loss"]
     if len(saved["rng"]) == ctx.world_size:
         set_rng_state(saved["rng"][ctx.rank], device)
+    else:
+        notes.append(f"it was saved by {len(saved['rng'])} ranks and runs on {ctx.world_size}, so random states (dropout) "
+                     "start from the seed; the data order continues exactly")
     if ctx.is_main:
-        print(f"resumed from {path} at step {state.step}")
+        print(f"resumed from {path} at step {state.step}" + "".join(f"; {note}" for note in notes))

@@ -22,21 +22,24 @@ from minillama.generate import generate
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 from minillama.train.config import EvalConfig
+from minillama.train.distributed import Distributed, any_rank
 
 if TYPE_CHECKING:
     from minillama.train.loop import Run
 
 
-def load_hellaswag(config: EvalConfig) -> list[Example] | None:
-    """The HellaSwag examples to score during training, or None (with a warning) when none can be had."""
+def load_hellaswag(config: EvalConfig, ctx: Distributed, device: torch.device) -> list[Example] | None:
+    """The HellaSwag examples to score during training, or None (with a warning) when none can be had. All ranks
+    decide together: a download that fails on one rank turns HellaSwag off on every rank, since scoring is collective."""
     try:
         path = Path(config.hellaswag_file) if config.hellaswag_file else download_hellaswag()
-        return load_examples(path, config.hellaswag_limit)
+        examples = load_examples(path, config.hellaswag_limit)
     except MiniLlamaError as exc:
         if config.hellaswag_file:
             raise
         warnings.warn(f"HellaSwag is off for this run: {exc}", stacklevel=2)
-        return None
+        examples = None
+    return None if any_rank(examples is None, ctx, device) else examples
 
 
 def evaluate_and_sample(run: Run) -> None:
