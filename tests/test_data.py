@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -8,7 +9,13 @@ import pytest
 from conftest import synthetic_corpus
 
 from minillama.data import prepare as prepare_module
-from minillama.data.loader import TrainLoader, check_data, validation_batches
+from minillama.data.loader import (
+    TrainLoader,
+    check_data,
+    is_verified,
+    validation_batches,
+    verify_shards,
+)
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest, write_manifest, write_shard
 from minillama.data.sources import FineWebEdu, LocalFiles
@@ -320,3 +327,30 @@ def test_written_files_follow_the_umask(tmp_path, corpus_file, tokenizer):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+def test_shards_are_hashed_and_range_checked_before_they_are_trusted(tmp_path, corpus_file, tokenizer, capsys):
+    from minillama.cli import main
+
+    out = tmp_path / "out"
+    manifest = prepare(LocalFiles([str(corpus_file)]), out, tokenizer, shard_tokens=20_000, val_tokens=2_000, progress=False)
+    assert main(["prepare", "check", str(out), "--quiet"]) == 0
+    assert "every sha256 and token id checked" in capsys.readouterr().out and is_verified(out)
+
+    shard = out / manifest["shards"][-1]["file"]
+    tokens = np.fromfile(shard, dtype=manifest["dtype"])
+    tokens[100] = 5  # an altered shard of the same size
+    tokens.tofile(shard)
+    assert is_verified(out)  # the record is of the manifest, which did not change: only a full check sees the damage
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["prepare", "check", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"minillama: error: shard {shard} does not match its sha256 in manifest.json; it was altered or damaged: re-run `minillama prepare` with --overwrite\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    tokens[100] = tokenizer.vocab_size + 7  # foreign ids, with a manifest that agrees with them
+    tokens.tofile(shard)
+    manifest["shards"][-1]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert not is_verified(out)  # a changed manifest is checked again
+    with pytest.raises(MiniLlamaError, match=rf"shard {shard} holds token id {tokenizer.vocab_size + 7} at position 100, beyond the vocabulary of {tokenizer.vocab_size}"):
+        verify_shards(out, tokenizer.vocab_size, progress=False)

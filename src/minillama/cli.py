@@ -57,6 +57,17 @@ def cmd_prepare_text(args: argparse.Namespace) -> None:
     _prepare(args, LocalFiles(args.files, args.text_field, args.split_paragraphs, args.skip_bad_records))
 
 
+def cmd_prepare_check(args: argparse.Namespace) -> None:
+    from minillama.data.loader import verify_shards
+    from minillama.data.shards import read_manifest
+
+    manifest = read_manifest(Path(args.data_dir))
+    if manifest is None:
+        raise MiniLlamaError(f"{args.data_dir} has no manifest.json; is it a folder made by `minillama prepare`?")
+    manifest = verify_shards(Path(args.data_dir), args.vocab_size or manifest["tokenizer"]["vocab_size"], progress=not args.quiet)
+    print(f"{args.data_dir}: {len(manifest['shards'])} shards, {manifest['tokens']:,} tokens, every sha256 and token id checked")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from minillama.train.config import load_train_config
     from minillama.train.loop import train
@@ -254,6 +265,11 @@ def _add_prepare(commands: Subparsers) -> None:
     p.add_argument("--split-paragraphs", action="store_true", help=".txt: each blank-line-separated paragraph is a document (default: each file)")
     p.add_argument("--skip-bad-records", action="store_true", help="skip (and count) malformed or non-UTF-8 records instead of stopping")
     _shard_options(p)
+    p = _command(prepare, "check", "Verify a prepared folder: every shard's size and sha256 against the manifest, every token id "
+                  "below the vocabulary size.", cmd_prepare_check)
+    p.add_argument("data_dir", help="a folder made by `minillama prepare`")
+    p.add_argument("--vocab-size", type=int, help="the model's vocabulary size (default: the tokenizer's, from the manifest)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_train(commands: Subparsers) -> None:

@@ -11,15 +11,20 @@ systematically excluded.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from minillama.data.shards import read_manifest, split_entries
+from minillama.data.shards import MANIFEST, read_manifest, split_entries
 from minillama.errors import MiniLlamaError
+from minillama.files import write_file_atomically
+from minillama.tokenizer import file_sha256
 
 
 class TokenStream:
@@ -167,3 +172,43 @@ def check_data(data_dir: Path, vocab_size: int, tokenizer_fingerprint: str | Non
         if not any(e["tokens"] for e in split_entries(manifest, split)):
             raise MiniLlamaError(f"{data_dir} has no {split} tokens; prepare it again with a different --val-tokens")
     return manifest
+
+
+VERIFIED = "verified.json"  # the manifest's sha256 once every shard has been hashed and range-checked against it
+
+
+def verify_shards(data_dir: Path, vocab_size: int, progress: bool = True) -> dict[str, Any]:
+    """Hash every shard against the manifest and check that every token id is below `vocab_size`, with a progress
+    bar; record the result so that later runs on the same data need not hash it again. Returns the manifest."""
+    data_dir = Path(data_dir)
+    manifest = check_data(data_dir, vocab_size)
+    dtype = np.dtype(manifest["dtype"])
+    total = sum(entry["tokens"] for entry in manifest["shards"]) * dtype.itemsize
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying shards", disable=None if progress else True) as bar:
+        for entry in manifest["shards"]:
+            path, digest = data_dir / entry["file"], hashlib.sha256()
+            with open(path, "rb") as f:
+                position = 0
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    tokens = np.frombuffer(chunk, dtype=dtype)
+                    if tokens.size and int(tokens.max()) >= vocab_size:
+                        where = position + int(np.argmax(tokens >= vocab_size))
+                        raise MiniLlamaError(f"shard {path} holds token id {int(tokens.max())} at position {where:,}, beyond the "
+                                             f"vocabulary of {vocab_size}; it was not made for this model: prepare the data again")
+                    position += tokens.size
+                    bar.update(len(chunk))
+            if digest.hexdigest() != entry["sha256"]:
+                raise MiniLlamaError(f"shard {path} does not match its sha256 in {MANIFEST}; it was altered or damaged: re-run "
+                                     "`minillama prepare` with --overwrite")
+    write_file_atomically(data_dir / VERIFIED, json.dumps({"manifest_sha256": file_sha256(data_dir / MANIFEST)}).encode())
+    return manifest
+
+
+def is_verified(data_dir: Path) -> bool:
+    """Whether `verify_shards` passed on this manifest (a changed manifest means a new check)."""
+    try:
+        record = json.loads((Path(data_dir) / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("manifest_sha256") == file_sha256(Path(data_dir) / MANIFEST)

@@ -15,7 +15,7 @@ import torch
 
 from minillama.checkpoint import load_weights
 from minillama.config import to_dict
-from minillama.data.loader import TrainLoader, check_data
+from minillama.data.loader import TrainLoader, check_data, is_verified, verify_shards
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
 from minillama.data.sources import FineWebEdu, LocalFiles
@@ -228,7 +228,7 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     run_dir = Path(config.run_dir)
 
     tokenizer = _tokenizer(config, ctx)
-    data_dir = _data(config, tokenizer, ctx)
+    data_dir = _data(config, tokenizer, ctx, device)
     accumulation = gradient_accumulation_steps(config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size)
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -315,7 +315,7 @@ def _tokenizer(config: TrainConfig, ctx: Distributed) -> Tokenizer:
     return tokenizer
 
 
-def _data(config: TrainConfig, tokenizer: Tokenizer, ctx: Distributed) -> Path:
+def _data(config: TrainConfig, tokenizer: Tokenizer, ctx: Distributed, device: torch.device) -> Path:
     """The prepared data directory, checked against model and tokenizer; prepared first when the config says so."""
     data = config.data
     data_dir = Path(data.dir)
@@ -333,6 +333,12 @@ def _data(config: TrainConfig, tokenizer: Tokenizer, ctx: Distributed) -> Path:
         raise MiniLlamaError(f"{data_dir} holds no prepared data; make it with: {prepare_command(data)}  "
                              "(or --set data.auto_prepare=true)")
     check_data(data_dir, config.model.vocab_size, tokenizer.fingerprint)
+    # Hash every shard once per data directory, not on every resume. The ranks decide together (collectively,
+    # before rank 0 writes the record), so that all of them meet at the barrier or none does.
+    if any_rank(not is_verified(data_dir), ctx, device):
+        if ctx.is_main:
+            verify_shards(data_dir, config.model.vocab_size)
+        barrier(ctx)
     return data_dir
 
 
