@@ -69,28 +69,37 @@ def download_hellaswag(cache_dir: Path | None = None) -> Path:
 def load_examples(path: Path, limit: int | None = None) -> list[Example]:
     """Read HellaSwag's jsonl (fields ctx, endings, label), checking each line."""
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise MiniLlamaError(f"the example limit is {limit}; expected a positive integer (or no limit)")
     if not path.is_file():
         raise MiniLlamaError(f"{path}: no such HellaSwag file")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise MiniLlamaError(f"{path} is not UTF-8 text (byte {exc.start:,}); pass HellaSwag's jsonl file") from None
+    except OSError as exc:
+        raise MiniLlamaError(f"{path} cannot be read ({exc.strerror})") from None
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-                context, endings, label = record["ctx"], record["endings"], record["label"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise MiniLlamaError(f"{where}: not a HellaSwag record with ctx, endings and label ({type(exc).__name__}: {exc})") from None
-            if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
-                raise MiniLlamaError(f"{where}: 'endings' must be a list of 4 strings")
-            if isinstance(label, str) and label.isdigit():
-                label = int(label)
-            if label not in (0, 1, 2, 3):
-                raise MiniLlamaError(f"{where}: label is {label!r}; expected 0, 1, 2 or 3")
-            examples.append(Example(context, tuple(endings), label, len(examples)))
-            if limit is not None and len(examples) >= limit:
-                break
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            record = json.loads(line)
+            context, endings, label = record["ctx"], record["endings"], record["label"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise MiniLlamaError(f"{where}: not a HellaSwag record with ctx, endings and label ({type(exc).__name__}: {exc})") from None
+        if not isinstance(context, str):
+            raise MiniLlamaError(f"{where}: 'ctx' is {context!r}; expected a string")
+        if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+            raise MiniLlamaError(f"{where}: 'endings' must be a list of 4 strings")
+        if isinstance(label, str) and label.isdigit():
+            label = int(label)
+        if type(label) is not int or label not in (0, 1, 2, 3):  # not bool: true is no label
+            raise MiniLlamaError(f"{where}: label is {json.dumps(label)}; expected 0, 1, 2 or 3")
+        examples.append(Example(context, tuple(endings), label, len(examples)))
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise MiniLlamaError(f"{path} holds no HellaSwag examples")
     return examples
@@ -124,6 +133,8 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
     """Predictions for `examples` (batch_size examples, i.e. 4x as many sequences, per forward pass), and how
     many examples had their context truncated. Right padding: causal attention means padding after a
     sequence cannot change its logits."""
+    if batch_size < 1:
+        raise MiniLlamaError(f"the batch size is {batch_size}; expected a positive integer")
     device = model.tok_embeddings.weight.device
     max_len = model.config.max_seq_len
     with evaluating(model):

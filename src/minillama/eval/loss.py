@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillama.data.loader import validation_batches
+from minillama.errors import MiniLlamaError
 from minillama.model import evaluating
 from minillama.tokenizer import Tokenizer
 
@@ -50,12 +51,23 @@ def evaluate_loss(
     """Mean loss over the first total_tokens/seq_len windows of the val split; all ranks must call it.
 
     `model` may be a compiled or DDP-unwrapped module; it is called as model(x)."""
+    max_len = model.config.max_seq_len if hasattr(model, "config") else seq_len
+    for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("tokens to score", total_tokens)):
+        if value < 1:
+            raise MiniLlamaError(f"the {name} is {value}; expected a positive integer")
+    if seq_len > max_len:
+        raise MiniLlamaError(f"the sequence length {seq_len} exceeds the model's max_seq_len of {max_len}; use at most {max_len}")
+    if total_tokens < seq_len:
+        raise MiniLlamaError(f"{total_tokens:,} tokens to score are fewer than one sequence of {seq_len}; score at least {seq_len}")
     byte_lengths, leading_space = token_byte_lengths(tokenizer)
     device = next(model.parameters()).device
     byte_lengths, leading_space = byte_lengths.to(device), leading_space.to(device)
     with evaluating(model):
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
         for x, y in validation_batches(Path(data_dir), batch_size, seq_len, total_tokens, rank, world_size):
+            if int(x.max()) >= tokenizer.vocab_size:  # checked on the CPU, before an index error deep in torch
+                raise MiniLlamaError(f"the val split of {data_dir} holds token id {int(x.max())}, beyond the vocabulary of "
+                                     f"{tokenizer.vocab_size}; check it with: minillama prepare check {data_dir}")
             x, y = x.to(device), y.to(device)
             logits, _ = model(x)
             nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
@@ -65,6 +77,9 @@ def evaluate_loss(
         if world_size > 1:
             torch.distributed.all_reduce(totals)
     nats, tokens, n_bytes = totals.tolist()
+    if n_bytes == 0:
+        raise MiniLlamaError(f"the val split of {data_dir} decodes to no text (only control or unknown tokens); the data is "
+                             f"damaged: check it with: minillama prepare check {data_dir}")
     loss = nats / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / n_bytes,
             "tokens": int(tokens), "bytes": int(n_bytes)}

@@ -75,6 +75,10 @@ def _reference_line(ax, index: int, label: str, value: float, text: str) -> None
 
 def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.9) -> Path:
     """Draw the runs' curves into the image `out` (PNG)."""
+    if not 0 <= smoothing < 1:
+        raise MiniLlamaError(f"smoothing is {smoothing}; expected a number in [0, 1) (0: none, 0.9: the default)")
+    if Path(out).is_dir():
+        raise MiniLlamaError(f"{out} is a directory; give the image's file name, e.g. {Path(out) / 'curves.png'}")
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed

@@ -209,6 +209,12 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
             raw = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise MiniLlamaError(f"config file {path} does not exist; see configs/ for examples") from None
+        except IsADirectoryError:
+            raise MiniLlamaError(f"config file {path} is a directory; pass a .toml file (see configs/)") from None
+        except OSError as exc:
+            raise MiniLlamaError(f"config file {path} cannot be read ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise MiniLlamaError(f"config file {path} is not UTF-8 text; pass a .toml file (see configs/)") from None
         except tomllib.TOMLDecodeError as exc:
             raise MiniLlamaError(f"{path} is not valid TOML ({exc})") from None
     raw = apply_overrides(raw, list(overrides))

@@ -18,16 +18,20 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl (a partly written last line, from a crash, is ignored)."""
+    """The records of a run's metrics.jsonl; a partly written last line (from a crash) or any line that is not a
+    record is ignored."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise MiniLlamaError(f"{run_dir} has no {METRICS_FILE}; is it a training run directory?")
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        # Only what a run writes: a dict with a kind and an integer step (garbage lines are skipped, not fatal).
+        if isinstance(record, dict) and isinstance(record.get("kind"), str) and type(record.get("step")) is int:
+            records.append(record)
     return records
 
 

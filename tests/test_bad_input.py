@@ -1,0 +1,93 @@
+"""Mistakes a user makes, table-driven: each ends with exit code 2, one `minillama: error:` line that names the
+problem, no traceback, and nothing in the working folder changed or removed."""
+
+import json
+
+import pytest
+
+from conftest import write_examples
+from minillama.checkpoint import save_checkpoint
+from minillama.cli import main
+from minillama.data.prepare import prepare
+from minillama.data.sources import LocalFiles
+from minillama.model import Transformer
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, corpus_file, tokenizer):
+    """A checkpoint, a data folder, a finished run's metrics and HellaSwag files, good and bad."""
+    root = tmp_path_factory.mktemp("workspace")
+    from minillama.config import ModelConfig
+
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16, max_seq_len=128)
+    save_checkpoint(root / "ckpt", Transformer(config), tokenizer)
+    prepare(LocalFiles([str(corpus_file)]), root / "data", tokenizer, shard_tokens=20_000, val_tokens=4_096, progress=False)
+    write_examples(root / "hs.jsonl", 4)
+    good = json.loads((root / "hs.jsonl").read_text().splitlines()[0])
+    (root / "label_true.jsonl").write_text(json.dumps({**good, "label": True}) + "\n")
+    (root / "ctx_number.jsonl").write_text(json.dumps({**good, "ctx": 5}) + "\n")
+    (root / "latin1.jsonl").write_bytes(json.dumps(good).encode().replace(b"{", "{\"x\": \"caf\xe9\", ".encode("latin-1"), 1))
+    (root / "run").mkdir()
+    (root / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 0, "loss": 5.0}\n')
+    (root / "plots").mkdir()
+    return root
+
+
+CASES = [
+    (["eval", "loss", "{w}/ckpt", "--data", "{w}/data", "--seq-len", "4096"], "the sequence length 4096 exceeds the model's max_seq_len of 128"),
+    (["eval", "loss", "{w}/ckpt", "--data", "{w}/data", "--batch-size", "0"], "the batch size is 0; expected a positive integer"),
+    (["eval", "loss", "{w}/ckpt", "--data", "{w}/data", "--tokens", "0"], "the tokens to score is 0; expected a positive integer"),
+    (["eval", "loss", "{w}/ckpt", "--data", "{w}/data", "--tokens", "10"], "10 tokens to score are fewer than one sequence of 128"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/hs.jsonl", "--batch-size", "0"], "the batch size is 0; expected a positive integer"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/hs.jsonl", "--limit", "0"], "the example limit is 0; expected a positive integer"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/label_true.jsonl"], "label_true.jsonl:1: label is true; expected 0, 1, 2 or 3"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/ctx_number.jsonl"], "ctx_number.jsonl:1: 'ctx' is 5; expected a string"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/latin1.jsonl"], "latin1.jsonl is not UTF-8 text"),
+    (["plot", "{w}/run", "--smoothing", "1.0", "-o", "{w}/plots/c.png"], "smoothing is 1.0; expected a number in [0, 1)"),
+    (["plot", "{w}/run", "-o", "{w}/plots"], "plots is a directory; give the image's file name"),
+    (["generate", "{w}/ckpt", "hi", "--temperature", "nan"], "temperature is nan; expected 0 (greedy) or a positive number"),
+    (["generate", "{w}/ckpt", "hi", "--top-k", "-1"], "top_k is -1"),
+    (["generate", "{w}/ckpt", "hi", "--max-new-tokens", "500"], "exceeds the model's max_seq_len of 128"),
+    (["train", "--set", "seed=-1"], "run config field 'seed' is -1; expected an integer >= 0"),
+    (["train", "--set", "optim.lr=NaN"], "run config field 'optim.lr' is nan; expected a number > 0"),
+    (["train", "--set", "data.source=fineweb"], "run config field 'data.source' is \"fineweb\""),
+    (["train", "--set", "eval.top_k=0"], "run config field 'eval.top_k' is 0; expected a positive integer"),
+    (["train", "--set", "data.prepare_workers=-3"], "run config field 'data.prepare_workers' is -3"),
+    (["train", "--set", "model=tiny"], "--set model=tiny: 'model' is a table"),
+    (["train", "--set", "model.max_seq_len=1000000000000"], "model config field 'max_seq_len' is 1000000000000"),
+    (["train", "--set", "optim.lrr=1"], "--set optim.lrr=1: the [optim] table has no field 'lrr'"),
+    (["train", "--config", "{w}/plots"], "config file {w}/plots is a directory; pass a .toml file"),
+    (["train", "--config", "{w}/latin1.jsonl"], "is not UTF-8 text; pass a .toml file"),
+    (["prepare", "check", "{w}/plots"], "has no manifest.json"),
+    (["inspect", "{w}/plots"], "plots is neither a checkpoint directory nor a run directory"),
+]
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(a[:3]) + f" #{i}" for i, (a, _) in enumerate(CASES)])
+def test_a_mistake_is_one_line_and_changes_nothing(workspace, argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    before = tree(workspace)
+    assert main([a.format(w=workspace) for a in argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert lines[-1].startswith("minillama: error: ") and message.format(w=workspace) in lines[-1], captured.err
+    assert "Traceback" not in captured.err and len([l for l in lines if l.startswith("minillama: error")]) == 1
+    assert tree(workspace) == before
+
+
+def test_garbage_lines_in_metrics_are_skipped_not_fatal(tmp_path):
+    from minillama.train.metrics import read_metrics, truncate_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    good = [{"kind": "train", "step": 0, "loss": 5.0, "tokens_seen": 8}, {"kind": "train", "step": 1, "loss": 4.0, "tokens_seen": 16}]
+    lines = [json.dumps(good[0]), "not json", "[1, 2]", '{"kind": "train"}', '{"step": "3", "kind": "x"}', json.dumps(good[1]), '{"kind": "tr']
+    (run / "metrics.jsonl").write_text("\n".join(lines))
+    assert read_metrics(run) == good
+    truncate_metrics(run, 1)  # what a resume at step 1 does
+    assert read_metrics(run) == good[:1]
+    assert main(["plot", str(run), "-o", str(tmp_path / "c.png")]) == 0
