@@ -4,10 +4,11 @@ problem, no traceback, and nothing in the working folder changed or removed."""
 import json
 
 import pytest
-
 from conftest import write_examples
+
 from minillama.checkpoint import save_checkpoint
 from minillama.cli import main
+from minillama.data.loader import verify_shards
 from minillama.data.prepare import prepare
 from minillama.data.sources import LocalFiles
 from minillama.model import Transformer
@@ -22,6 +23,7 @@ def workspace(tmp_path_factory, corpus_file, tokenizer):
     config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16, max_seq_len=128)
     save_checkpoint(root / "ckpt", Transformer(config), tokenizer)
     prepare(LocalFiles([str(corpus_file)]), root / "data", tokenizer, shard_tokens=20_000, val_tokens=4_096, progress=False)
+    verify_shards(root / "data", 320, progress=False)  # as a first training run would have
     write_examples(root / "hs.jsonl", 4)
     good = json.loads((root / "hs.jsonl").read_text().splitlines()[0])
     (root / "label_true.jsonl").write_text(json.dumps({**good, "label": True}) + "\n")
@@ -60,6 +62,10 @@ CASES = [
     (["train", "--config", "{w}/latin1.jsonl"], "is not UTF-8 text; pass a .toml file"),
     (["prepare", "check", "{w}/plots"], "has no manifest.json"),
     (["inspect", "{w}/plots"], "plots is neither a checkpoint directory nor a run directory"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/hs.jsonl/out", "--text-field", "ctx", "--tokenizer", "{w}/ckpt/tokenizer.model"], "a part of the path is a file, not a directory"),
+    (["train", "--set", "run_dir={w}/hs.jsonl", "--set", "data.dir={w}/data", "--set", "model.vocab_size=320",
+      "--set", "data.tokenizer={w}/ckpt/tokenizer.model", "--set", "device=cpu", "--set", "eval.hellaswag=false"],
+     "something already exists there; choose another path"),
 ]
 
 

@@ -354,3 +354,14 @@ def test_shards_are_hashed_and_range_checked_before_they_are_trusted(tmp_path, c
     assert not is_verified(out)  # a changed manifest is checked again
     with pytest.raises(MiniLlamaError, match=rf"shard {shard} holds token id {tokenizer.vocab_size + 7} at position 100, beyond the vocabulary of {tokenizer.vocab_size}"):
         verify_shards(out, tokenizer.vocab_size, progress=False)
+
+
+def test_leftovers_of_an_interrupted_write_are_removed_by_the_next_prepare(tmp_path, corpus_file, tokenizer):
+    out = tmp_path / "out"
+    source = LocalFiles([str(corpus_file)])
+    prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, progress=False)
+    (out / ".train_000002.bin.a1b2c3.tmp").write_bytes(b"half a shard")
+    (out / ".manifest.json.x9y8.tmp").write_text("{")
+    (out / ".notes").write_text("a user's hidden file")
+    prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, progress=False)
+    assert sorted(p.name for p in out.glob(".*")) == [".lock", ".notes"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -11,6 +12,18 @@ from pathlib import Path
 from minillama.errors import MiniLlamaError, TrainingStopped
 
 Handler = Callable[[argparse.Namespace], None]
+
+# Errors of the user's files and disks, each with what to do; nothing is left half-written (writes are atomic).
+OS_ERROR_FIXES = {
+    errno.EACCES: "check the file's permissions, or choose another path",
+    errno.EPERM: "check the file's permissions, or choose another path",
+    errno.EROFS: "the file system is read-only; choose a writable path",
+    errno.ENOSPC: "free some space and run the same command again (finished files, checkpoints included, are intact)",
+    errno.EDQUOT: "the disk quota is used up; free some space and run the same command again",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+    errno.EISDIR: "this is a directory where a file is expected; give a file path",
+    errno.EEXIST: "something already exists there; choose another path",
+}
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -379,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except MiniLlamaError as exc:
         print(f"minillama: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in OS_ERROR_FIXES:
+            raise  # not the user's environment: a bug, with its traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"minillama: error: {where}{exc.strerror}; {OS_ERROR_FIXES[exc.errno]}", file=sys.stderr)
         return 2
     except TrainingStopped as stop:
         print(f"minillama: {stop}", file=sys.stderr)

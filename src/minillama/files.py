@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,6 +22,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+LEFTOVER = re.compile(r"\..+\.(tmp-[^/]+|old-\d+|[^.]+\.tmp)")  # what the two writers below leave if killed mid-write
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete what an interrupted atomic write left in `folder` (never data: those names start with '.' and carry
+    '.tmp' or '.old-'). Call it only while holding the folder's lock, so no live writer's file is taken."""
+    removed = []
+    for path in Path(folder).glob(".*"):
+        if not LEFTOVER.fullmatch(path.name):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    return removed
 
 
 def write_file_atomically(path: Path, data: bytes | memoryview) -> Path:

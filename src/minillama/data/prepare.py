@@ -31,7 +31,7 @@ from minillama.data.shards import (
 )
 from minillama.data.sources import SkipCounter
 from minillama.errors import MiniLlamaError
-from minillama.files import DirectoryLock
+from minillama.files import DirectoryLock, remove_leftovers
 
 SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")  # the names `ShardStream` gives its shards
 from minillama.tokenizer import Tokenizer
@@ -219,6 +219,7 @@ def prepare(
             raise MiniLlamaError(f"{name} is {value}; expected a positive integer")
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     with DirectoryLock(out_dir, "prepare command"):  # one writer per folder
+        remove_leftovers(out_dir)  # of a run killed mid-write
         manifest = _start_or_resume(out_dir, _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens), overwrite)
         if manifest["complete"]:
             print(f"{out_dir} is already complete: {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards")

@@ -22,7 +22,7 @@ from minillama.data.sources import FineWebEdu, LocalFiles
 from minillama.device import autocast, autocast_dtype, peak_flops, pick_device
 from minillama.errors import MiniLlamaError, TrainingStopped
 from minillama.eval.hellaswag import Example
-from minillama.files import DirectoryLock
+from minillama.files import DirectoryLock, remove_leftovers
 from minillama.model import Transformer
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
@@ -255,6 +255,8 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     lock = DirectoryLock(run_dir, "training run") if ctx.is_main else None
     try:
         if ctx.is_main:
+            for folder in (run_dir, run_dir / "checkpoints"):  # what a run killed mid-save left behind
+                remove_leftovers(folder)
             line = history.keep_config_history(run_dir, config, state.step, changes)
             if line:
                 print(line)
