@@ -79,24 +79,30 @@ def run_cli(*args, env_extra=None, check=True):
     return result
 
 
+def uninterrupted_losses(tmp_path, overrides):
+    folder = tmp_path / "straight"
+    folder.mkdir()
+    run_cli("-m", "minillama", "train", "--config", str(config_file(folder, overrides)), "--set", f"run_dir={folder / 'run'}")
+    return train_losses(folder / "run")[0]
+
+
+def start_run_until_step(folder, overrides, step, **popen):
+    """A `minillama train` process, returned once it has logged `step`, with the command that resumes it."""
+    folder.mkdir()
+    command = [sys.executable, "-m", "minillama", "train", "--config", str(config_file(folder, overrides)), "--set", f"run_dir={folder / 'run'}"]
+    process = subprocess.Popen(command, **popen)
+    metrics, deadline = folder / "run" / "metrics.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and f'"kind": "train", "step": {step},' in metrics.read_text()):
+        time.sleep(0.05)
+    return process, command
+
+
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer):
     overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=14", "model.dropout=0.1")
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    run_cli("-m", "minillama", "train", "--config", str(config_file(straight, overrides)), "--set", f"run_dir={straight / 'run'}")
-    expected, _ = train_losses(straight / "run")
-
+    expected = uninterrupted_losses(tmp_path, overrides)
     killed = tmp_path / "killed"
-    killed.mkdir()
-    config = config_file(killed, overrides)
-    command = [sys.executable, "-m", "minillama", "train", "--config", str(config), "--set", f"run_dir={killed / 'run'}"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # kill -9 once step 9 is logged: after the step-8 checkpoint, mid-interval
-        if metrics.exists() and '"step": 9,' in metrics.read_text() and '"kind": "train"' in metrics.read_text():
-            break
-        time.sleep(0.05)
+    # kill -9 once step 9 is logged: after the step-8 checkpoint, mid-interval
+    process, command = start_run_until_step(killed, overrides, 9, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert sorted(p.name for p in (killed / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] <= "step_0000012"
@@ -112,19 +118,9 @@ def test_sigterm_saves_the_last_finished_step_and_the_resume_equals_an_uninterru
     """What SLURM preemption sends: the run stops after the step in flight with a checkpoint of it (not the last
     interval's), says so in one line, exits 143, and resuming loses nothing."""
     overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=14", "checkpoint.interval=100")
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    run_cli("-m", "minillama", "train", "--config", str(config_file(straight, overrides)), "--set", f"run_dir={straight / 'run'}")
-    expected, _ = train_losses(straight / "run")
-
+    expected = uninterrupted_losses(tmp_path, overrides)
     stopped = tmp_path / "stopped"
-    stopped.mkdir()
-    command = [sys.executable, "-m", "minillama", "train", "--config", str(config_file(stopped, overrides)), "--set", f"run_dir={stopped / 'run'}"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = stopped / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and '"step": 5,' in metrics.read_text()):
-        time.sleep(0.05)
+    process, command = start_run_until_step(stopped, overrides, 5, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 143, stderr
