@@ -97,3 +97,24 @@ def test_garbage_lines_in_metrics_are_skipped_not_fatal(tmp_path):
     truncate_metrics(run, 1)  # what a resume at step 1 does
     assert read_metrics(run) == good[:1]
     assert main(["plot", str(run), "-o", str(tmp_path / "c.png")]) == 0
+
+
+def test_offline_tokenizer_download_is_one_line_in_the_commands_own_terms(tmp_path, monkeypatch, capsys):
+    import logging
+
+    import huggingface_hub
+
+    def offline(**kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("'[Errno -2] Name or service not known' thrown; Retrying in 1s")
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.delenv("MINILLAMA_TOKENIZER", raising=False)
+    assert main(["train", "--set", f"run_dir={tmp_path / 'run'}", "--set", f"data.dir={tmp_path / 'data'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("minillama: error: could not download the Llama 2 tokenizer from the Hugging Face hub (ConnectionError); "
+                   "pass --set data.tokenizer=PATH to a tokenizer.model, or set MINILLAMA_TOKENIZER=PATH\n")
+    (tmp_path / "x.txt").write_text("some text")
+    assert main(["prepare", "text", str(tmp_path / "x.txt"), "--out", str(tmp_path / "out")]) == 2
+    assert "pass --tokenizer PATH to a tokenizer.model" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -66,13 +67,14 @@ class Tokenizer:
         return self.sp.id_to_piece(int(token_id))
 
 
-def resolve_tokenizer_path(path: str | Path | None = None) -> Path:
-    """Where the tokenizer comes from, in order: `path`, $MINILLAMA_TOKENIZER, the Llama 2 model from the hub."""
+def resolve_tokenizer_path(path: str | Path | None = None, how_to_pass: str = "--tokenizer PATH") -> Path:
+    """Where the tokenizer comes from, in order: `path`, $MINILLAMA_TOKENIZER, the Llama 2 model from the hub.
+    `how_to_pass` says, in the calling command's own terms, how to name a tokenizer when the hub cannot be reached."""
     if path:
         return Path(path)
     if os.environ.get(TOKENIZER_ENV):
         return Path(os.environ[TOKENIZER_ENV])
-    return download_llama2_tokenizer()
+    return download_llama2_tokenizer(how_to_pass)
 
 
 def check_vocab(tokenizer: Tokenizer, vocab_size: int, model: str, fix: str) -> None:
@@ -81,12 +83,16 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int, model: str, fix: str) -> 
         raise MiniLlamaError(f"tokenizer {tokenizer.path} has vocab {tokenizer.vocab_size}, {model} has {vocab_size}; {fix}")
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
-    return Tokenizer(resolve_tokenizer_path(path))
+def load_tokenizer(path: str | Path | None = None, how_to_pass: str = "--tokenizer PATH") -> Tokenizer:
+    return Tokenizer(resolve_tokenizer_path(path, how_to_pass))
 
 
-def download_llama2_tokenizer() -> Path:
-    """Fetch Llama 2's tokenizer.model into the Hugging Face cache (once) and check its sha256."""
+def download_llama2_tokenizer(how_to_pass: str = "--tokenizer PATH") -> Path:
+    """Fetch Llama 2's tokenizer.model into the Hugging Face cache (once) and check its sha256. Offline, the
+    hub's retry messages are kept back: the user gets one line."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         from huggingface_hub import hf_hub_download
 
@@ -94,8 +100,10 @@ def download_llama2_tokenizer() -> Path:
     except Exception as exc:  # network, auth, or hub errors all mean the same thing to the user
         raise MiniLlamaError(
             f"could not download the Llama 2 tokenizer from the Hugging Face hub ({type(exc).__name__}); "
-            f"pass --tokenizer PATH/tokenizer.model or set {TOKENIZER_ENV}=PATH"
+            f"pass {how_to_pass} to a tokenizer.model, or set {TOKENIZER_ENV}=PATH"
         ) from None
+    finally:
+        hub_logger.setLevel(level)
     if file_sha256(local) != LLAMA2_TOKENIZER_SHA256:
         raise MiniLlamaError(f"downloaded {local} does not match Llama 2's tokenizer sha256; delete it and retry")
     return local

@@ -311,7 +311,7 @@ def _tokenizer(config: TrainConfig, ctx: Distributed) -> Tokenizer:
             trained = train_tokenizer(files, config.model.vocab_size, Path(data.tokenizer))
             print(f"trained a {trained.vocab_size}-token tokenizer on {', '.join(map(str, files))}: {trained.path}")
         barrier(ctx)
-    tokenizer = load_tokenizer(data.tokenizer)
+    tokenizer = load_tokenizer(data.tokenizer, how_to_pass="--set data.tokenizer=PATH")
     check_vocab(tokenizer, config.model.vocab_size, "model.vocab_size",
                 "pass the matching --set data.tokenizer=PATH or --set model.vocab_size=N")
     return tokenizer
