@@ -5,6 +5,7 @@ import json
 
 import pytest
 from conftest import write_examples
+from safetensors.torch import load_file, save_file
 
 from minillama.checkpoint import save_checkpoint
 from minillama.cli import main
@@ -32,6 +33,21 @@ def workspace(tmp_path_factory, corpus_file, tokenizer):
     (root / "run").mkdir()
     (root / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 0, "loss": 5.0}\n')
     (root / "plots").mkdir()
+    save_checkpoint(root / "nan_ckpt", Transformer(config), tokenizer)
+    weights = load_file(str(root / "nan_ckpt" / "model.safetensors"))
+    weights["layers.1.attention.wq.weight"][0, 0] = float("nan")
+    save_file(weights, str(root / "nan_ckpt" / "model.safetensors"))
+    (root / "bad_tok_ckpt").mkdir()
+    broken = json.loads((root / "ckpt" / "config.json").read_text())
+    (root / "bad_tok_ckpt" / "config.json").write_text(json.dumps({**broken, "tokenizer": "tok.model"}))
+    for name, manifest in {"list": [1, 2], "dtype": {"format": "minillama-shards", "dtype": "float64"}, "binary": None}.items():
+        (root / f"manifest_{name}").mkdir()
+        content = b"\x00\xff\xfe" if manifest is None else json.dumps(manifest).encode()
+        (root / f"manifest_{name}" / "manifest.json").write_bytes(content)
+    (root / "hf_no_size").mkdir()
+    (root / "hf_no_size" / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 4}))
+    (root / "hf_list").mkdir()
+    (root / "hf_list" / "config.json").write_text("[]")
     return root
 
 
@@ -62,6 +78,16 @@ CASES = [
     (["train", "--config", "{w}/latin1.jsonl"], "is not UTF-8 text; pass a .toml file"),
     (["prepare", "check", "{w}/plots"], "has no manifest.json"),
     (["inspect", "{w}/plots"], "plots is neither a checkpoint directory nor a run directory"),
+    (["inspect", "{w}/missing"], "missing is neither a checkpoint directory nor a run directory"),
+    (["generate", "{w}/nan_ckpt", "hi"], "nan_ckpt has NaN or infinite weights (first in 'layers.1.attention.wq.weight')"),
+    (["eval", "hellaswag", "{w}/nan_ckpt", "--data", "{w}/hs.jsonl"], "has NaN or infinite weights"),
+    (["generate", "{w}/bad_tok_ckpt", "hi"], "'tokenizer' and 'metadata' must be JSON objects"),
+    (["generate", "{w}/ckpt", "hi", "--device", "cuda"], "use the cpu device (--device cpu, or --set device=cpu for train)"),
+    (["prepare", "check", "{w}/manifest_list"], "manifest.json: 'format' is 'a JSON list'"),
+    (["prepare", "check", "{w}/manifest_dtype"], "'dtype' is 'float64'; expected \"uint16\" or \"uint32\""),
+    (["prepare", "check", "{w}/manifest_binary"], "manifest.json is not valid JSON (UnicodeDecodeError)"),
+    (["import", "hf", "{w}/hf_no_size", "{w}/out"], "'hidden_size' is None; expected a positive integer"),
+    (["import", "hf", "{w}/hf_list", "{w}/out"], "expected a JSON object of fields, got a list"),
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/hs.jsonl/out", "--text-field", "ctx", "--tokenizer", "{w}/ckpt/tokenizer.model"], "a part of the path is a file, not a directory"),
     (["train", "--set", "run_dir={w}/hs.jsonl", "--set", "data.dir={w}/data", "--set", "model.vocab_size=320",
       "--set", "data.tokenizer={w}/ckpt/tokenizer.model", "--set", "device=cpu", "--set", "eval.hellaswag=false"],

@@ -103,13 +103,15 @@ def read_checkpoint_info(path: Path) -> Checkpoint:
         raise MiniLlamaError(
             f"{config_path}: format_version {data.get('format_version')!r} is not supported; this Mini Llama reads {FORMAT_VERSION}"
         )
-    tokenizer = data.get("tokenizer") or {}
+    tokenizer, metadata = data.get("tokenizer") or {}, data.get("metadata") or {}
+    if not isinstance(tokenizer, dict) or not isinstance(metadata, dict):
+        raise MiniLlamaError(f"{config_path}: 'tokenizer' and 'metadata' must be JSON objects; the checkpoint is damaged")
     return Checkpoint(
         path=path,
         config=from_dict(ModelConfig, data.get("model"), str(config_path)),
         tokenizer_fingerprint=tokenizer.get("fingerprint"),
         tokenizer_vocab_size=tokenizer.get("vocab_size"),
-        metadata=data.get("metadata") or {},
+        metadata=metadata,
     )
 
 
@@ -176,6 +178,10 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
     torch_device = pick_device(device)
     model, info = load_checkpoint(find_checkpoint(Path(path)), torch_device)
     loaded_tokenizer = load_checkpoint_tokenizer(info, tokenizer)
+    broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken:
+        raise MiniLlamaError(f"{info.path} has NaN or infinite weights (first in '{broken}'): the run diverged or the file "
+                             "is damaged; use an earlier checkpoint")
     return model.to(inference_dtype(torch_device, dtype)).eval(), loaded_tokenizer, info
 
 

@@ -31,7 +31,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from minillama.config import PRESETS, preset
     from minillama.summary import describe, format_description
 
-    if args.target in PRESETS or not Path(args.target).exists():
+    if args.target in PRESETS or not (Path(args.target).exists() or "/" in args.target):
         config = preset(args.target)
     else:
         info = read_checkpoint_info(find_checkpoint(Path(args.target)))

@@ -30,9 +30,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     except RuntimeError:
         raise MiniLlamaError(f"device '{name}' is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MiniLlamaError(f"device '{name}' was asked for, but this PyTorch sees no CUDA GPU; use --set device=cpu")
+        raise MiniLlamaError(f"device '{name}' was asked for, but this PyTorch sees no CUDA GPU; use the cpu device "
+                             "(--device cpu, or --set device=cpu for train)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MiniLlamaError(f"device '{name}' was asked for, but MPS is not available here; use --set device=cpu")
+        raise MiniLlamaError(f"device '{name}' was asked for, but MPS is not available here; use the cpu device "
+                             "(--device cpu, or --set device=cpu for train)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device

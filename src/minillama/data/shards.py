@@ -39,11 +39,34 @@ def read_manifest(data_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MiniLlamaError(f"{path} is not valid JSON ({exc}); re-run `minillama prepare ... --overwrite`") from None
-    if manifest.get("format") != FORMAT:
-        raise MiniLlamaError(f"{path}: 'format' is {manifest.get('format')!r}; expected '{FORMAT}'")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MiniLlamaError(f"{path} is not valid JSON ({type(exc).__name__}); re-run `minillama prepare ... --overwrite`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        raise MiniLlamaError(f"{path}: 'format' is {found!r}; expected '{FORMAT}'")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise MiniLlamaError(f"{path}: {problem}; the manifest is damaged: re-run `minillama prepare ... --overwrite`")
     return manifest
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's fields, or None: the keys the loader relies on, with usable values."""
+    if manifest.get("dtype") not in ("uint16", "uint32"):
+        return f"'dtype' is {manifest.get('dtype')!r}; expected \"uint16\" or \"uint32\""
+    tokenizer = manifest.get("tokenizer")
+    if not (isinstance(tokenizer, dict) and type(tokenizer.get("vocab_size")) is int and isinstance(tokenizer.get("fingerprint"), str)):
+        return "'tokenizer' must hold an integer vocab_size and a fingerprint"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return f"'shards' is {shards!r}; expected a list"
+    for i, shard in enumerate(shards):
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and shard.get("split") in ("train", "val")
+                and type(shard.get("tokens")) is int and shard["tokens"] >= 0):
+            return f"shard entry {i} needs a file name, a split (train or val) and a token count"
+    if not isinstance(manifest.get("complete"), bool):
+        return "'complete' must be true or false"
+    return None
 
 
 def write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:

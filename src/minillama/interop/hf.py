@@ -209,6 +209,11 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer
 
 def config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     """Our ModelConfig for a transformers Llama config.json, refusing what our model does not implement."""
+    if not isinstance(hf, dict):
+        raise MiniLlamaError(f"{where}: expected a JSON object of fields, got a {type(hf).__name__}")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        if type(hf.get(key)) is not int or hf[key] < 1:
+            raise MiniLlamaError(f"{where}: '{key}' is {hf.get(key)!r}; expected a positive integer")
     architectures = hf.get("architectures") or ["LlamaForCausalLM"]
     if hf.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
         raise MiniLlamaError(
