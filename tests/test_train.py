@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -335,4 +336,30 @@ def test_resuming_in_another_precision_says_so_and_goes_on(tmp_path, data_dir, t
     train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, *base, "dtype=float16")))
     out = capsys.readouterr().out
     assert "the precision changed, so the fp16 gradient scaler starts afresh" in out and "dtype 'auto' -> 'float16'" in out
+    assert len(train_losses(tmp_path / "run")[0]) == 4
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_the_last_checkpoint_stays_loadable(tmp_path, data_dir, tokenizer):
+    """A file-size limit stands in for a full disk: the first run saves step 2; the resumed run cannot write
+    step 4's optimizer state, says so in one line (exit 2), and step 2 still loads and resumes."""
+    small = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.multiple_of=16", "optim.max_steps=4",
+             "optim.warmup_steps=1", "checkpoint.interval=2", "checkpoint.keep_last=1"]
+    overrides = tiny_run(tmp_path, data_dir, tokenizer, *small)
+    config = config_file(tmp_path, overrides)
+    command = [sys.executable, "-m", "minillama", "train", "--config", str(config)]
+    assert subprocess.run(command + ["--set", "stop_at_step=2"], capture_output=True).returncode == 0
+    step2 = tmp_path / "run" / "checkpoints" / "step_0000002"
+    limit = (step2 / "training_state.pt").stat().st_size - 1  # every other file it writes is smaller
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a short write instead of the signal that kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"minillama: error: could not write checkpoint {tmp_path / 'run' / 'checkpoints' / 'step_0000004'} (")
+    assert last.endswith("a full disk, quota or file-size limit? free some space and run the same command again to resume from the last checkpoint")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000002"]
+    assert subprocess.run(command, capture_output=True).returncode == 0  # space again: it resumes from step 2
     assert len(train_losses(tmp_path / "run")[0]) == 4

@@ -77,11 +77,19 @@ def save_checkpoint(
 
     def fill(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
-        save_file(state_dict if state_dict is not None else model_state_dict(model), str(tmp / WEIGHTS_FILE))
         if tokenizer is not None:
             shutil.copyfile(tokenizer.path, tmp / TOKENIZER_FILE)
-        if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+        try:
+            save_file(state_dict if state_dict is not None else model_state_dict(model), str(tmp / WEIGHTS_FILE))
+            if training_state is not None:
+                torch.save(training_state, tmp / TRAINING_STATE_FILE)
+        except (RuntimeError, SafetensorError) as exc:
+            # Writing plain tensors fails only when the file cannot be written; the libraries say so in their own
+            # words. The half-written directory is removed, and earlier checkpoints are untouched.
+            raise MiniLlamaError(
+                f"could not write checkpoint {path} ({str(exc).strip().splitlines()[-1][:80]}): a full disk, quota or "
+                "file-size limit? free some space and run the same command again to resume from the last checkpoint"
+            ) from None
 
     return write_directory_atomically(path, fill)
 
