@@ -137,6 +137,7 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
         raise MiniLlamaError(f"the batch size is {batch_size}; expected a positive integer")
     device = model.tok_embeddings.weight.device
     max_len = model.config.max_seq_len
+    width_multiple = 16 if device.type == "cuda" else 1
     with evaluating(model):
         encoded = [candidates(example, tokenizer, max_len) for example in examples]
         truncated = sum(was_truncated for _, was_truncated in encoded)
@@ -146,9 +147,9 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
         for first in range(0, len(order), batch_size):
             chunk = order[first : first + batch_size]
             cands = [cand for i in chunk for cand in encoded[i][0]]
-            # Widths rounded up to a multiple of 16: a GPU pays for each new shape (kernel plans), and HellaSwag's
-            # lengths would otherwise give nearly every batch one of its own.
-            width = min(max_len, -(-max(len(c.tokens) for c in cands) // 16) * 16)
+            # On a GPU, widths rounded up to a multiple of 16: it pays for each new shape (kernel plans), and
+            # HellaSwag's lengths would otherwise give nearly every batch one of its own. A CPU only pays for padding.
+            width = min(max_len, -(-max(len(c.tokens) for c in cands) // width_multiple) * width_multiple)
             tokens = torch.zeros(len(cands), width, dtype=torch.long)
             targets = torch.full((len(cands), width), -1, dtype=torch.long)
             for row, cand in enumerate(cands):
