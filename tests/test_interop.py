@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import random
 import struct
 import subprocess
@@ -383,3 +384,27 @@ def test_exports_and_imports_never_replace_what_they_did_not_write(tmp_path, sma
     assert main(["import", "llama2c", str(tmp_path / "m.bin"), str(tmp_path / "back"), "--tokenizer", str(tokenizer.path)]) == 0
     assert main(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "back"), "--force"]) == 0
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and (tmp_path / "file.txt").read_text() == "mine too"
+
+
+def test_leftovers_of_a_killed_export_are_cleared_by_the_next_one_and_a_live_writers_are_not(tmp_path, small_config, tokenizer,
+                                                                                               corpus_file):
+    from minillama.cli import main
+
+    save_checkpoint(tmp_path / "ckpt", Transformer(small_config), tokenizer)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that no longer runs, as after kill -9
+    left = [tmp_path / f".hf.tmp-{dead.pid}-x1y2", tmp_path / f".m.bin.{dead.pid}-a1b2.tmp", tmp_path / f".tok.model.{dead.pid}-c3.tmp"]
+    left[0].mkdir()
+    (left[0] / "model.safetensors").write_bytes(b"half")
+    for path in left[1:]:
+        path.write_bytes(b"half")
+    live = tmp_path / f".hf.tmp-{os.getpid()}-q9"  # a writer that is still running: not ours to take
+    live.mkdir()
+    user = [tmp_path / ".hf.notes", tmp_path / "hf.tmp"]  # look alike, but not our temporary names
+    user[0].write_text("mine")
+    user[1].write_text("mine")
+    assert main(["export", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    assert main(["export", "llama2c", str(tmp_path / "ckpt"), str(tmp_path / "m.bin")]) == 0
+    assert main(["tokenizer", "train", str(corpus_file), "--vocab-size", "300", "--out", str(tmp_path / "tok.model")]) == 0
+    assert not any(p.exists() for p in left)
+    assert live.exists() and all(p.read_text() == "mine" for p in user)

@@ -22,7 +22,7 @@ OS_ERROR_FIXES = {
     errno.EDQUOT: "the disk quota is used up; free some space and run the same command again",
     errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
     errno.EISDIR: "this is a directory where a file is expected; give a file path",
-    errno.EEXIST: "something already exists there; choose another path",
+    errno.EEXIST: "a file is where a folder is needed, or an earlier output is there; choose another path",
 }
 
 
@@ -44,7 +44,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from minillama.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer([Path(f) for f in args.files], args.vocab_size, Path(args.out), args.text_field)
+    tokenizer = train_tokenizer([Path(f) for f in args.files], args.vocab_size, Path(args.out), args.text_field, args.force)
     print(f"wrote {tokenizer.path} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.fingerprint[:12]}…)")
 
 
@@ -103,6 +103,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if not args.interactive:
+        _check_prompt(args.prompt)
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
     _say_which(info)
 
@@ -131,8 +133,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
         run(args.prompt or "", args.seed)
         return
     print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
+    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     for i, line in enumerate(sys.stdin):
-        run(line.rstrip("\n"), None if args.seed is None else args.seed + i)  # each prompt its own seed
+        try:
+            run(_check_prompt(line.rstrip("\n")), None if args.seed is None else args.seed + i)  # each its own seed
+        except MiniLlamaError as exc:
+            print(f"minillama: {exc}; type another prompt", file=sys.stderr)
+
+
+def _check_prompt(prompt: str) -> str:
+    """A prompt from argv or stdin that was not UTF-8 holds surrogate escapes; SentencePiece cannot take it."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = prompt[exc.start].encode("utf-8", "surrogateescape")[0]
+        raise MiniLlamaError(f"the prompt is not UTF-8 text (byte 0x{bad:02x} at character {exc.start}); "
+                             "pass it in UTF-8 (check the terminal's locale)") from None
+    return prompt
 
 
 HELLASWAG_NOTE = ("completion-style scoring as in the reference recipe (loss over the ending tokens); "
@@ -264,6 +281,7 @@ def _add_tokenizer(commands: Subparsers) -> None:
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, e.g. 512 for the tiny preset")
     p.add_argument("--out", required=True, help="where to write the .model file")
     p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default: text)")
+    _force_option(p, "tokenizer model")
 
 
 def _add_prepare(commands: Subparsers) -> None:

@@ -8,6 +8,7 @@ would give them (tempfile alone would make them private).
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
 import re
 import shutil
@@ -30,22 +31,42 @@ LEFTOVER = re.compile(r"\..+\.(tmp-[^/]+|old-\d+|[^.]+\.tmp)")  # what the two w
 def remove_leftovers(folder: Path) -> list[Path]:
     """Delete what an interrupted atomic write left in `folder` (never data: those names start with '.' and carry
     '.tmp' or '.old-'). Call it only while holding the folder's lock, so no live writer's file is taken."""
-    removed = []
-    for path in Path(folder).glob(".*"):
-        if not LEFTOVER.fullmatch(path.name):
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-        removed.append(path)
-    return removed
+    return [_remove(path) for path in Path(folder).glob(".*") if LEFTOVER.fullmatch(path.name)]
+
+
+def remove_leftovers_of(out: Path) -> list[Path]:
+    """Delete what an interrupted write of `out` left beside it, where no lock guards the folder: only the
+    temporary names of `out` itself whose writer process (its id is in the name) no longer runs."""
+    out = Path(out)
+    owner = re.compile(re.escape(f".{out.name}.") + r"(?:tmp-|old-)?(\d+)-?")
+    found = [p for p in out.parent.glob(f".{glob.escape(out.name)}.*") if LEFTOVER.fullmatch(p.name)]
+    if not out.exists():  # killed between the two renames of a directory replace: the old copy is all there is
+        found = [p for p in found if ".old-" not in p.name]
+    return [_remove(p) for p in found if (m := owner.match(p.name)) and not _process_exists(int(m.group(1)))]
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove(path: Path) -> Path:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return path
 
 
 def write_file_atomically(path: Path, data: bytes | memoryview) -> Path:
     """Write `data` to `path`: readers see the old content or all of the new, never a part."""
     path = Path(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", delete=False) as tmp:
         try:
             tmp.write(data)
             tmp.flush()
@@ -63,7 +84,7 @@ def write_directory_atomically(path: Path, fill: Callable[[Path], None]) -> Path
     """Let `fill` write into a fresh temporary directory, then rename it to `path` (replacing an old one whole)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         fill(tmp)
         for file in tmp.iterdir():
@@ -84,12 +105,19 @@ def write_directory_atomically(path: Path, fill: Callable[[Path], None]) -> Path
     return path
 
 
-def check_output(out: Path, sources: list[Path], what: str, force: bool, is_earlier_output: Callable[[Path], bool],
+def claim_output(out: Path, sources: list[Path], what: str, force: bool, is_earlier_output: Callable[[Path], bool],
                  directory: bool) -> None:
     """Refuse to write `what` (a directory, or a file) at `out` where that would lose something the user did not
     ask to lose: `out` is one of the `sources` or inside or around one; or `out` exists (a non-empty directory,
-    or a file) and is not an earlier output of the same kind being replaced with `force`."""
+    or a file) and is not an earlier output of the same kind being replaced with `force`. Then clear what an
+    interrupted earlier write of `out` left beside it."""
     out = Path(out).resolve()
+    _check_output(out, sources, what, force, is_earlier_output, directory)
+    remove_leftovers_of(out)
+
+
+def _check_output(out: Path, sources: list[Path], what: str, force: bool, is_earlier_output: Callable[[Path], bool],
+                  directory: bool) -> None:
     for source in (Path(s).resolve() for s in sources):
         if out == source or source in out.parents or out in source.parents:
             raise MiniLlamaError(f"{out} is or holds the source {source}; write the {what} somewhere else")
@@ -110,12 +138,14 @@ def check_output(out: Path, sources: list[Path], what: str, force: bool, is_earl
 class DirectoryLock:
     """An OS lock (flock) on DIR/.lock, held while one command owns DIR: a second command on the same folder is
     refused, naming the process that holds it. The OS drops the lock when the holder dies, even by kill -9, so a
-    lock is never stale; the empty .lock file stays behind and means nothing by itself."""
+    lock is never stale; the empty .lock file stays behind and means nothing by itself. A folder the lock had to
+    create is removed again if the command left nothing else in it (it failed before writing)."""
 
     fd: int | None
 
     def __init__(self, folder: Path, what: str):
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
+        self.created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
@@ -129,10 +159,14 @@ class DirectoryLock:
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is None:
+            return
+        if self.created and [p.name for p in self.folder.iterdir()] == [".lock"]:
+            os.unlink(self.folder / ".lock")  # while still held, so no other command is using it
+            self.folder.rmdir()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
 
     def __enter__(self) -> DirectoryLock:
         return self

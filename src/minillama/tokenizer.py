@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from minillama.errors import MiniLlamaError
-from minillama.files import write_file_atomically
+from minillama.files import claim_output, write_file_atomically
+from minillama.hub import quiet_hub
 
 # A public, ungated copy of Meta's Llama 2 tokenizer.model on the Hugging Face hub, and its sha256.
 LLAMA2_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
@@ -90,20 +90,16 @@ def load_tokenizer(path: str | Path | None = None, how_to_pass: str = "--tokeniz
 def download_llama2_tokenizer(how_to_pass: str = "--tokenizer PATH") -> Path:
     """Fetch Llama 2's tokenizer.model into the Hugging Face cache (once) and check its sha256. Offline, the
     hub's retry messages are kept back: the user gets one line."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
     try:
         from huggingface_hub import hf_hub_download
 
-        local = Path(hf_hub_download(repo_id=LLAMA2_TOKENIZER_REPO, filename=LLAMA2_TOKENIZER_FILE))
+        with quiet_hub():
+            local = Path(hf_hub_download(repo_id=LLAMA2_TOKENIZER_REPO, filename=LLAMA2_TOKENIZER_FILE))
     except Exception as exc:  # network, auth, or hub errors all mean the same thing to the user
         raise MiniLlamaError(
             f"could not download the Llama 2 tokenizer from the Hugging Face hub ({type(exc).__name__}); "
             f"pass {how_to_pass} to a tokenizer.model, or set {TOKENIZER_ENV}=PATH"
         ) from None
-    finally:
-        hub_logger.setLevel(level)
     if file_sha256(local) != LLAMA2_TOKENIZER_SHA256:
         raise MiniLlamaError(f"downloaded {local} does not match Llama 2's tokenizer sha256; delete it and retry")
     return local
@@ -125,18 +121,33 @@ def read_training_text(files: list[Path], text_field: str = "text") -> Iterator[
                     yield line.rstrip("\n")
 
 
-def train_tokenizer(files: list[Path], vocab_size: int, out: Path, text_field: str = "text") -> Tokenizer:
+def is_sentencepiece_model(path: Path) -> bool:
+    try:
+        Tokenizer(path)
+    except MiniLlamaError:
+        return False
+    return True
+
+
+def train_tokenizer(files: list[Path], vocab_size: int, out: Path, text_field: str = "text", force: bool = False) -> Tokenizer:
     """Train a Llama-style SentencePiece BPE model: byte fallback (no unknown characters), digits split one by one,
     no Unicode normalisation, whitespace kept as is; ids 0/1/2 are unk/bos/eos as in Llama 2."""
     import sentencepiece as spm
 
+    out = Path(out)
+    claim_output(out, [Path(f) for f in files], "tokenizer model", force, is_sentencepiece_model, directory=False)
     model = io.BytesIO()
     input_errors: list[MiniLlamaError] = []
 
     def sentences() -> Iterator[str]:
         # SentencePiece would wrap our exception in an opaque RuntimeError; keep it and raise it after.
         try:
-            yield from read_training_text([Path(f) for f in files], text_field)
+            lines = 0
+            for lines, line in enumerate(read_training_text([Path(f) for f in files], text_field), 1):
+                yield line
+            if not lines:
+                raise MiniLlamaError(f"{', '.join(map(str, files))} holds no text to train on; check the files"
+                                     + (f" (and --text-field, now '{text_field}')" if any(str(f).endswith(".jsonl") for f in files) else ""))
         except MiniLlamaError as exc:
             input_errors.append(exc)
 
@@ -171,7 +182,6 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path, text_field: s
         raise MiniLlamaError(f"tokenizer training failed: {str(exc).strip().splitlines()[-1]}") from None
     if input_errors:
         raise input_errors[0]
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomically(out, model.getvalue())
     return Tokenizer(out)

@@ -28,7 +28,7 @@ from minillama.checkpoint import (
 )
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
-from minillama.files import check_output, write_file_atomically
+from minillama.files import claim_output, write_file_atomically
 from minillama.model import meta_model
 from minillama.tokenizer import Tokenizer, check_vocab
 
@@ -100,7 +100,7 @@ def export_llama2c(checkpoint: Path, out: Path, version: int = 0, force: bool = 
     when it is a llama2.c model file)."""
     if version not in ORDER:
         raise MiniLlamaError(f"--version {version} is not supported; llama2.c's float32 formats are 0 and 1")
-    check_output(out, [checkpoint], "llama2.c model file", force, is_llama2c_model, directory=False)
+    claim_output(out, [checkpoint], "llama2.c model file", force, is_llama2c_model, directory=False)
     model, info = load_checkpoint(checkpoint)
     config = info.config
     if config.rope_theta != LLAMA2C_ROPE_THETA or config.norm_eps != LLAMA2C_NORM_EPS:
@@ -173,7 +173,7 @@ def read_llama2c(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def import_llama2c(path: Path, out_checkpoint: Path, tokenizer_path: Path, force: bool = False) -> Path:
-    check_output(out_checkpoint, [path, tokenizer_path], "checkpoint", force, is_checkpoint, directory=True)
+    claim_output(out_checkpoint, [path, tokenizer_path], "checkpoint", force, is_checkpoint, directory=True)
     config, state = read_llama2c(path)
     tokenizer = Tokenizer(tokenizer_path)
     check_vocab(tokenizer, config.vocab_size, str(path), "pass the tokenizer the model was trained with")
@@ -184,7 +184,7 @@ def import_llama2c(path: Path, out_checkpoint: Path, tokenizer_path: Path, force
 def export_llama2c_tokenizer(tokenizer_path: Path, out: Path, force: bool = False) -> Path:
     """run.c's tokenizer file: uint32 max token length, then per token float32 score, uint32 length, UTF-8
     bytes; '▁' becomes a space and BOS/EOS become '\\n<s>\\n' / '\\n</s>\\n'."""
-    check_output(out, [tokenizer_path], "run.c tokenizer file", force, is_llama2c_tokenizer, directory=False)
+    claim_output(out, [tokenizer_path], "run.c tokenizer file", force, is_llama2c_tokenizer, directory=False)
     tokenizer = Tokenizer(tokenizer_path)
     sp = tokenizer.sp
     pieces, scores = [], []
