@@ -48,6 +48,17 @@ def workspace(tmp_path_factory, corpus_file, tokenizer):
     (root / "hf_no_size" / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 4}))
     (root / "hf_list").mkdir()
     (root / "hf_list" / "config.json").write_text("[]")
+    hf_config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                 "intermediate_size": 176, "vocab_size": 320, "max_position_embeddings": 128}
+    for name in ["hf_no_index", "hf_no_weights", "hf_bad_weights"]:
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(hf_config))
+    (root / "hf_no_index" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    (root / "hf_bad_weights" / "model.safetensors").write_bytes(b"garbage")
+    (root / "empty.txt").touch()
+    (root / "bad.toml").write_text("x = = 1\n")
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("the user's own notes")
     return root
 
 
@@ -88,10 +99,93 @@ CASES = [
     (["prepare", "check", "{w}/manifest_binary"], "manifest.json is not valid JSON (UnicodeDecodeError)"),
     (["import", "hf", "{w}/hf_no_size", "{w}/out"], "'hidden_size' is None; expected a positive integer"),
     (["import", "hf", "{w}/hf_list", "{w}/out"], "expected a JSON object of fields, got a list"),
+    (["generate", "{w}/ckpt", "hi", "--top-p", "0"], "top_p is 0.0; expected a number in (0, 1]"),
+    (["generate", "{w}/ckpt", "hi", "--top-p", "1.5"], "top_p is 1.5; expected a number in (0, 1]"),
+    (["generate", "{w}/ckpt", "hi", "--max-new-tokens", "0"], "max_new_tokens is 0; expected at least 1"),
+    (["generate", "{w}/ckpt", "hi", "--num-samples", "0"], "num_samples is 0; expected at least 1"),
+    (["generate", "{w}/ckpt", "hi", "--temperature", "-1"], "temperature is -1.0; expected 0 (greedy) or a positive number"),
+    (["generate", "{w}/ckpt", "caf\udce9"], "the prompt is not UTF-8 text (byte 0xe9 at character 3)"),
+    (["generate", "{w}/missing", "hi"], "missing is neither a checkpoint directory nor a run directory with checkpoints/step_*"),
+    (["generate", "{w}/hs.jsonl", "hi"], "hs.jsonl is neither a checkpoint directory nor a run directory"),
+    (["generate", "{w}/run", "hi"], "run is neither a checkpoint directory nor a run directory"),
+    (["generate", "{w}/ckpt", "hi", "--tokenizer", "{w}/hs.jsonl"], "hs.jsonl is not a SentencePiece model"),
+    (["eval", "loss", "{w}/ckpt", "--data", "{w}/missing"], "missing has no manifest.json; make it with `minillama prepare`"),
+    (["eval", "loss", "{w}/ckpt", "--data", "{w}/plots"], "plots has no manifest.json"),
+    (["eval", "loss", "{w}/ckpt", "--data", "{w}/data", "--seq-len", "-5"], "the sequence length is -5; expected a positive integer"),
+    (["eval", "loss", "{w}/missing", "--data", "{w}/data"], "missing is neither a checkpoint directory"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/missing.jsonl"], "missing.jsonl: no such HellaSwag file"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/plots"], "plots: no such HellaSwag file"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/empty.txt"], "empty.txt holds no HellaSwag examples"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/run/metrics.jsonl"], "metrics.jsonl:1: not a HellaSwag record with ctx, endings and label"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/hs.jsonl", "--limit", "-2"], "the example limit is -2; expected a positive integer"),
+    (["plot", "{w}/missing", "-o", "{w}/plots/c.png"], "missing has no metrics.jsonl; is it a training run directory?"),
+    (["plot", "{w}/run", "-o", "{w}/plots/c.txt"], "matplotlib cannot write .txt images; name the file .png, .svg or .pdf"),
+    (["plot", "{w}/run", "--smoothing", "-0.5", "-o", "{w}/plots/c.png"], "smoothing is -0.5; expected a number in [0, 1)"),
+    (["plot", "{w}/run", "-o", "{w}/hs.jsonl/c.png"], "a file is where a folder is needed"),
+    (["report", "{w}/missing"], "missing has no metrics.jsonl; is it a training run directory?"),
+    (["report", "{w}/ckpt"], "ckpt has no metrics.jsonl"),
+    (["inspect", "nonpreset"], "unknown model preset 'nonpreset'; choose one of: mini-llama-109M, tiny"),
+    (["inspect", "{w}/hs.jsonl"], "hs.jsonl is neither a checkpoint directory nor a run directory"),
+    (["export", "hf", "{w}/ckpt", "{w}/notes"], "notes already exists; choose a new path for the Hugging Face export, or pass --force"),
+    (["export", "hf", "{w}/ckpt", "{w}/notes", "--force"], "notes exists and is not a Hugging Face export (--force replaces only an earlier"),
+    (["export", "hf", "{w}/ckpt", "{w}/ckpt"], "ckpt is or holds the source {w}/ckpt; write the Hugging Face export somewhere else"),
+    (["export", "hf", "{w}/ckpt", "{w}/ckpt/hf"], "is or holds the source {w}/ckpt"),
+    (["export", "hf", "{w}/ckpt", "{w}/hs.jsonl"], "hs.jsonl is a file; give a new directory path for the Hugging Face export"),
+    (["export", "hf", "{w}/missing", "{w}/out"], "missing is neither a checkpoint directory"),
+    (["export", "llama2c", "{w}/ckpt", "{w}/plots"], "plots is a directory; give a new file path for the llama2.c model file"),
+    (["export", "llama2c", "{w}/ckpt", "{w}/hs.jsonl"], "hs.jsonl already exists; choose a new path for the llama2.c model file"),
+    (["export", "llama2c", "{w}/ckpt", "{w}/hs.jsonl", "--force"], "hs.jsonl exists and is not a llama2.c model file"),
+    (["export", "llama2c-tokenizer", "{w}/hs.jsonl", "{w}/tok.bin"], "hs.jsonl is not a SentencePiece model"),
+    (["export", "llama2c-tokenizer", "{w}/ckpt/tokenizer.model", "{w}/hs.jsonl"], "hs.jsonl already exists; choose a new path for the run.c tokenizer file"),
+    (["import", "hf", "{w}/missing", "{w}/out"], "missing/config.json cannot be read"),
+    (["import", "hf", "{w}/ckpt", "{w}/out"], "ckpt is a Mini Llama checkpoint already"),
+    (["import", "hf", "{w}/hf_no_index", "{w}/out"], "model.safetensors.index.json has no 'weight_map' from tensor names"),
+    (["import", "hf", "{w}/hf_no_weights", "{w}/out"], "has no model.safetensors (or index); Mini Llama reads only safetensors"),
+    (["import", "hf", "{w}/hf_bad_weights", "{w}/out"], "hf_bad_weights/model.safetensors cannot be read"),
+    (["import", "hf", "{w}/hf_no_size", "{w}/hf_no_size"], "is or holds the source"),
+    (["import", "hf", "{w}/hf_no_weights", "{w}/notes"], "notes already exists; choose a new path for the checkpoint"),
+    (["import", "llama2c", "{w}/hs.jsonl", "{w}/out", "--tokenizer", "{w}/ckpt/tokenizer.model"], "hs.jsonl"),
+    (["import", "llama2c", "{w}/empty.txt", "{w}/out", "--tokenizer", "{w}/ckpt/tokenizer.model"], "empty.txt"),
+    (["tokenizer", "train", "{w}/missing.txt", "--vocab-size", "300", "--out", "{w}/t.model"], "missing.txt: no such file"),
+    (["tokenizer", "train", "{w}/empty.txt", "--vocab-size", "300", "--out", "{w}/t.model"], "empty.txt holds no text to train on"),
+    (["tokenizer", "train", "{w}/hs.jsonl", "--vocab-size", "300", "--out", "{w}/t.model"], "hs.jsonl:1: not a JSON object with a 'text' field"),
+    (["tokenizer", "train", "{w}/notes/todo.txt", "--vocab-size", "300", "--out", "{w}/plots"], "plots is a directory; give a new file path for the tokenizer model"),
+    (["tokenizer", "train", "{w}/notes/todo.txt", "--vocab-size", "300", "--out", "{w}/hs.jsonl"], "hs.jsonl already exists; choose a new path for the tokenizer model"),
+    (["tokenizer", "train", "{w}/notes/todo.txt", "--vocab-size", "300", "--out", "{w}/hs.jsonl", "--force"], "hs.jsonl exists and is not a tokenizer model"),
+    (["tokenizer", "train", "{w}/notes/todo.txt", "--vocab-size", "300", "--out", "{w}/notes/todo.txt"], "is or holds the source"),
+    (["prepare", "text", "{w}/missing.txt", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model"], "missing.txt: no such file"),
+    (["prepare", "text", "{w}/empty.txt", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model"], "the input has no text to tokenize"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/missing.model"], "tokenizer file {w}/missing.model does not exist; pass --tokenizer PATH"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/hs.jsonl"], "hs.jsonl is not a SentencePiece model"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/data", "--tokenizer", "{w}/ckpt/tokenizer.model"], "holds shards made with different settings"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--text-field", "nope"], "hs.jsonl:1: no string field 'nope' (use --text-field to name another)"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--workers", "0"], "--workers is 0; expected a positive integer"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--shard-tokens", "0"], "--shard-tokens is 0; expected a positive integer"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--val-tokens", "-1"], "--val-tokens is -1; expected a positive integer"),
+    (["prepare", "text", "{w}/latin1.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model"], "latin1.jsonl:1: byte 10 is not valid UTF-8"),
+    (["prepare", "check", "{w}/missing"], "missing has no manifest.json; is it a folder made by `minillama prepare`?"),
+    (["train", "--config", "{w}/missing.toml"], "config file {w}/missing.toml does not exist; see configs/ for examples"),
+    (["train", "--config", "{w}/bad.toml"], "bad.toml is not valid TOML (Invalid value (at line 1, column 5))"),
+    (["train", "--set", "nokey"], "--set 'nokey': expected key=value, for example --set optim.lr=3e-4"),
+    (["train", "--set", "optim.lr=abc"], "field 'lr' is 'abc'; expected a number"),
+    (["train", "--set", "optim.lr=-0.1"], "run config field 'optim.lr' is -0.1; expected a number > 0"),
+    (["train", "--set", "batch_size=0"], "--set batch_size=0: the run config has no field 'batch_size'"),
+    (["train", "--set", "eval.val_tokens=10"], "run config field 'eval.val_tokens' is 10; expected at least one sequence of batch.seq_len=1024"),
+    (["train", "--set", "model.dim=100", "--set", "model.n_heads=3"], "model config field 'dim' is 100; expected a multiple of n_heads=3"),
+    (["train", "--set", "model.n_kv_heads=5"], "model config field 'n_kv_heads' is 5; expected a divisor of n_heads=12"),
+    (["train", "--set", "dtype=float8"], "run config field 'dtype' is \"float8\"; expected one of \"auto\""),
+    (["train", "--set", "device=tpu"], "device 'tpu' is not a torch device; use auto, cpu, cuda, cuda:N or mps"),
+    (["train", "--set", "optim.warmup_steps=-1"], "run config field 'optim.warmup_steps' is -1; expected an integer >= 0"),
+    (["train", "--set", "optim.warmup_steps=20000"], "run config field 'optim.warmup_steps' is 20000; expected 0 <= it < optim.max_steps"),
+    (["train", "--set", "optim.weight_decay=-1"], "run config field 'optim.weight_decay' is -1.0; expected a number >= 0"),
+    (["train", "--set", "checkpoint.interval=0"], "run config field 'checkpoint.interval' is 0; expected a positive integer"),
+    (["train", "--set", "batch.seq_len=2048"], "run config field 'batch.seq_len' is 2048; expected at most model.max_seq_len=1024"),
+    (["train", "--set", "data.dir={w}/hs.jsonl", "--set", "data.tokenizer={w}/ckpt/tokenizer.model", "--set", "model.vocab_size=320",
+      "--set", "run_dir={w}/r", "--set", "device=cpu"], "hs.jsonl"),
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/hs.jsonl/out", "--text-field", "ctx", "--tokenizer", "{w}/ckpt/tokenizer.model"], "a part of the path is a file, not a directory"),
     (["train", "--set", "run_dir={w}/hs.jsonl", "--set", "data.dir={w}/data", "--set", "model.vocab_size=320",
       "--set", "data.tokenizer={w}/ckpt/tokenizer.model", "--set", "device=cpu", "--set", "eval.hellaswag=false"],
-     "something already exists there; choose another path"),
+     "a file is where a folder is needed"),
 ]
 
 
@@ -144,3 +238,32 @@ def test_offline_tokenizer_download_is_one_line_in_the_commands_own_terms(tmp_pa
     assert main(["prepare", "text", str(tmp_path / "x.txt"), "--out", str(tmp_path / "out")]) == 2
     assert "pass --tokenizer PATH to a tokenizer.model" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_offline_fineweb_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys, tokenizer):
+    import logging
+
+    datasets = pytest.importorskip("datasets", reason="FineWeb-Edu streaming needs the 'datasets' extra")
+
+    def offline(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("'[Errno -2] Name or service not known' thrown; Retrying in 1s")
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert main(["prepare", "fineweb-edu", "--out", str(tmp_path / "fw"), "--tokenizer", str(tokenizer.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("minillama: error: cannot stream HuggingFaceFW/fineweb-edu (sample-10BT)"), err
+    assert "prepare text FILES.parquet" in err and list(tmp_path.iterdir()) == []
+
+
+def test_interactive_generate_refuses_a_bad_line_and_answers_the_next(workspace, monkeypatch, capsys):
+    import io
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n" + b"x" * 400 + b"\nThe cat\n"), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert main(["generate", str(workspace / "ckpt"), "--interactive", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("minillama:")]
+    assert errors[0] == "minillama: the prompt is not UTF-8 text (byte 0xe9 at character 3); pass it in UTF-8 (check the terminal's locale); type another prompt"
+    assert "exceeds the model's max_seq_len of 128" in errors[1] and len(errors) == 2
+    assert captured.out.startswith("Sample 0: The cat") and captured.out.count("Sample 0:") == 1

@@ -136,6 +136,8 @@ def _read_checked_weights(path: Path, model: Transformer) -> dict[str, torch.Ten
         state = load_file(str(weights_path))
     except FileNotFoundError:
         raise MiniLlamaError(f"{path} has no {WEIGHTS_FILE}; the checkpoint is incomplete") from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise MiniLlamaError(f"{weights_path} cannot be read ({exc.strerror}); check that it is a file you may read") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise MiniLlamaError(f"{weights_path} cannot be read ({exc}); the file is truncated or not safetensors") from None
     expected = model_state_dict(model)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minillama.data.shards import MANIFEST, read_manifest, split_entries
+from minillama.data.shards import MANIFEST, VERIFIED, read_manifest, split_entries
 from minillama.errors import MiniLlamaError
 from minillama.files import write_file_atomically
 from minillama.tokenizer import file_sha256
@@ -172,9 +172,6 @@ def check_data(data_dir: Path, vocab_size: int, tokenizer_fingerprint: str | Non
         if not any(e["tokens"] for e in split_entries(manifest, split)):
             raise MiniLlamaError(f"{data_dir} has no {split} tokens; prepare it again with a different --val-tokens")
     return manifest
-
-
-VERIFIED = "verified.json"  # the manifest's sha256 once every shard has been hashed and range-checked against it
 
 
 def verify_shards(data_dir: Path, vocab_size: int, progress: bool = True) -> dict[str, Any]:

@@ -32,9 +32,9 @@ from minillama.data.shards import (
 from minillama.data.sources import SkipCounter
 from minillama.errors import MiniLlamaError
 from minillama.files import DirectoryLock, remove_leftovers
+from minillama.tokenizer import Tokenizer
 
 SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")  # the names `ShardStream` gives its shards
-from minillama.tokenizer import Tokenizer
 
 RECORDS_PER_TASK = 256  # documents sent to a worker at once: large enough to amortise the inter-process hop
 
@@ -281,6 +281,9 @@ def prepare(
 def _check_splits(out_dir: Path, manifest: dict[str, Any]) -> None:
     val = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
     train = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+    if val == 0:
+        raise MiniLlamaError(f"the input has no text to tokenize ({manifest['skipped_records']:,} empty or skipped records); "
+                             "check the files (and --text-field for .jsonl and .parquet)")
     if train == 0:
         raise MiniLlamaError(
             f"all {val:,} tokens went to the validation split of {out_dir}; re-run with --overwrite and a smaller "

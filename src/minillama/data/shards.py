@@ -18,6 +18,7 @@ from minillama.errors import MiniLlamaError
 from minillama.files import write_file_atomically
 
 MANIFEST = "manifest.json"
+VERIFIED = "verified.json"  # the manifest's sha256 once every shard has been hashed and range-checked against it
 FORMAT = "minillama-shards"
 FORMAT_VERSION = 1
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from minillama.errors import MiniLlamaError
+from minillama.hub import quiet_hub
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 # Rows per FineWeb-Edu sample, for the progress bar's ETA (from the dataset card).
@@ -47,12 +48,13 @@ class FineWebEdu:
         except ImportError:
             raise MiniLlamaError("preparing FineWeb-Edu needs the 'datasets' package: pip install 'minillama[data]'") from None
         try:
-            stream = datasets.load_dataset(FINEWEB_EDU, name=self.subset, split="train", streaming=True)
-            stream = stream.select_columns(["text"])
-            if skip:
-                stream = stream.skip(skip)
-            for row in stream:
-                yield _nonempty(row["text"], skipped)
+            with quiet_hub():
+                stream = datasets.load_dataset(FINEWEB_EDU, name=self.subset, split="train", streaming=True)
+                stream = stream.select_columns(["text"])
+                if skip:
+                    stream = stream.skip(skip)
+                for row in stream:
+                    yield _nonempty(row["text"], skipped)
         except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
             raise MiniLlamaError(
                 f"cannot stream {FINEWEB_EDU} ({self.subset}) from the Hugging Face hub ({type(exc).__name__}: {exc}); "

@@ -4,12 +4,14 @@ results drawn in where they are comparable."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from minillama.data.sources import FineWebEdu
 from minillama.errors import MiniLlamaError
+from minillama.files import write_file_atomically
 from minillama.tokenizer import LLAMA2_TOKENIZER_SHA256
 from minillama.train.metrics import read_metrics
 
@@ -74,7 +76,7 @@ def _reference_line(ax, index: int, label: str, value: float, text: str) -> None
 
 
 def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.9) -> Path:
-    """Draw the runs' curves into the image `out` (PNG)."""
+    """Draw the runs' curves into the image `out`, in the format its suffix names (PNG without one)."""
     if not 0 <= smoothing < 1:
         raise MiniLlamaError(f"smoothing is {smoothing}; expected a number in [0, 1) (0: none, 0.9: the default)")
     if Path(out).is_dir():
@@ -83,13 +85,18 @@ def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.9) -> Path:
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = curves_figure([load_run(Path(d)) for d in run_dirs], smoothing)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    image_format = out.suffix.lstrip(".").lower() or "png"
+    if image_format not in FigureCanvasAgg.get_supported_filetypes():
+        raise MiniLlamaError(f"{out}: matplotlib cannot write .{image_format} images; name the file .png, .svg or .pdf")
+    fig = curves_figure([load_run(Path(d)) for d in run_dirs], smoothing)
+    image = io.BytesIO()
+    fig.savefig(image, format=image_format, dpi=120)
     plt.close(fig)
-    return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_file_atomically(out, image.getbuffer())
 
 
 def curves_figure(runs: list[RunCurves], smoothing: float = 0.9):

@@ -21,7 +21,7 @@ from minillama.checkpoint import (
 from minillama.config import ModelConfig
 from minillama.device import DTYPES
 from minillama.errors import MiniLlamaError
-from minillama.files import check_output, write_directory_atomically
+from minillama.files import claim_output, write_directory_atomically
 from minillama.generate import document_end_ids
 from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
 from minillama.model import meta_model
@@ -186,7 +186,7 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer
     only with `force`, and only when it is an earlier export."""
     if dtype not in DTYPES:
         raise MiniLlamaError(f"--dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
-    check_output(out_dir, [checkpoint], "Hugging Face export", force, is_hf_export, directory=True)
+    claim_output(out_dir, [checkpoint], "Hugging Face export", force, is_hf_export, directory=True)
     model, info = load_checkpoint(checkpoint)
     tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
     config = info.config
@@ -248,7 +248,7 @@ def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors checkpoint, single-file or sharded (model.safetensors.index.json)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _indexed_files(index)
     elif (model_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -264,10 +264,24 @@ def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _indexed_files(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index maps its tensors to."""
+    try:
+        files = set(json.loads(index.read_text())["weight_map"].values())
+        if not files or not all(isinstance(f, str) for f in files):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise MiniLlamaError(f"{index} has no 'weight_map' from tensor names to .safetensors files; "
+                             "restore the index as the model was published, or remove it if model.safetensors is whole") from None
+    return sorted(files)
+
+
 def import_hf(model_dir: Path, out_checkpoint: Path, tokenizer_path: Path | None = None, force: bool = False) -> Path:
     """Turn a local transformers Llama directory into a Mini Llama checkpoint (float32)."""
     model_dir = Path(model_dir)
-    check_output(out_checkpoint, [model_dir], "checkpoint", force, is_checkpoint, directory=True)
+    if is_checkpoint(model_dir):
+        raise MiniLlamaError(f"{model_dir} is a Mini Llama checkpoint already; every command takes it as it is")
+    claim_output(out_checkpoint, [model_dir], "checkpoint", force, is_checkpoint, directory=True)
     try:
         hf = json.loads((model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -141,6 +141,9 @@ class TrainConfig:
             raise MiniLlamaError(
                 f"run config field 'batch.seq_len' is {self.batch.seq_len}; expected at most model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.eval.val_tokens < self.batch.seq_len:
+            raise MiniLlamaError(f"run config field 'eval.val_tokens' is {self.eval.val_tokens}; expected at least one "
+                                 f"sequence of batch.seq_len={self.batch.seq_len} tokens")
         if not self.optim.warmup_steps < self.optim.max_steps:
             raise MiniLlamaError(f"run config field 'optim.warmup_steps' is {self.optim.warmup_steps}; expected 0 <= it < optim.max_steps")
 

@@ -1,0 +1,24 @@
+"""Downloads from the Hugging Face hub without its retry chatter: offline, a user gets our one line, not a page of
+'Retrying in 8s' warnings first."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HUB_LOGGERS = ("huggingface_hub", "datasets")
+
+
+@contextmanager
+def quiet_hub() -> Iterator[None]:
+    """Raise the hub libraries' log level to ERROR for the duration (import them before: importing resets it)."""
+    loggers = [logging.getLogger(name) for name in HUB_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
