@@ -50,11 +50,35 @@ def test_cached_greedy_equals_rerunning_the_sequence(model):
     assert cache.keys.shape[2] == config.kv_heads < config.n_heads  # the cache holds kv heads only
 
 
-def test_eager_cache_view_growing_in_blocks_gives_the_same_tokens(model):
-    """The eager decode step attends over its slots in blocks of 64 (the empty ones masked); across a block
-    boundary the tokens still equal the plain causal forward's."""
+def test_eager_decoding_of_100_tokens_gives_the_plain_forwards_tokens(model):
+    """The eager decode step attends over exactly its filled slots on a CPU (in blocks of 64 on CUDA, the empty
+    ones masked); over 100 steps, past a block boundary, its tokens equal the plain causal forward's."""
     prompt = [1, 17, 42]
     assert generate_tokens(model, [prompt], 100, temperature=0) == [greedy_by_rerunning(model, prompt, 100)[0]]
+
+
+def test_mask_free_attention_equals_the_masked_path(model):
+    """Prompts of one length prefill with plain causal attention and decode with none (`dense`); the explicit
+    mask, built as for padded batches, gives the same logits."""
+    tokens, positions = torch.tensor([[1, 5, 6, 7], [1, 9, 8, 7]]), torch.arange(4).expand(2, 4)
+    logits = {}
+    with torch.no_grad():
+        for dense in (True, False):
+            cache = KVCache(model.config, 2, 8, torch.device("cpu"), torch.float32)
+            cache.length, cache.dense = 4, dense
+            prefill = model(tokens, cache=cache, positions=positions, slots=torch.arange(4))[0]
+            cache.length = 5
+            step = model(torch.tensor([[3], [4]]), cache=cache, positions=torch.tensor([[4], [4]]), slots=torch.tensor([4]))[0]
+            logits[dense] = torch.cat([prefill, step], dim=1)
+    assert (logits[True] - logits[False]).abs().max() < 1e-5
+    assert (logits[True][0, :4] - model(tokens[:1])[0][0]).abs().max() < 1e-5
+
+
+def test_compiled_decoding_gives_the_eager_tokens(model):
+    prompts = [[1, 5, 6, 7, 8], [1, 44]]
+    eager = generate_tokens(model, prompts, 20, temperature=0)
+    assert generate_tokens(model, prompts, 20, temperature=0, compile=True) == eager
+    assert eager[1] == greedy_by_rerunning(model, prompts[1], 20)[0]
 
 
 def test_batch_of_different_lengths_equals_each_prompt_alone(model):

@@ -27,13 +27,14 @@ OS_ERROR_FIXES = {
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from minillama.checkpoint import find_checkpoint, read_checkpoint_info
     from minillama.config import PRESETS, preset
     from minillama.summary import describe, format_description
 
     if args.target in PRESETS or not (Path(args.target).exists() or "/" in args.target):
-        config = preset(args.target)
+        config = preset(args.target)  # arithmetic only: no torch import
     else:
+        from minillama.checkpoint import find_checkpoint, read_checkpoint_info
+
         info = read_checkpoint_info(find_checkpoint(Path(args.target)))
         _say_which(info)
         config = info.config
@@ -112,7 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt_ids = tokenizer.encode(prompt, bos=True)
         check_length(model, len(prompt_ids), args.max_new_tokens)  # before anything is printed
         options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=seed, stop_at_eos=not args.no_stop_at_eos)
+                       top_k=args.top_k, top_p=args.top_p, seed=seed, stop_at_eos=not args.no_stop_at_eos,
+                       compile=args.compile)
         if args.num_samples == 1:  # stream: print each token's text as soon as it is chosen
             new_ids, shown = [], [""]
 
@@ -328,6 +330,8 @@ def _add_generate(commands: Subparsers) -> None:
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep going past the end of a document (BOS, which training "
                    "puts between documents, or EOS)")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+    p.add_argument("--compile", action="store_true", help="decode with a torch.compile'd step of static shapes (a one-time "
+                   "cost of seconds to a minute; on a CPU eager decoding is faster, see docs/benchmarks.md)")
 
 
 def _add_eval(commands: Subparsers) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from minillama.errors import MiniLlamaError
-from minillama.model import KVCache, Transformer, evaluating
+from minillama.model import KVCache, Transformer, compute_dtype, evaluating
 from minillama.tokenizer import Tokenizer
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
@@ -62,44 +62,44 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _compute_dtype(model: Transformer, device: torch.device) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return model.tok_embeddings.weight.dtype
-
-
-_EAGER_LENGTH_ROUNDING = 64
+_EAGER_LENGTH_ROUNDING = 64  # on CUDA, see `_DecodeStep.__call__`
 _STATIC_CACHE_ROUNDING = 256  # static caches come in lengths of 256, 512, ... so that prompts of similar size share one
+
+
+def _last_logits(model: Transformer, tokens: Tensor, cache: KVCache, positions: Tensor, slots: Tensor) -> Tensor:
+    """Logits of each row's last position only: the output head, the largest matmul of a small model, skips the rest."""
+    return model.output(model.hidden_states(tokens, cache, positions, slots)[:, -1])
 
 
 class _DecodeStep:
     """A KV cache and the model step that extends it by one token per row.
 
-    Eager steps attend over the filled slots (in blocks, see __call__). Static steps attend over every slot, the
-    empty ones masked, so that every step has the same shapes: on CUDA the step is then captured once as a CUDA
-    graph and replayed; elsewhere the same static step runs eagerly. A static step is kept for later batches of
-    the same shape (see `_decode_step`); a graph reads the weights where they were at capture.
+    Eager steps attend over the filled slots (see __call__). Static steps attend over every slot, the empty ones
+    masked, so that every step has the same shapes: they can be compiled (`compile`), and on CUDA they are
+    captured once as a CUDA graph and replayed; elsewhere they run as they are. A static step is kept for later
+    batches of the same shape (see `_decode_step`); a graph reads the weights where they were at capture.
     """
 
     def __init__(self, model: Transformer, batch_size: int, cache_len: int, device: torch.device,
-                 dtype: torch.dtype, static: bool):
+                 dtype: torch.dtype, static: bool, compile: bool = False, graph: bool = False):
         self.cache = KVCache(model.config, batch_size, cache_len, device, dtype)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.static = static
+        self.padded = False
+        self.step = torch.compile(_last_logits, dynamic=False) if compile else _last_logits
         self.graph: torch.cuda.CUDAGraph | None = None
-        if static and device.type == "cuda":
+        if static and graph:
             self._capture(model)
 
     def _forward(self, model: Transformer) -> Tensor:
-        if self.static:
-            self.cache.length = None
-        return model(self.token, cache=self.cache, positions=self.position, slots=self.slot)[0][:, -1]
+        return self.step(model, self.token, self.cache, self.position, self.slot)
 
     def _capture(self, model: Transformer) -> None:
-        # Warm up on a side stream (as capture requires), then record one step. Warm-up and capture write
-        # slot 0, which `prefill` overwrites.
+        # Warm up on a side stream (as capture requires; a compiled step compiles here), then record one step.
+        # Warm-up and capture write slot 0, which `prefill` overwrites.
+        self.cache.length, self.cache.dense = None, False
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -110,12 +110,14 @@ class _DecodeStep:
         with torch.cuda.graph(self.graph):
             self.logits = self._forward(model)
 
-    def prefill(self, model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
-        """Fill slots 0..T-1 with the (left-padded) prompts; last logits. A reused cache needs no clearing: a
-        query sees only slots up to its own, and each of those is written (or marked padding) by this batch."""
-        self.cache.length = tokens.shape[1]
+    def prefill(self, model: Transformer, tokens: Tensor, positions: Tensor, padded: bool) -> Tensor:
+        """Fill slots 0..T-1 with the (left-padded, if `padded`) prompts; last logits. A reused cache needs no
+        clearing: a query sees only slots up to its own, and each of those is written (or marked padding) by this
+        batch. Prompts of one length need no mask at all."""
+        self.padded = padded
+        self.cache.length, self.cache.dense = tokens.shape[1], not padded
         slots = torch.arange(tokens.shape[1], device=tokens.device)
-        return model(tokens, cache=self.cache, positions=positions, slots=slots)[0][:, -1]
+        return _last_logits(model, tokens, self.cache, positions, slots)
 
     def __call__(self, model: Transformer, token: Tensor, position: Tensor, slot: int) -> Tensor:
         self.token.copy_(token)
@@ -124,11 +126,15 @@ class _DecodeStep:
         if self.graph is not None:
             self.graph.replay()
             return self.logits
-        if not self.static:
-            # Attend over the filled slots, rounded up to a block so that attention sees a new shape only every
-            # _EAGER_LENGTH_ROUNDING steps: on a GPU each new shape costs a kernel plan.
+        if self.static:
+            self.cache.length, self.cache.dense = None, False
+        elif self.token.device.type == "cuda":
+            # Attend over the filled slots, rounded up to a block (the rest masked) so that attention sees a new
+            # shape only every _EAGER_LENGTH_ROUNDING steps: on a GPU each new shape costs a kernel plan.
             rounded = -(-(slot + 1) // _EAGER_LENGTH_ROUNDING) * _EAGER_LENGTH_ROUNDING
-            self.cache.length = min(rounded, self.cache.keys.shape[3])
+            self.cache.length, self.cache.dense = min(rounded, self.cache.keys.shape[3]), False
+        else:  # a CPU pays only for the work: exactly the filled slots, and no mask unless a row is padded
+            self.cache.length, self.cache.dense = slot + 1, not self.padded
         return self._forward(model)
 
 
@@ -137,21 +143,22 @@ _static_steps: weakref.WeakKeyDictionary[Transformer, dict[tuple, _DecodeStep]] 
 _STATIC_STEPS_PER_MODEL = 2
 
 
-def _decode_step(model: Transformer, batch_size: int, length: int, device: torch.device, static: bool) -> _DecodeStep:
+def _decode_step(model: Transformer, batch_size: int, length: int, device: torch.device, static: bool,
+                 compile: bool, graph: bool) -> _DecodeStep:
     """A decode step with room for `length` tokens: a fresh eager one, or a static one reused when its shapes
     and the weights' addresses match."""
-    dtype = _compute_dtype(model, device)
+    dtype = compute_dtype(model)
     if not static:
         return _DecodeStep(model, batch_size, length, device, dtype, static=False)
     rounded = min(model.config.max_seq_len, -(-length // _STATIC_CACHE_ROUNDING) * _STATIC_CACHE_ROUNDING)
     addresses = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-    key = (batch_size, rounded, dtype, addresses)
+    key = (batch_size, rounded, dtype, compile, graph, addresses)
     steps = _static_steps.setdefault(model, {})
     step = steps.pop(key, None)
     if step is None:
         while len(steps) >= _STATIC_STEPS_PER_MODEL:
             del steps[next(iter(steps))]
-        step = _DecodeStep(model, batch_size, rounded, device, dtype, static=True)
+        step = _DecodeStep(model, batch_size, rounded, device, dtype, static=True, compile=compile, graph=graph)
     steps[key] = step
     return step
 
@@ -168,13 +175,15 @@ def generate_tokens(
     stop_ids: Collection[int] = (),
     cuda_graph: bool | None = None,
     on_token: TokenCallback | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """New token ids for each prompt. A row stops at any of `stop_ids` (not included), independently of the others;
     the batch stops when all have.
 
     `cuda_graph` (default: on for CUDA models outside autocast) decodes with static shapes, captured as a CUDA
     graph on CUDA and run eagerly elsewhere. A graph needs the weights in the compute dtype: under autocast,
-    whose weight casts live outside any graph, it is refused.
+    whose weight casts live outside any graph, it is refused. `compile` decodes with static shapes too, the step
+    compiled once by torch.compile (on CUDA, then also captured as a graph unless `cuda_graph` is False).
     """
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -198,20 +207,23 @@ def generate_tokens(
         raise MiniLlamaError("cuda_graph=True under autocast: cast the model to the compute dtype instead, or pass cuda_graph=False")
 
     with evaluating(model):
-        step = _decode_step(model, batch_size, longest + max_new_tokens, device, static=cuda_graph)
-        logits = step.prefill(model, padded, positions)
+        step = _decode_step(model, batch_size, longest + max_new_tokens, device, static=cuda_graph or compile,
+                            compile=compile, graph=cuda_graph and device.type == "cuda")
+        logits = step.prefill(model, padded, positions, padded=any(len(p) < longest for p in prompts))
         new_tokens: list[list[int]] = [[] for _ in prompts]
-        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        finished = [False] * batch_size  # on the host: deciding needs no sync beyond the one copy of each step's tokens
         for i in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             for row, token_id in enumerate(token.tolist()):
-                if not finished[row] and token_id not in stop_ids:
-                    new_tokens[row].append(token_id)
-                    if on_token is not None:
-                        on_token(row, token_id)
-            if stop_ids:
-                finished |= torch.isin(token, torch.tensor(list(stop_ids), device=device))
-            if bool(finished.all()) or i == max_new_tokens - 1:
+                if finished[row]:
+                    continue
+                if token_id in stop_ids:
+                    finished[row] = True
+                    continue
+                new_tokens[row].append(token_id)
+                if on_token is not None:
+                    on_token(row, token_id)
+            if all(finished) or i == max_new_tokens - 1:
                 break
             logits = step(model, token[:, None], (lengths + i)[:, None], longest + i)
     return new_tokens
@@ -230,6 +242,7 @@ def generate(
     stop_at_eos: bool = True,
     on_token: TokenCallback | None = None,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> list[str]:
     """`num_samples` completions of `prompt` (the new text only). An empty prompt starts from BOS alone."""
     if num_samples < 1:
@@ -242,6 +255,7 @@ def generate(
     new = generate_tokens(
         model, [prompt_ids] * num_samples, max_new_tokens, temperature, top_k, top_p, generator,
         stop_ids=document_end_ids(tokenizer) if stop_at_eos else (), cuda_graph=cuda_graph, on_token=on_token,
+        compile=compile,
     )
     return [completion_text(tokenizer, prompt_ids, ids) for ids in new]
 

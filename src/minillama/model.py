@@ -53,6 +53,9 @@ class KVCache(nn.Module):
     A slot holds a real token once it is written with a position >= 0; left padding is written with position -1.
     `length` (a Python int, when set) limits attention to the first `length` slots, so that eager decoding does
     not pay for empty slots; None attends over all of them, keeping shapes static.
+    `dense` (set by the caller, who knows it without asking the device) says that no row holds padding and that
+    this step's queries fill the last slots of the attended `length`: then plain causal attention is exact and
+    no mask is built, which lets CUDA pick its flash kernel.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
@@ -62,25 +65,52 @@ class KVCache(nn.Module):
         self.register_buffer("values", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("filled", torch.zeros(batch_size, max_len, device=device, dtype=torch.bool), persistent=False)
         self.length: int | None = None
+        self.dense = False
 
     def record(self, slots: Tensor, positions: Tensor) -> None:
         """Note which of `slots` (T,) now hold real tokens: those whose `positions` (B, T) are >= 0."""
         self.filled.index_copy_(1, slots, positions >= 0)
 
     def attention_mask(self, slots: Tensor) -> Tensor:
-        """(B, 1, T, length) mask of the keys each query in `slots` may see: earlier or own slots that hold real
-        tokens. A query always sees its own slot, so a padding query has one key and its output stays finite."""
-        filled = self.filled[:, : self.length]
-        key_slots = torch.arange(filled.shape[1], device=slots.device)
-        causal = key_slots[None, :] <= slots[:, None]  # (T, length)
-        own = key_slots[None, :] == slots[:, None]
-        return (causal[None] & (filled[:, None, :] | own[None])).unsqueeze(1)
+        return visible_keys(self.filled[:, : self.length], slots)
 
     def update(self, layer: int, slots: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's keys/values (B, H_kv, T, D) into `slots`; return the whole layer's cache."""
         self.keys[layer].index_copy_(2, slots, keys)
         self.values[layer].index_copy_(2, slots, values)
         return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
+
+
+def visible_keys(filled: Tensor, slots: Tensor) -> Tensor:
+    """(B, 1, T, L) mask of the keys each query in `slots` (T,) may see, given which of the L slots hold real tokens
+    (B, L): earlier or own slots that do. A query always sees its own slot, so a padding query has one key and its
+    output stays finite."""
+    key_slots = torch.arange(filled.shape[1], device=slots.device)
+    causal = key_slots[None, :] <= slots[:, None]  # (T, L)
+    own = key_slots[None, :] == slots[:, None]
+    return (causal[None] & (filled[:, None, :] | own[None])).unsqueeze(1)
+
+
+class SharedPrefixes:
+    """Continuations of prefixes in a KV cache, several per prefix, in one pass: row i continues row `rows[i]` of
+    `prefixes` (the endings of one context share it). The prefixes' keys are gathered per layer as attention needs
+    them, never copied for the whole model; the continuation's own keys are not kept."""
+
+    def __init__(self, prefixes: KVCache, rows: Tensor):
+        self.prefixes, self.rows = prefixes, rows
+        self.length = prefixes.length  # the prefixes' slots; the continuation comes right after them
+        self.dense = False
+
+    def record(self, slots: Tensor, positions: Tensor) -> None:
+        self.filled = torch.cat([self.prefixes.filled[self.rows, : self.length], positions >= 0], dim=1)
+
+    def attention_mask(self, slots: Tensor) -> Tensor:
+        return visible_keys(self.filled, slots)
+
+    def update(self, layer: int, slots: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        prefix = slice(None, self.length)
+        return (torch.cat([self.prefixes.keys[layer, :, :, prefix][self.rows], keys], dim=2),
+                torch.cat([self.prefixes.values[layer, :, :, prefix][self.rows], values], dim=2))
 
 
 class Attention(nn.Module):
@@ -96,7 +126,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor,
-        cache: KVCache | None = None, slots: Tensor | None = None, mask: Tensor | None = None,
+        cache: KVCache | SharedPrefixes | None = None, slots: Tensor | None = None, mask: Tensor | None = None,
     ) -> Tensor:
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
@@ -111,7 +141,7 @@ class Attention(nn.Module):
             q, k, v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None,
+            is_causal=mask is None and seq_len > 1,  # one query (decoding) sees every attended key
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
@@ -141,7 +171,7 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor,
-        cache: KVCache | None = None, slots: Tensor | None = None, mask: Tensor | None = None,
+        cache: KVCache | SharedPrefixes | None = None, slots: Tensor | None = None, mask: Tensor | None = None,
     ) -> Tensor:
         h = x + self.residual_dropout(self.attention(self.attention_norm(x), cos, sin, cache, slots, mask))
         return h + self.residual_dropout(self.feed_forward(self.ffn_norm(h)))
@@ -187,7 +217,17 @@ class Transformer(nn.Module):
         self, tokens: Tensor, targets: Tensor | None = None,
         cache: KVCache | None = None, positions: Tensor | None = None, slots: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, vocab) for tokens (B, T), and the mean cross-entropy over targets that are not -1.
+        """Logits (B, T, vocab) for tokens (B, T), and the mean cross-entropy over targets that are not -1."""
+        logits = self.output(self.hidden_states(tokens, cache, positions, slots))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, tokens: Tensor, cache: KVCache | SharedPrefixes | None = None, positions: Tensor | None = None,
+                      slots: Tensor | None = None) -> Tensor:
+        """The final normed states (B, T, dim), before the output head: callers that need logits at a few
+        positions only (sampling, scoring endings) apply `self.output` to those and skip the rest of the head.
 
         Without a cache the sequence starts at position 0 and attention is causal. With a cache, `slots` (T,)
         are the cache slots these tokens fill and `positions` (B, T) their rotary positions (-1 for padding).
@@ -200,14 +240,18 @@ class Transformer(nn.Module):
             rope_positions = positions.clamp(min=0)
             cos, sin = self.rope_cos[rope_positions], self.rope_sin[rope_positions]
             cache.record(slots, positions)
-            mask = cache.attention_mask(slots)
+            mask = None if cache.dense else cache.attention_mask(slots)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, slots, mask)
-        logits = self.output(self.norm(x))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return self.norm(x)
+
+
+def compute_dtype(model: Transformer) -> torch.dtype:
+    """The dtype of the model's activations (and so of its KV cache): autocast's when autocast is on, else the weights'."""
+    device_type = model.tok_embeddings.weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return model.tok_embeddings.weight.dtype
 
 
 def meta_model(config: ModelConfig) -> Transformer:
