@@ -61,8 +61,9 @@ def test_real_hellaswag_examples_batched_equals_one_at_a_time(test_data, llama_v
     mean = lambda p: [loss / n for loss, n in zip(p.losses, p.ending_tokens)]  # noqa: E731
     assert max(abs(a - b) for p, q in zip(batched, single) for a, b in zip(mean(p), mean(q))) < 1e-5
     assert max(abs(a - b) / b for p, q in zip(batched, single) for a, b in zip(p.losses, q.losses)) < 1e-6
-    for prediction, example in zip(batched, examples[:3]):
-        assert np.allclose(prediction.losses, reference_losses(llama_vocab_model, tokenizer, example), atol=1e-4)
+    for prediction, example in zip(batched, examples):  # against a plain per-candidate loop with the full head
+        reference = reference_losses(llama_vocab_model, tokenizer, example)
+        assert max(abs(a - b / n) for a, b, n in zip(mean(prediction), reference, prediction.ending_tokens)) < 1e-5
 
 
 def test_scores_match_reference_and_accuracies_follow(tmp_path, tokenizer, small_config):
@@ -89,7 +90,7 @@ def test_truncation_keeps_bos_the_newest_context_tokens_and_the_whole_ending(tok
         kept = 12 - 1 - len(ending_ids)
         assert candidate.tokens == [tokenizer.bos_id] + context[len(context) - kept:] + ending_ids
         assert candidate.ending_start == 1 + kept
-    assert candidates(example, tokenizer, max_len=200) == ([Candidate(context + tokenizer.encode(e, bos=False), len(context)) for e in example.endings], False)
+    assert candidates(example, tokenizer, max_len=200) == ([Candidate(context, tokenizer.encode(e, bos=False)) for e in example.endings], False)
 
 
 def test_long_contexts_are_cut_from_the_left_and_counted(tmp_path, tokenizer):
@@ -97,6 +98,14 @@ def test_long_contexts_are_cut_from_the_left_and_counted(tmp_path, tokenizer):
     examples = load_examples(write_examples(tmp_path / "hs.jsonl", 4))
     predictions, truncated = score(model, tokenizer, examples, batch_size=2)
     assert truncated == 4 and len(predictions) == 4
+    # Endings of different lengths leave different contexts: each is scored against its own, as a whole sequence.
+    assert any(len({tuple(c.context) for c in candidates(e, tokenizer, 40)[0]}) > 1 for e in examples)
+    with torch.no_grad():
+        for prediction, example in zip(predictions, examples):
+            for loss, cand in zip(prediction.losses, candidates(example, tokenizer, 40)[0]):
+                log_probs = torch.log_softmax(model(torch.tensor([cand.tokens]))[0][0].double(), dim=-1)
+                expected = -sum(log_probs[cand.ending_start - 1 + i, t].item() for i, t in enumerate(cand.ending))
+                assert abs(loss - expected) < 1e-4
 
 
 def test_bad_hellaswag_files(tmp_path):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from minillama.errors import MiniLlamaError
 from minillama.files import write_file_atomically
-from minillama.model import Transformer, evaluating
+from minillama.model import KVCache, SharedPrefixes, Transformer, compute_dtype, evaluating
 from minillama.tokenizer import Tokenizer
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -107,8 +107,16 @@ def load_examples(path: Path, limit: int | None = None) -> list[Example]:
 
 @dataclass
 class Candidate:
-    tokens: list[int]
-    ending_start: int  # index in `tokens` of the first ending token
+    context: list[int]  # [BOS] + context tokens (cut from the left if the whole would not fit)
+    ending: list[int]
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.context + self.ending
+
+    @property
+    def ending_start(self) -> int:
+        return len(self.context)
 
 
 def candidates(example: Example, tokenizer: Tokenizer, max_len: int) -> tuple[list[Candidate], bool]:
@@ -124,53 +132,94 @@ def candidates(example: Example, tokenizer: Tokenizer, max_len: int) -> tuple[li
         if overflow > 0:
             truncated = True
             ctx = context[:1] + context[1 + overflow:]  # keep BOS, drop the oldest context tokens
-        out.append(Candidate(ctx + ending_ids, len(ctx)))
+        out.append(Candidate(ctx, ending_ids))
     return out, truncated
+
+
+HEAD_ROWS = 512  # positions sent through the output head at once: its float32 logits are vocab_size wide each
 
 
 @torch.no_grad()
 def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32) -> tuple[list[Prediction], int]:
-    """Predictions for `examples` (batch_size examples, i.e. 4x as many sequences, per forward pass), and how
-    many examples had their context truncated. Right padding: causal attention means padding after a
-    sequence cannot change its logits."""
+    """Predictions for `examples` (batch_size examples per pass), and how many had their context truncated.
+
+    Work is done once where it can be: an example's context goes through the model once, into a KV cache that its
+    4 endings then continue (they differ only after it); the output head, a vocabulary-wide matmul, runs only at
+    the positions that predict an ending token. Examples are batched in order of length, so little is padding.
+    """
     if batch_size < 1:
         raise MiniLlamaError(f"the batch size is {batch_size}; expected a positive integer")
-    device = model.tok_embeddings.weight.device
-    max_len = model.config.max_seq_len
-    width_multiple = 16 if device.type == "cuda" else 1
+    encoded = [candidates(example, tokenizer, model.config.max_seq_len) for example in examples]
+    truncated = sum(was_truncated for _, was_truncated in encoded)
+    order = sorted(range(len(examples)), key=lambda i: max(len(c.tokens) for c in encoded[i][0]))
+    losses = torch.zeros(len(examples), 4, dtype=torch.float64)
     with evaluating(model):
-        encoded = [candidates(example, tokenizer, max_len) for example in examples]
-        truncated = sum(was_truncated for _, was_truncated in encoded)
-        # Batch examples of similar length together, so that little of each forward pass is padding.
-        order = sorted(range(len(examples)), key=lambda i: max(len(c.tokens) for c in encoded[i][0]))
-        predictions: list[Prediction | None] = [None] * len(examples)
         for first in range(0, len(order), batch_size):
             chunk = order[first : first + batch_size]
-            cands = [cand for i in chunk for cand in encoded[i][0]]
-            # On a GPU, widths rounded up to a multiple of 16: it pays for each new shape (kernel plans), and
-            # HellaSwag's lengths would otherwise give nearly every batch one of its own. A CPU only pays for padding.
-            width = min(max_len, -(-max(len(c.tokens) for c in cands) // width_multiple) * width_multiple)
-            tokens = torch.zeros(len(cands), width, dtype=torch.long)
-            targets = torch.full((len(cands), width), -1, dtype=torch.long)
-            for row, cand in enumerate(cands):
-                n = len(cand.tokens)
-                tokens[row, :n] = torch.tensor(cand.tokens)
-                # position t predicts token t+1; score only predictions of ending tokens
-                targets[row, cand.ending_start - 1 : n - 1] = torch.tensor(cand.tokens[cand.ending_start:])
-            tokens, targets = tokens.to(device), targets.to(device)
-            logits, _ = model(tokens)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-            losses = losses.view(len(cands), width).sum(dim=1).view(len(chunk), 4)
-            counts = (targets != -1).sum(dim=1).view(len(chunk), 4)
-            for i, loss_row, count_row in zip(chunk, losses.tolist(), counts.tolist()):
-                example = examples[i]
-                mean = [loss / count for loss, count in zip(loss_row, count_row)]
-                predictions[i] = Prediction(
-                    example.index, example.label,
-                    pred_norm=min(range(4), key=mean.__getitem__), pred_sum=min(range(4), key=loss_row.__getitem__),
-                    losses=tuple(loss_row), ending_tokens=tuple(count_row),
-                )
+            losses[chunk] = _ending_losses(model, [encoded[i][0] for i in chunk]).cpu()
+    predictions = []
+    for example, loss_row, (cands, _) in zip(examples, losses.tolist(), encoded):
+        counts = [len(c.ending) for c in cands]
+        mean = [loss / count for loss, count in zip(loss_row, counts)]
+        predictions.append(Prediction(
+            example.index, example.label,
+            pred_norm=min(range(4), key=mean.__getitem__), pred_sum=min(range(4), key=loss_row.__getitem__),
+            losses=tuple(loss_row), ending_tokens=tuple(counts),
+        ))
     return predictions, truncated
+
+
+def _ending_losses(model: Transformer, batch: list[list[Candidate]]) -> torch.Tensor:
+    """Summed cross-entropy of each ending (len(batch), 4): contexts left-padded through the model into a KV cache,
+    then the endings, right-padded, as continuations of their context's row."""
+    device = model.tok_embeddings.weight.device
+    contexts: list[list[int]] = []  # one per example, or one per ending where truncation made them differ
+    context_of: list[int] = []  # for each ending (row-major over batch x 4), its context's row
+    for cands in batch:
+        rows_of_example: dict[tuple[int, ...], int] = {}
+        for cand in cands:
+            if tuple(cand.context) not in rows_of_example:
+                rows_of_example[tuple(cand.context)] = len(contexts)
+                contexts.append(cand.context)
+            context_of.append(rows_of_example[tuple(cand.context)])
+    endings = [cand.ending for cands in batch for cand in cands]
+    # On a GPU, widths rounded up to a multiple of 16: it pays for each new shape (kernel plans), and HellaSwag's
+    # lengths would otherwise give nearly every batch one of its own. A CPU only pays for padding.
+    multiple = 16 if device.type == "cuda" else 1
+    width, ending_width = (-(-max(map(len, seqs)) // multiple) * multiple for seqs in (contexts, endings))
+
+    tokens = torch.zeros(len(contexts), width, dtype=torch.long)
+    positions = torch.full((len(contexts), width), -1, dtype=torch.long)
+    for row, context in enumerate(contexts):
+        tokens[row, width - len(context):] = torch.tensor(context)
+        positions[row, width - len(context):] = torch.arange(len(context))
+    cache = KVCache(model.config, len(contexts), width, device, compute_dtype(model))
+    cache.length, cache.dense = width, all(len(c) == width for c in contexts)
+    last_context_states = model.hidden_states(tokens.to(device), cache, positions.to(device), torch.arange(width, device=device))[:, -1]
+
+    index = torch.tensor(context_of, device=device)
+    continued = SharedPrefixes(cache, index)
+    tokens = torch.zeros(len(endings), ending_width, dtype=torch.long)
+    positions = torch.full((len(endings), ending_width), -1, dtype=torch.long)
+    rows, columns, targets = [], [], []
+    for row, (ending, context) in enumerate(zip(endings, context_of)):
+        tokens[row, : len(ending)] = torch.tensor(ending)
+        positions[row, : len(ending)] = len(contexts[context]) + torch.arange(len(ending))
+        rows += [row] * (len(ending) - 1)
+        columns += range(len(ending) - 1)  # ending token t predicts token t + 1
+        targets += ending[1:]
+    ending_states = model.hidden_states(tokens.to(device), continued, positions.to(device),
+                                        torch.arange(width, width + ending_width, device=device))
+    # The context's last position predicts each ending's first token; the ending's own positions the rest.
+    states = torch.cat([last_context_states[index], ending_states[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]])
+    owners = torch.cat([torch.arange(len(endings), device=device), torch.tensor(rows, dtype=torch.long, device=device)])
+    targets = torch.tensor([ending[0] for ending in endings] + targets, device=device)
+    summed = torch.zeros(len(endings), dtype=torch.float64, device=device)
+    for start in range(0, len(states), HEAD_ROWS):
+        part = slice(start, start + HEAD_ROWS)
+        token_losses = F.cross_entropy(model.output(states[part]).float(), targets[part], reduction="none")
+        summed.index_add_(0, owners[part], token_losses.double())
+    return summed.view(len(batch), 4)
 
 
 def evaluate_hellaswag(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32,
