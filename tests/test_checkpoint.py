@@ -26,6 +26,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, small_config, tokenizer, ti
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert (loaded.output.weight is loaded.tok_embeddings.weight) == tie
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad and p.dtype == torch.float32 for p in loaded.parameters())
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     tokens = torch.randint(0, small_config.vocab_size, (1, 20))
     assert torch.equal(model.eval()(tokens)[0], loaded.eval()(tokens)[0])
     assert load_checkpoint_tokenizer(info).fingerprint == tokenizer.fingerprint

@@ -124,16 +124,18 @@ def read_checkpoint_info(path: Path) -> Checkpoint:
 
 
 def load_weights(path: Path, model: Transformer) -> None:
-    """Load a checkpoint's model.safetensors into `model`, after checking keys, shapes and dtypes."""
+    """Copy a checkpoint's model.safetensors into an existing `model` (a resumed run's, whose optimizer holds its
+    parameters), after checking keys, shapes and dtypes."""
     # A tied head is stored once, as the embedding; load_state_dict fills both through the shared Parameter.
     model.load_state_dict(_read_checked_weights(path, model), strict=not model.config.tie_embeddings)
 
 
-def _read_checked_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
-    """Read model.safetensors and check it against `model`'s keys, shapes and dtypes, naming the first mismatch."""
+def _read_checked_weights(path: Path, model: Transformer, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read model.safetensors (onto `device`) and check it against `model`'s keys, shapes and dtypes, naming the
+    first mismatch."""
     weights_path = Path(path) / WEIGHTS_FILE
     try:
-        state = load_file(str(weights_path))
+        state = load_file(str(weights_path), device=str(device))
     except FileNotFoundError:
         raise MiniLlamaError(f"{path} has no {WEIGHTS_FILE}; the checkpoint is incomplete") from None
     except (PermissionError, IsADirectoryError) as exc:
@@ -156,17 +158,19 @@ def _read_checked_weights(path: Path, model: Transformer) -> dict[str, torch.Ten
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Transformer, Checkpoint]:
-    """Build the model a checkpoint describes and load its weights (float32 unless the caller casts it)."""
+    """Build the model a checkpoint describes, its parameters float32 on `device` unless the caller casts them.
+
+    The structure is built without memory (meta device) and the tensors read from the file become its parameters
+    (`assign`), so the weights are held once, never twice."""
     info = read_checkpoint_info(path)
     model = meta_model(info.config)
-    model = model.to_empty(device=device)  # allocates without initialising; the weights come from the file
+    state = _read_checked_weights(info.path, model, device)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not info.config.tie_embeddings, assign=True)
     if info.config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight  # to_empty gives each module its own new storage
-    load_weights(info.path, model)
-    # Buffers are not stored; recompute them on the real device.
+        model.output.weight = model.tok_embeddings.weight  # the head was stored once, as the embedding
+    # Buffers are not stored; compute them on the real device.
     cos, sin = rotary_tables(info.config.head_dim, info.config.max_seq_len, info.config.rope_theta)
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     return model, info
 
 
