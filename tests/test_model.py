@@ -75,6 +75,20 @@ def test_preset_parameter_counts(name):
     assert sum(p.numel() for p in model.parameters()) == expected_parameter_count(PRESETS[name])
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("tie", [True, False])
+def test_inspect_arithmetic_counts_the_built_models_parameters(name, tie):
+    from minillama.summary import count_parameters
+
+    config = dataclasses.replace(PRESETS[name], tie_embeddings=tie, n_kv_heads=PRESETS[name].n_heads // 2)
+    with torch.device("meta"):
+        model = Transformer(config)
+    counts = count_parameters(config)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["per_block"] == sum(p.numel() for p in model.layers[0].parameters())
+    assert counts["output_head"] == (0 if tie else model.output.weight.numel())
+
+
 def test_reference_preset_has_109529856_parameters():
     with torch.device("meta"):
         model = Transformer(PRESETS["mini-llama-109M"])

@@ -5,18 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from minillama.config import ModelConfig, to_dict
-from minillama.model import meta_model
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
-    """Parameter counts by part, from a model built on the meta device (no memory, exact shapes)."""
-    model = meta_model(config)
-    total = sum(p.numel() for p in model.parameters())  # a tied head is one Parameter, counted once
-    embedding = model.tok_embeddings.weight.numel()
-    output = 0 if config.tie_embeddings else model.output.weight.numel()
-    per_block = sum(p.numel() for p in model.layers[0].parameters())
-    return {"total": total, "embedding": embedding, "output_head": output, "per_block": per_block,
-            "blocks": per_block * config.n_layers, "final_norm": model.norm.weight.numel()}
+    """Parameter counts by part, by arithmetic on the config (building even a memoryless model costs a second
+    of imports, for numbers that are products of sizes)."""
+    q_and_out = 2 * config.dim * config.n_heads * config.head_dim  # wq, wo
+    keys_and_values = 2 * config.dim * config.kv_heads * config.head_dim  # wk, wv
+    feed_forward = 3 * config.dim * config.ffn_hidden_dim  # w1, w2, w3
+    per_block = q_and_out + keys_and_values + feed_forward + 2 * config.dim  # and two RMSNorm gains
+    embedding = config.vocab_size * config.dim
+    output = 0 if config.tie_embeddings else config.vocab_size * config.dim  # a tied head is the embedding itself
+    blocks = per_block * config.n_layers
+    return {"total": embedding + output + blocks + config.dim, "embedding": embedding, "output_head": output,
+            "per_block": per_block, "blocks": blocks, "final_norm": config.dim}
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
