@@ -1,12 +1,14 @@
 import hashlib
 import json
+import multiprocessing.resource_tracker
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import synthetic_corpus
+from conftest import data_file, synthetic_corpus
 
 from minillama.data import prepare as prepare_module
 from minillama.data.loader import (
@@ -21,6 +23,7 @@ from minillama.data.shards import read_manifest, write_manifest, write_shard
 from minillama.data.sources import FineWebEdu, LocalFiles
 from minillama.errors import MiniLlamaError
 from minillama.files import DirectoryLock
+from minillama.tokenizer import Tokenizer
 
 FINEWEB_COLUMNS = ["text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score"]
 
@@ -79,6 +82,38 @@ def test_parallel_workers_write_identical_shards(tmp_path, tokenizer):
     assert one == two
     for shard in one["shards"]:
         assert (tmp_path / "one" / shard["file"]).read_bytes() == (tmp_path / "two" / shard["file"]).read_bytes()
+
+
+def children() -> list[int]:
+    """Live child processes of this one, as the OS sees them (not only those multiprocessing still tracks)."""
+    mine = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0")) == os.getpid() and not fields.get("State", "").startswith("Z"):
+            mine.append(int(status.parent.name))
+    return mine
+
+
+@pytest.mark.parametrize("tokenizer_name", ["llama2_tokenizer.model", "trained"])
+def test_one_large_document_is_cut_for_the_workers_and_encodes_as_a_whole(tmp_path, tokenizer, tokenizer_name, request,
+                                                                          monkeypatch):
+    """A .txt file is one document; cut at spaces between words into tasks for 2 workers, its tokens must equal
+    SentencePiece's encoding of the whole text, and no worker process may outlive the command."""
+    if tokenizer_name != "trained":
+        tokenizer = Tokenizer(data_file(request.getfixturevalue("test_data"), tokenizer_name))
+    text = "".join(documents(400, seed=3)).replace(".", ".  \n\t") + " ünïcödé 日本語 and the end"
+    (tmp_path / "book.txt").write_text(text)
+    monkeypatch.setattr(prepare_module, "CHARS_PER_TASK", 2_000)
+    multiprocessing.resource_tracker.ensure_running()  # Python's one helper process, shared and long-lived
+    before = children()
+    manifest = prepare(LocalFiles([str(tmp_path / "book.txt")]), tmp_path / "out", tokenizer, shard_tokens=3_000,
+                       val_tokens=1_000, workers=2, progress=False)
+    assert read_stream(tmp_path / "out").tolist() == [tokenizer.bos_id, *tokenizer.sp.encode(text)]
+    assert manifest["documents"] == 1 and len(text) > 20 * 2_000
+    assert children() == before
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tokenizer, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -27,6 +28,11 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_WORD_SPACE = re.compile(r"(?<=\S) (?=\S)")  # a single space between two words
+_SPACE_AFTER_CHARACTER = re.compile("[^\u2581]\u2581")  # a piece that would join a word to the space after it
+_SENTINEL = "x"
 
 
 class Tokenizer:
@@ -62,6 +68,35 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def cut(self, text: str, size: int) -> list[str]:
+        """`text` in pieces of about `size` characters that encode, the first with `encode` and the others with
+        `encode_continuations`, to exactly the tokens of the whole: each cut falls just before a single space
+        between two words, where a tokenizer whose pieces never hold a space after another character always
+        starts a new token. Other tokenizers get the text whole."""
+        if len(text) <= size or not self.cuts_exactly:
+            return [text]
+        pieces, start = [], 0
+        while len(text) - start > size and (cut := _WORD_SPACE.search(text, start + size)):
+            pieces.append(text[start : cut.start()])
+            start = cut.start()
+        return [*pieces, text[start:]]
+
+    def encode_continuations(self, pieces: list[str]) -> list[list[int]]:
+        """Tokens of each piece as it reads after a word (so without the space SentencePiece puts before a text):
+        encoded behind a one-letter word whose own tokens are dropped."""
+        skip = len(self.sp.encode(_SENTINEL))
+        return [ids[skip:] for ids in self.sp.encode([_SENTINEL + piece for piece in pieces], num_threads=1)]
+
+    @functools.cached_property
+    def cuts_exactly(self) -> bool:
+        pieces = [self.id_to_piece(i) for i in range(self.vocab_size)]
+        if any(_SPACE_AFTER_CHARACTER.search(piece) for piece in pieces):
+            return False
+        probe = "Some text,  with\tmixed   whitespace\n\n and 1234 digits; ünïcödé and 日本語 too. The end"
+        whole = self.sp.encode(probe)
+        cuts = [m.start() for m in _WORD_SPACE.finditer(probe)]
+        return all(self.sp.encode(probe[:c]) + self.encode_continuations([probe[c:]])[0] == whole for c in cuts)
 
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))

@@ -12,7 +12,7 @@ import multiprocessing
 import re
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +36,10 @@ from minillama.tokenizer import Tokenizer
 
 SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")  # the names `ShardStream` gives its shards
 
-RECORDS_PER_TASK = 256  # documents sent to a worker at once: large enough to amortise the inter-process hop
+# Text sent to a worker at once, by size (documents range from a line to a whole book): large enough to amortise
+# the inter-process hop, small enough that one large file still spreads over every worker.
+CHARS_PER_TASK = 1 << 19
+RECORDS_PER_TASK = 4096  # and at most this many records, so that a task of many empty ones stays small too
 
 
 class Source(Protocol):
@@ -59,59 +62,95 @@ class StreamPosition:
 
 _worker_tokenizer: Tokenizer | None = None
 
+Task = list[tuple[str | None, bool]]  # (text of a record or of a piece of one, whether it continues the previous)
+
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer(tokenizer_path)
 
 
-def encode_records(records: list[str | None], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """[BOS] + tokens of each record, concatenated, and each record's length (0 for a skipped record)."""
+def tasks(records: Iterator[str | None], tokenizer: Tokenizer) -> Iterator[Task]:
+    """Records grouped into tasks of about CHARS_PER_TASK characters; a longer record is cut into pieces (see
+    `Tokenizer.cut`), which may land in different tasks."""
+    task: Task = []
+    size = 0
+    for record in records:
+        pieces = [record] if record is None else tokenizer.cut(record, CHARS_PER_TASK)
+        for k, piece in enumerate(pieces):
+            task.append((piece, k > 0))
+            size += len(piece or "")
+            if size >= CHARS_PER_TASK or len(task) >= RECORDS_PER_TASK:
+                yield task
+                task, size = [], 0
+    if task:
+        yield task
+
+
+def encode_task(task: Task, tokenizer: Tokenizer | None = None) -> list[np.ndarray]:
+    """Tokens of each item of a task: [BOS] + tokens for a record's start, tokens alone for a continuation,
+    nothing for a skipped record."""
     tokenizer = tokenizer or _worker_tokenizer
-    texts = [r for r in records if r is not None]
-    encoded = iter(tokenizer.sp.encode(texts, num_threads=1) if texts else [])
-    ids_per_record = [None if r is None else next(encoded) for r in records]
-    lengths = np.array([0 if ids is None else len(ids) + 1 for ids in ids_per_record], dtype=np.int64)
-    flat = np.empty(int(lengths.sum()), dtype=np.int32)
-    position = 0
-    for ids in ids_per_record:
-        if ids is not None:
-            flat[position] = tokenizer.bos_id
-            flat[position + 1 : position + 1 + len(ids)] = ids
-            position += len(ids) + 1
-    return flat, lengths
+    starts = [text for text, continues in task if text is not None and not continues]
+    continuations = [text for text, continues in task if text is not None and continues]
+    started = iter(tokenizer.sp.encode(starts, num_threads=1) if starts else [])
+    continued = iter(tokenizer.encode_continuations(continuations) if continuations else [])
+    out = []
+    for text, continues in task:
+        if text is None:
+            out.append(np.empty(0, dtype=np.int32))
+        elif continues:
+            out.append(np.array(next(continued), dtype=np.int32))
+        else:
+            out.append(np.array([tokenizer.bos_id, *next(started)], dtype=np.int32))
+    return out
 
 
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def encode_in_order(records: Iterator[str | None], tokenizer: Tokenizer, workers: int) -> Iterator[list[np.ndarray]]:
+    """The tokens of each record, in input order, in lists (the records a task finished), encoded in `workers`
+    processes.
 
-
-def encode_in_order(batches: Iterator[list[str | None]], tokenizer: Tokenizer, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Encode batches of records in `workers` processes, yielding results in input order.
-
-    At most a few batches per worker are in flight (unlike Pool.imap, which reads its whole input ahead), so
-    memory stays flat however large the source is.
+    At most a few tasks per worker are in flight (unlike Pool.imap, which reads its whole input ahead), so
+    memory stays flat however large the source is. The pool's processes are ended and reaped on the way out,
+    also when the caller stops early.
     """
     if workers <= 1:
-        for batch in batches:
-            yield encode_records(batch, tokenizer)
+        yield from _join_pieces((task, encode_task(task, tokenizer)) for task in tasks(records, tokenizer))
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(encode_records, (batch,)))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),))
+    try:
+        yield from _join_pieces(_encode_in_pool(pool, tasks(records, tokenizer), workers))
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _encode_in_pool(pool: Any, work: Iterator[Task], workers: int) -> Iterator[tuple[Task, list[np.ndarray]]]:
+    pending: deque = deque()
+    for task in work:
+        pending.append((task, pool.apply_async(encode_task, (task,))))
+        if len(pending) >= 4 * workers:
+            task, result = pending.popleft()
+            yield task, result.get()
+    while pending:
+        task, result = pending.popleft()
+        yield task, result.get()
+
+
+def _join_pieces(encoded: Iterator[tuple[Task, list[np.ndarray]]]) -> Iterator[list[np.ndarray]]:
+    """Whole records from encoded tasks: a record's pieces, spread over tasks, are joined in order."""
+    pieces: list[np.ndarray] = []
+    for task, arrays in encoded:
+        finished = []
+        for (_, continues), tokens in zip(task, arrays):
+            if not continues and pieces:
+                finished.append(np.concatenate(pieces) if len(pieces) > 1 else pieces[0])
+                pieces = []
+            pieces.append(tokens)
+        if finished:
+            yield finished
+    if pieces:
+        yield [np.concatenate(pieces) if len(pieces) > 1 else pieces[0]]
 
 
 # --- the shard stream ------------------------------------------------------------------------------------------
@@ -235,12 +274,9 @@ def prepare(
                    disable=None if progress else True, dynamic_ncols=True)  # None: a bar on terminals only
 
         record, end = start.record, start
-        batches = batched(source.records(start.record, skipped), RECORDS_PER_TASK)
-        for flat, lengths in encode_in_order(batches, tokenizer, workers):
-            begin = 0
-            for length in lengths.tolist():
-                tokens = flat[begin : begin + length]
-                begin += length
+        for finished in encode_in_order(source.records(start.record, skipped), tokenizer, workers):
+            for tokens in finished:
+                length = len(tokens)
                 if length == 0:
                     stream.skipped_records += 1
                 offset = start.offset if record == start.record else 0
@@ -254,7 +290,7 @@ def prepare(
                 record += 1
                 if budget <= 0:
                     break
-            bar.update(len(lengths))
+            bar.update(len(finished))
             bar.set_postfix(tokens=f"{stream.tokens_done + stream.filled:,}", tok_per_s=f"{tokens_this_run / max(time.monotonic() - began, 1e-9):,.0f}")
             if budget <= 0:
                 break
