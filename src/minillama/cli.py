@@ -230,6 +230,18 @@ def cmd_export_llama2c_tokenizer(args: argparse.Namespace) -> None:
     print(f"wrote {export_llama2c_tokenizer(Path(args.tokenizer), Path(args.out), force=args.force)}")
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from minillama.checkpoint import find_checkpoint
+    from minillama.interop.llamacpp import export_gguf
+
+    out, fell_back = export_gguf(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.dtype, force=args.force,
+                                 tokenizer_path=Path(args.tokenizer) if args.tokenizer else None)
+    if fell_back:
+        print(f"note: {len(fell_back)} matrices have rows that are not a multiple of 32, which q8_0 needs; they are "
+              f"stored as f16: {', '.join(fell_back)}", file=sys.stderr)
+    print(f"wrote {out}")
+
+
 def cmd_import_hf(args: argparse.Namespace) -> None:
     from minillama.interop.hf import import_hf
 
@@ -366,7 +378,8 @@ def _force_option(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_interop(commands: Subparsers) -> None:
-    export = _group(commands, "export", "Export a checkpoint to Hugging Face transformers or llama2.c (or a tokenizer to run.c's format).", "FORMAT")
+    export = _group(commands, "export", "Export a checkpoint to Hugging Face transformers, llama.cpp (GGUF) or llama2.c "
+                    "(or a tokenizer to run.c's format).", "FORMAT")
     p = _command(export, "hf", "Write a directory that transformers' AutoModelForCausalLM and AutoTokenizer load as Llama.", cmd_export_hf)
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("out", help="output directory")
@@ -377,6 +390,15 @@ def _add_interop(commands: Subparsers) -> None:
     p.add_argument("out", help="output .bin file")
     p.add_argument("--version", type=int, default=0, choices=[0, 1], help="0: the legacy layout run.c reads (default); 1: the header-v1 layout")
     _force_option(p, "llama2.c model file")
+    p = _command(export, "gguf", "Write a GGUF file that llama.cpp, llama-cpp-python, Ollama and LM Studio run (needs the "
+                 "'gguf' extra).", cmd_export_gguf)
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("out", help="output .gguf file")
+    p.add_argument("--dtype", default="f16", help="matrices' type (norms stay f32): "
+                   "f16 (default), f32, bf16, or q8_0 (8-bit blocks of 32; a matrix whose rows are not a multiple of 32 "
+                   "is stored as f16, and named)")
+    p.add_argument("--tokenizer", help="SentencePiece .model (default: the checkpoint's own)")
+    _force_option(p, "GGUF file")
     p = _command(export, "llama2c-tokenizer", "Write a SentencePiece model as run.c's tokenizer file (its -z option).", cmd_export_llama2c_tokenizer)
     p.add_argument("tokenizer", help="a SentencePiece .model")
     p.add_argument("out", help="output .bin file")

@@ -65,18 +65,25 @@ def _remove(path: Path) -> Path:
 
 def write_file_atomically(path: Path, data: bytes | memoryview) -> Path:
     """Write `data` to `path`: readers see the old content or all of the new, never a part."""
+    return fill_file_atomically(path, lambda tmp: tmp.write_bytes(data))
+
+
+def fill_file_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write the file at a temporary path beside `path` (for writers that open files themselves), then
+    fsync it and rename it over `path`."""
     path = Path(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", delete=False) as tmp:
-        try:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-            os.chmod(tmp.name, 0o666 & ~_umask())
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        fill(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
