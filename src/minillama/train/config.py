@@ -74,10 +74,16 @@ class BatchConfig(_Section):
 class OptimConfig(_Section):
     name = "optim"
 
-    lr: Annotated[float, ABOVE_ZERO] = 6e-4  # peak learning rate, reached after warmup
-    min_lr: Annotated[float, NON_NEGATIVE] = 6e-5  # floor of the cosine decay (10% of peak)
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW (at lr) for embedding, head and norms
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, stable at the peak, linear decay over the last decay_fraction
+    lr: Annotated[float, ABOVE_ZERO] = 6e-4  # peak learning rate (of AdamW's parameters), reached after warmup
+    min_lr: Annotated[float, NON_NEGATIVE] = 6e-5  # where the decay ends (10% of peak); Muon's ends at the same fraction of muon_lr
     warmup_steps: Annotated[int, NON_NEGATIVE] = 715  # linear warmup from lr/warmup_steps (375M tokens at 0.5M per step, as GPT-3)
-    max_steps: PositiveInt = 19_073  # end of the cosine decay: 10B tokens / 524,288 per step = one epoch of sample-10BT
+    max_steps: PositiveInt = 19_073  # end of the decay: 10B tokens / 524,288 per step = one epoch of sample-10BT
+    decay_fraction: Annotated[float, Range(min=0, max=1, min_open=True)] = 0.2  # wsd: the last fifth of max_steps decays
+    muon_lr: Annotated[float, ABOVE_ZERO] = 0.02  # Muon's peak lr, scaled per matrix by sqrt(max(1, rows/cols)) (Keller Jordan's rule)
+    muon_momentum: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.95  # Nesterov momentum of Muon
+    muon_weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # decoupled, times muon_lr (Muon's original recipe has none)
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.1  # on 2-D weights only (matmuls, embeddings); norms are not decayed
     beta1: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.9  # AdamW's decay of the gradient mean
     beta2: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.95  # of the squared-gradient mean (0.95, not 0.999: steadier for LLMs)

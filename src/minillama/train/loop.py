@@ -39,7 +39,7 @@ from minillama.train.distributed import (
     wrap_data_parallel,
 )
 from minillama.train.metrics import MetricsLogger, truncate_metrics
-from minillama.train.optim import build_optimizer, learning_rate
+from minillama.train.optim import MuonWithAdamW, build_optimizer, set_learning_rates
 from minillama.train.resume import (
     complete_checkpoints,
     load_training_state,
@@ -87,7 +87,7 @@ class Run:
     model: Transformer  # the weights; sampling and HellaSwag call it directly
     compiled: torch.nn.Module  # `model` compiled (or itself): training steps and validation loss
     step_model: torch.nn.Module  # `compiled` under DDP (or itself): what the micro-steps call
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | MuonWithAdamW
     scaler: torch.amp.GradScaler
     loader: TrainLoader
     logger: MetricsLogger
@@ -190,9 +190,7 @@ def train_step(run: Run) -> dict[str, Any]:
     run.scaler.unscale_(run.optimizer)
     # Clipping at 1.0 bounds the update when a rare batch produces a huge gradient (common early on).
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.grad_clip or math.inf)
-    lr = learning_rate(run.state.step, config.optim)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    lr = set_learning_rates(run.optimizer, run.state.step, config.optim)
     if torch.isfinite(loss_sum) and (torch.isfinite(grad_norm) or run.scaler.is_enabled()):
         run.scaler.step(run.optimizer)
     else:
@@ -368,7 +366,7 @@ def _save(run: Run) -> None:
     barrier(run.ctx)
 
 
-def _restore(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def _restore(path: Path, model: Transformer, optimizer: torch.optim.Optimizer | MuonWithAdamW, scaler: torch.amp.GradScaler,
              loader: TrainLoader, state: RunState, device: torch.device, ctx: Distributed) -> None:
     load_weights(path, model)
     saved = load_training_state(path)

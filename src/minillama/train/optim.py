@@ -1,8 +1,10 @@
-"""AdamW with decay on 2-D weights only, and the warmup + cosine learning-rate schedule."""
+"""The optimizers (AdamW, or Muon for the blocks' matrices with AdamW for the rest) and the learning-rate schedules
+(warmup + cosine, or warmup-stable-decay)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,10 +12,24 @@ from torch import nn
 from minillama.train.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.Optimizer | MuonWithAdamW:
+    """AdamW over every parameter, or (optim.name = "muon") Muon over the 2-D weights inside the blocks and AdamW
+    over the token embedding (the tied head with it), an untied head and the norm gains."""
+    named = list(model.named_parameters())  # a tied head appears once, as the embedding
+    if config.name == "adamw":
+        return _adamw([p for _, p in named], config, device)
+    muon_params = [p for name, p in named if name.startswith("layers.") and p.dim() == 2]
+    muon = torch.optim.Muon(
+        [{"params": muon_params, "muon": True}], lr=config.muon_lr, weight_decay=config.muon_weight_decay,
+        momentum=config.muon_momentum, nesterov=True, adjust_lr_fn="original",
+    )
+    others = [p for name, p in named if not (name.startswith("layers.") and p.dim() == 2)]
+    return MuonWithAdamW(muon, _adamw(others, config, device))
+
+
+def _adamw(params: list[nn.Parameter], config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """Matmul and embedding weights are decayed; norm gains (1-D) are not, since shrinking them toward zero
     would fight the normalisation rather than regularise."""
-    params = [p for p in model.parameters() if p.requires_grad]  # a tied head appears once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW(
@@ -23,12 +39,62 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device)
     )
 
 
-def learning_rate(step: int, config: OptimConfig) -> float:
-    """Linear warmup to lr over warmup_steps (step 0 gets lr/warmup_steps, never 0), cosine decay to min_lr at
-    max_steps, then min_lr."""
+class MuonWithAdamW:
+    """Two optimizers stepped as one: what the training loop, the fp16 gradient scaler (which reads param_groups
+    and calls step) and checkpoints see."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [*self.muon.param_groups, *self.adamw.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def lr_scale(step: int, config: OptimConfig) -> float:
+    """The schedule as a fraction of the peak, the same for every parameter group.
+
+    Both schedules warm up linearly (step 0 gets 1/warmup_steps, never 0) and end at min_lr/lr from max_steps on.
+    cosine decays from the end of warmup to max_steps. wsd stays at the peak until the last decay_fraction of
+    max_steps and decays linearly over it; a run resumed with a larger max_steps before its decay began just stays
+    at the peak longer, so it can be extended without restarting."""
+    floor = config.min_lr / config.lr
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return (step + 1) / config.warmup_steps
     if step >= config.max_steps:
-        return config.min_lr
-    progress = (step - config.warmup_steps) / (config.max_steps - config.warmup_steps)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+        return floor
+    if config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / (config.max_steps - config.warmup_steps)
+        return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
+    decay_start = max(config.warmup_steps, config.max_steps - round(config.decay_fraction * config.max_steps))
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (step - decay_start) / (config.max_steps - decay_start) * (1.0 - floor)
+
+
+def learning_rate(step: int, config: OptimConfig) -> float:
+    """AdamW's learning rate at `step` (the one logged)."""
+    return config.lr * lr_scale(step, config)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer | MuonWithAdamW, step: int, config: OptimConfig) -> float:
+    """Put each group at its peak (muon_lr for Muon's, lr for the others) times the schedule; AdamW's rate."""
+    scale = lr_scale(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = (config.muon_lr if group.get("muon") else config.lr) * scale
+    return config.lr * scale
