@@ -17,6 +17,7 @@
 #    val loss, HellaSwag and samples inside the loop, a checkpoint, and a resumed second half
 # 5. sampling from that run with the CLI (streaming, and --interactive reusing the captured graph)
 # 6. training throughput at 64 x 1024, eager and compiled
+# 7. Muon's optimizer step beside AdamW's on mini-llama-109M (issue 15; past the budget of a full run: run it with ONLY)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -26,9 +27,9 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
-    DEVICE=cpu SEQ=64 MICRO=2 BIG_MICRO=4 HALF_STEPS=4 NEW_TOKENS=8 EXAMPLES=16 BUDGET=1200 COMPILE=false
+    DEVICE=cpu SEQ=64 MICRO=2 BIG_MICRO=4 HALF_STEPS=4 NEW_TOKENS=8 EXAMPLES=16 BUDGET=1200 COMPILE=false PRESET=tiny
 else
-    DEVICE=cuda SEQ=1024 MICRO=32 BIG_MICRO=64 HALF_STEPS=20 NEW_TOKENS=200 EXAMPLES=10042 BUDGET=290 COMPILE=auto
+    DEVICE=cuda SEQ=1024 MICRO=32 BIG_MICRO=64 HALF_STEPS=20 NEW_TOKENS=200 EXAMPLES=10042 BUDGET=290 COMPILE=auto PRESET=mini-llama-109M
 fi
 NO_COMPILE=$([[ $COMPILE == false ]] && echo --no-compile)
 DEADLINE=$((SECONDS + BUDGET))
@@ -111,6 +112,7 @@ part generate_trained 30 python bench/generate_throughput.py --device "$DEVICE" 
 
 part train_eager_64 40 python bench/train_throughput.py --device "$DEVICE" --batch "$BIG_MICRO" --seq "$SEQ" --steps 10 --warmup 2 --no-compile
 part train_compiled_64 100 python bench/train_throughput.py --device "$DEVICE" --batch "$BIG_MICRO" --seq "$SEQ" --steps 20 --warmup 3 $NO_COMPILE
+part muon 40 python bench/muon_overhead.py --device "$DEVICE" --preset "$PRESET" --micro-batch "$MICRO" --repeats 3
 
 }
 

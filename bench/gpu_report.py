@@ -60,6 +60,10 @@ def main() -> None:
         seconds_full = r["seconds"] * 10_042 / r["examples"]
         rows.append((f"HellaSwag scoring, {r['mode']}, batch {r['batch_size']}", "<= 15 s for 10,042 (goal 10 s)",
                      f"{r['examples_per_s']:,} examples/s, {seconds_full:.1f} s for 10,042", verdict(seconds_full <= 15)))
+    for r in (r for r in found if r.get("bench") == "muon overhead"):
+        rows.append(("Muon's optimizer step vs AdamW's", "a small fraction of a 524,288-token step",
+                     f"{r['muon_step_s']} s vs {r['adamw_step_s']} s; {r['muon_overhead_fraction']:.2%} of a {r['training_step_s']} s step",
+                     verdict(r["muon_overhead_fraction"] < 0.05)))
     for r in (r for r in found if "part" in r and (r.get("exit_code") or "skipped" in r)):
         rows.append((f"part {r['part']}", "exit 0", r.get("skipped") or f"exit code {r['exit_code']} after {r['seconds']} s", "MISSED"))
 
