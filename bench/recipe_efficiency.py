@@ -104,10 +104,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for corpus in args.corpora:
             data = splits(corpus, Path(folder))
-            sweep = {}
-            for lr in SWEEP:  # the baseline's learning rate, chosen on the tune split
-                sweep[lr] = run(data, replace(BASELINE, lr=lr, min_lr=lr / 10, **schedule), args.seeds[0], args.steps, "tune")["final"]
-                print(json.dumps({"corpus": corpus, "sweep_lr": lr, "tune_loss": round(sweep[lr], 4)}), flush=True)
+            sweep: dict[float, float] = {}
+            grid = list(SWEEP)
+            while grid:  # the baseline's learning rate, chosen on the tune split; a best value at an edge of the
+                for lr in grid:  # grid extends the grid past it, so the optimum is bracketed
+                    sweep[lr] = run(data, replace(BASELINE, lr=lr, min_lr=lr / 10, **schedule), args.seeds[0], args.steps, "tune")["final"]
+                    print(json.dumps({"corpus": corpus, "sweep_lr": lr, "tune_loss": round(sweep[lr], 4)}), flush=True)
+                best, tried = min(sweep, key=sweep.get), sorted(sweep)
+                grid = [best / 3] if best == tried[0] else [best * 2] if best == tried[-1] else []
             lr = min(sweep, key=sweep.get)
             recipes = {
                 "adamw+cosine": replace(BASELINE, lr=lr, min_lr=lr / 10, **schedule),

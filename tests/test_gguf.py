@@ -9,36 +9,12 @@ from conftest import data_file
 from minillama.checkpoint import load_checkpoint, load_checkpoint_tokenizer
 from minillama.cli import main
 from minillama.generate import generate_tokens
-from minillama.interop.llama2c import import_llama2c
 from minillama.interop.llamacpp import export_gguf, gguf_name
-from minillama.train.config import load_train_config
-from minillama.train.loop import train
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the 'dev' extra builds it)")
 gguf = pytest.importorskip("gguf", reason="needs the 'gguf' extra")
 
 PROMPTS = ["Once upon a time", "The little dog", "She said: \"Hello", "One day, Lily and Tom went to the park and"]
-
-
-@pytest.fixture(scope="module")
-def stories(tmp_path_factory, test_data):
-    """llama2.c's stories260K (tok512 vocabulary, 8 query / 4 kv heads, hidden 172), imported."""
-    folder = tmp_path_factory.mktemp("stories")
-    import_llama2c(data_file(test_data, "stories260K.bin"), folder / "ckpt", data_file(test_data, "tok512.model"))
-    return folder / "ckpt"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, test_data):
-    """The `tiny` preset trained for 40 steps on tiny shakespeare with its own 512-token tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny")
-    config = load_train_config("configs/tiny.toml", [
-        f"run_dir={folder / 'run'}", f"data.dir={folder / 'data'}", f"data.tokenizer={folder / 'data' / 'tok.model'}",
-        f"data.files=[\"{data_file(test_data, 'tinyshakespeare.txt')}\"]", "optim.max_steps=40", "optim.warmup_steps=4",
-        "eval.interval=1000", "eval.hellaswag=false", "checkpoint.interval=40", "device=cpu", "compile=false",
-    ])
-    train(config)
-    return folder / "run" / "checkpoints" / "step_0000040"
 
 
 def open_in_llama_cpp(path):

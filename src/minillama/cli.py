@@ -198,6 +198,36 @@ def cmd_eval_loss(args: argparse.Namespace) -> None:
               f"{result['bits_per_byte']:.4f}  over {result['tokens']:,} tokens ({result['bytes']:,} bytes)")
 
 
+def cmd_eval_harness(args: argparse.Namespace) -> None:
+    from minillama.checkpoint import find_checkpoint
+    from minillama.device import pick_device
+    from minillama.train.distributed import close_distributed, init_distributed
+
+    try:
+        from lm_eval.utils import make_table
+
+        from minillama.eval.harness import default_output, run_harness
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("lm_eval"):
+            raise
+        raise MiniLlamaError("eval harness needs EleutherAI's lm-evaluation-harness: pip install 'minillama[harness]'") from None
+    checkpoint = find_checkpoint(Path(args.checkpoint))
+    output = Path(args.output) if args.output else default_output(checkpoint)
+    ctx = init_distributed(args.device)  # under torchrun: each rank takes its share of every task
+    try:
+        device = str(pick_device(args.device, ctx.local_rank))
+        results = run_harness(checkpoint, [t.strip() for t in args.tasks.split(",") if t.strip()], args.limit,
+                              args.batch_size, device, args.dtype, Path(args.tokenizer) if args.tokenizer else None,
+                              Path(args.include_path) if args.include_path else None, args.num_fewshot, output)
+    finally:
+        close_distributed(ctx)
+    if results is not None:
+        print(f"using {checkpoint}", file=sys.stderr)
+        print(make_table(results))
+        if output:
+            print(f"wrote {output}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from minillama.eval.plot import plot_runs
 
@@ -347,7 +377,8 @@ def _add_generate(commands: Subparsers) -> None:
 
 
 def _add_eval(commands: Subparsers) -> None:
-    evaluate = _group(commands, "eval", "Evaluate a checkpoint: HellaSwag accuracy or validation loss.", "EVALUATION")
+    evaluate = _group(commands, "eval", "Evaluate a checkpoint: HellaSwag accuracy, validation loss, or any "
+                      "lm-evaluation-harness task.", "EVALUATION")
     p = _command(evaluate, "hellaswag", f"HellaSwag validation accuracy ({HELLASWAG_NOTE}).", cmd_eval_hellaswag)
     _checkpoint_options(p)
     p.add_argument("--data", help="HellaSwag jsonl (default: download the official validation file once into ~/.cache/minillama)")
@@ -361,6 +392,16 @@ def _add_eval(commands: Subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = _command(evaluate, "harness", "Run EleutherAI lm-evaluation-harness tasks on a checkpoint with Mini Llama's own "
+                 "forward and tokenization matching the harness's Hugging Face model (needs the 'harness' extra; under "
+                 "torchrun each rank takes a share).", cmd_eval_harness)
+    _checkpoint_options(p)
+    p.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag,arc_easy,piqa")
+    p.add_argument("--limit", type=float, help="at most this many documents per task (a fraction below 1: that share)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default 16)")
+    p.add_argument("--include-path", help="a folder of extra task YAMLs (e.g. tasks over local files)")
+    p.add_argument("--output", help="results JSON (default for a run's checkpoint: RUN_DIR/harness/step_N.json)")
 
 
 def _add_results(commands: Subparsers) -> None:

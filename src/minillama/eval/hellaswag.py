@@ -23,7 +23,13 @@ import torch.nn.functional as F
 
 from minillama.errors import MiniLlamaError
 from minillama.files import write_file_atomically
-from minillama.model import KVCache, SharedPrefixes, Transformer, compute_dtype, evaluating
+from minillama.model import (
+    KVCache,
+    SharedPrefixes,
+    Transformer,
+    compute_dtype,
+    evaluating,
+)
 from minillama.tokenizer import Tokenizer
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -53,9 +54,35 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     lines += ["", "For comparison: " + loss_note
               + "HellaSwag " + ", ".join(f"{label} {value:.2%}" for label, value in REFERENCE_HELLASWAG) + ".",
               "", f"![training curves]({curves.name})", ""]
+    lines += harness_section(run_dir)
     if run.samples:
         last_samples = run.samples[-1]
         lines += [f"## Samples at step {last_samples['step']:,}", ""]
         lines += [f"{i}. {text!r}" for i, text in enumerate(last_samples["samples"])] + [""]
     out.write_text("\n".join(lines))
     return out
+
+
+def harness_section(run_dir: Path) -> list[str]:
+    """The newest `minillama eval harness` results of the run (RUN_DIR/harness/step_N.json), as a table."""
+    files = sorted(Path(run_dir).glob("harness/step_*.json"))
+    if not files:
+        return []
+    try:
+        saved = json.loads(files[-1].read_text())
+        results = saved["results"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"(harness results in {files[-1]} cannot be read)", ""]
+    lines = [f"## lm-evaluation-harness, {files[-1].stem}", "",
+             "Mini Llama's own HellaSwag above is completion-style (mean loss per ending token); the harness's "
+             "hellaswag acc_norm normalises by the ending's length in bytes, so the two differ for the same model.", "",
+             "| task | metric | value | stderr |", "| --- | --- | --- | --- |"]
+    for task, metrics in sorted(results.items()):
+        for key, value in metrics.items():
+            if "," not in key or key.startswith("alias") or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, _ = key.split(",", 1)
+            stderr = metrics.get(key.replace(metric, f"{metric}_stderr", 1))
+            lines.append(f"| {task} | {metric} | {value:.4f} | {stderr:.4f} |" if isinstance(stderr, (int, float))
+                         else f"| {task} | {metric} | {value:.4f} | |")
+    return [*lines, ""]

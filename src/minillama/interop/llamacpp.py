@@ -14,7 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillama.checkpoint import load_checkpoint, load_checkpoint_tokenizer, model_state_dict
+from minillama.checkpoint import (
+    load_checkpoint,
+    load_checkpoint_tokenizer,
+    model_state_dict,
+)
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
 from minillama.files import claim_output, fill_file_atomically

@@ -1,0 +1,237 @@
+"""EleutherAI's lm-evaluation-harness on Mini Llama checkpoints: a model adapter, registered as `minillama`.
+
+Requests are tokenized exactly as the harness's Hugging Face model tokenizes them for Mini Llama's exported
+tokenizer (BOS first unless the text starts with "<s>"; a context's trailing spaces moved to the continuation; the
+whole string encoded and split after the context's tokens), so that its numbers are the `--model hf` numbers of
+`minillama export hf`. Scoring runs Mini Llama's forward in length-sorted batches with the output head only at
+the scored positions; generation is Mini Llama's KV-cached sampling. Under torchrun each rank evaluates its share
+of every task (the harness's own data parallelism) and rank 0 gathers the results.
+
+Importing this module needs `lm_eval` (pip install 'minillama[harness]').
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from minillama.checkpoint import load_for_inference
+from minillama.errors import MiniLlamaError
+from minillama.generate import document_end_ids, generate_tokens
+
+HEAD_ROWS = 1024  # scored positions sent through the output head at once
+BOS_TEXT = "<s>"  # how the harness recognises a text that already starts with BOS
+
+
+@register_model("minillama")
+class MiniLlamaLM(TemplateLM):
+    """`lm_eval --model minillama --model_args checkpoint=PATH[,device=cuda,dtype=bfloat16,batch_size=32]`."""
+
+    def __init__(self, checkpoint: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 16,
+                 max_gen_toks: int = 256, tokenizer: str | None = None, **_: Any):
+        super().__init__()
+        self.model, self.tok, self.info = load_for_inference(checkpoint, device, dtype, tokenizer)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise MiniLlamaError(f"the batch size is {self.batch_size}; expected a positive integer")
+        self.max_gen_toks = int(max_gen_toks)
+        self._device = self.model.tok_embeddings.weight.device
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._rank = torch.distributed.get_rank() if distributed else 0
+        self._world_size = torch.distributed.get_world_size() if distributed else 1
+
+    # --- what the harness asks of a model ---------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.bos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_seq_len
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"minillama-{self.tok.fingerprint[:16]}"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **_: Any) -> list[int]:
+        bos = not string.startswith(BOS_TEXT) if add_special_tokens is None else add_special_tokens
+        return self.tok.encode(string, bos=bos)
+
+    def tok_decode(self, tokens: Sequence[int], **_: Any) -> str:
+        return self.tok.decode(tokens)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj, gathered, dst=dst)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    # --- scoring ---------------------------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
+                              **_: Any) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities, whether greedy decoding picks every token) of each continuation after its
+        context, the sequence cut from the left to max_length + 1 tokens as the harness's HF model does."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        with torch.no_grad():
+            for first in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm or self.rank != 0,
+                              desc="minillama loglikelihood"):
+                chunk = order[first : first + self.batch_size]
+                sequences = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):] for i in chunk]
+                continuations = [requests[i][2] for i in chunk]
+                for i, scored in zip(chunk, self._score(sequences, continuations)):
+                    results[i] = scored
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], scored)
+        return results
+
+    def _score(self, sequences: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        width = max(len(s) for s in sequences) - 1
+        tokens = torch.zeros(len(sequences), width, dtype=torch.long)
+        rows, columns, targets = [], [], []
+        for row, (sequence, continuation) in enumerate(zip(sequences, continuations)):
+            tokens[row, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+            start = len(sequence) - 1 - len(continuation)  # position t predicts token t + 1
+            rows += [row] * len(continuation)
+            columns += range(start, len(sequence) - 1)
+            targets += continuation
+        device = self.device
+        hidden = self.model.hidden_states(tokens.to(device))[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
+        targets_t = torch.tensor(targets, device=device)
+        log_probs, greedy = [], []
+        for start in range(0, len(targets), HEAD_ROWS):
+            part = slice(start, start + HEAD_ROWS)
+            logits = self.model.output(hidden[part]).float()
+            log_probs.append(-F.cross_entropy(logits, targets_t[part], reduction="none"))
+            greedy.append(logits.argmax(-1) == targets_t[part])
+        owners = torch.tensor(rows, device=device)
+        summed = torch.zeros(len(sequences), dtype=torch.float64, device=device).index_add_(0, owners, torch.cat(log_probs).double())
+        misses = torch.zeros(len(sequences), dtype=torch.long, device=device).index_add_(0, owners, (~torch.cat(greedy)).long())
+        return [(float(s), bool(m == 0)) for s, m in zip(summed.tolist(), misses.tolist())]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts, in disjoint windows of max_length tokens (each conditioned on the
+        tokens before it in its window), summed per text."""
+        windows, owners = [], []
+        for index, (string,) in enumerate(req.args for req in requests):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for index, (log_prob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[index] += log_prob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # --- generation ------------------------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Continuations cut at the first stop sequence, ended where a document ends (BOS or EOS, as `minillama
+        generate` and the exported generation config stop), greedy unless the task asks to sample; requests with
+        the same generation settings are decoded together."""
+        eos = self.tok.decode([self.eot_token_id]) or None
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
+        results: list[str | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="minillama generate_until")
+        for indices in groups.values():
+            kwargs = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = min(kwargs.pop("max_gen_toks"), self.max_length - 1)
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            for first in range(0, len(indices), self.batch_size):
+                chunk = indices[first : first + self.batch_size]
+                contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen_toks):] for i in chunk]
+                new = generate_tokens(self.model, contexts, max_gen_toks, temperature=temperature,
+                                      stop_ids=document_end_ids(self.tok))
+                for i, ids in zip(chunk, new):
+                    text = self.tok_decode(ids)
+                    for stop in until:
+                        if stop:
+                            text = text.split(stop)[0]
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                progress.update(len(chunk))
+        progress.close()
+        return results
+
+
+def default_output(checkpoint: Path) -> Path | None:
+    """RUN_DIR/harness/step_N.json for a checkpoint inside a training run (where `minillama report` finds it)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / "metrics.jsonl").exists():
+        return checkpoint.parent.parent / "harness" / f"{checkpoint.name}.json"
+    return None
+
+
+def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = None, batch_size: int = 16,
+                device: str = "auto", dtype: str = "auto", tokenizer: Path | None = None, include_path: Path | None = None,
+                num_fewshot: int | None = None, output: Path | None = None) -> dict[str, Any] | None:
+    """Evaluate `tasks` on a checkpoint; the harness's results dict on rank 0 (None on other ranks), also written
+    to `output` as JSON when given."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    if limit is not None and limit <= 0:
+        raise MiniLlamaError(f"the example limit is {limit}; expected a positive number (or no limit)")
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise MiniLlamaError(f"unknown harness task {unknown[0]!r}; list them with `lm_eval ls tasks`, or pass "
+                             "--include-path DIR holding its YAML")
+    model = MiniLlamaLM(str(checkpoint), device=device, dtype=dtype, batch_size=batch_size,
+                        tokenizer=str(tokenizer) if tokenizer else None)
+    results = simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager)
+    if results is not None and output is not None:
+        from minillama.files import write_file_atomically
+
+        summary = {"checkpoint": str(model.info.path), "step": model.info.metadata.get("step"), "results": results["results"],
+                   "versions": results.get("versions"), "n-samples": results.get("n-samples"),
+                   "config": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}}
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomically(Path(output), json.dumps(summary, indent=2, default=str).encode())
+    return results

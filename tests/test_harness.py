@@ -1,0 +1,112 @@
+"""lm-evaluation-harness on Mini Llama checkpoints: the adapter against the harness's own Hugging Face model on
+`minillama export hf`'s output, over local task definitions (the hub is not reachable from the tests)."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import data_file
+
+from minillama.cli import main
+from minillama.interop.hf import export_hf
+
+lm_eval = pytest.importorskip("lm_eval", reason="needs the 'harness' extra (lm-eval)")
+pytest.importorskip("accelerate", reason="the harness's HF model, the reference here, needs accelerate")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from minillama.eval.harness import MiniLlamaLM  # noqa: E402
+
+TASKS = ["hellaswag_local", "shakespeare_next_line", "shakespeare_rolling", "shakespeare_continue"]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, test_data):
+    """Local tasks: the harness's own hellaswag task over the 10 real validation rows, a multiple-choice and a
+    perplexity task from tiny shakespeare, and a generation task with a stop sequence."""
+    folder = tmp_path_factory.mktemp("tasks")
+    hellaswag_yaml = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "hellaswag.yaml"
+    (folder / "hellaswag_local.yaml").write_text(
+        f"include: {hellaswag_yaml}\ntask: hellaswag_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data_file(test_data, 'hellaswag_val_head10.jsonl')}\n"
+        "training_split: null\n")
+    lines = [line for line in data_file(test_data, "tinyshakespeare.txt").read_text().splitlines() if len(line) > 20]
+    rng = random.Random(0)
+    docs = []
+    for i in range(0, 1200, 100):
+        choices = [lines[i + 1]] + rng.sample(lines, 3)
+        order = rng.sample(range(4), 4)
+        docs.append({"context": lines[i], "choices": [choices[j] for j in order], "gold": order.index(0), "next": lines[i + 1]})
+    with open(folder / "next_line.jsonl", "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    text = data_file(test_data, "tinyshakespeare.txt").read_text()
+    with open(folder / "passages.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": text[i : i + 1500]}) + "\n" for i in range(0, 6000, 1500))
+    local = "dataset_path: json\ndataset_name: null\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {}\n"
+    (folder / "next_line.yaml").write_text(
+        "task: shakespeare_next_line\noutput_type: multiple_choice\n" + local.format(folder / "next_line.jsonl")
+        + 'doc_to_text: "{{context}}\\n"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (folder / "rolling.yaml").write_text(
+        "task: shakespeare_rolling\noutput_type: loglikelihood_rolling\n" + local.format(folder / "passages.jsonl")
+        + 'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    (folder / "continue.yaml").write_text(
+        "task: shakespeare_continue\noutput_type: generate_until\n" + local.format(folder / "next_line.jsonl")
+        + 'doc_to_text: "{{context}}\\n"\ndoc_to_target: "{{next}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 24\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n")
+    return folder
+
+
+def evaluate_both(checkpoint, task_dir, tmp_path, limit=None):
+    manager = TaskManager(include_path=str(task_dir))
+    export_hf(checkpoint, tmp_path / "hf")
+    ours = simple_evaluate(model=MiniLlamaLM(str(checkpoint), device="cpu", batch_size=8), tasks=TASKS, task_manager=manager,
+                           log_samples=True, limit=limit)
+    theirs = simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32", device="cpu", batch_size=8,
+                             tasks=TASKS, task_manager=manager, log_samples=True, limit=limit)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("which", ["stories", "tiny"])
+def test_adapter_gives_the_harness_hf_numbers(which, request, task_dir, tmp_path):
+    checkpoint = request.getfixturevalue(which)
+    ours, theirs = evaluate_both(checkpoint, task_dir, tmp_path)
+    for task in ["hellaswag_local", "shakespeare_next_line"]:
+        for metric in ["acc,none", "acc_norm,none"]:
+            assert ours["results"][task][metric] == theirs["results"][task][metric], (task, metric)
+        # Per request: the same (context, continuation) tokens, the same log-likelihood and greedy flag.
+        for a, b in zip(ours["samples"][task], theirs["samples"][task]):
+            for (ll_a, greedy_a), (ll_b, greedy_b) in zip((r[0] for r in a["resps"]), (r[0] for r in b["resps"])):
+                assert abs(ll_a - ll_b) < 1e-4 * max(1.0, abs(ll_b) / 10) and greedy_a == greedy_b
+    rolling = "shakespeare_rolling"
+    for a, b in zip(ours["samples"][rolling], theirs["samples"][rolling]):
+        assert abs(a["resps"][0][0] - b["resps"][0][0]) < 1e-4 * max(1.0, abs(b["resps"][0][0]) / 10)
+    assert ours["results"][rolling]["bits_per_byte,none"] == pytest.approx(theirs["results"][rolling]["bits_per_byte,none"], rel=1e-6)
+    generated = [s["resps"][0][0] for s in ours["samples"]["shakespeare_continue"]]
+    assert generated == [s["resps"][0][0] for s in theirs["samples"]["shakespeare_continue"]]
+    assert all("\n" not in text for text in generated) and any(text for text in generated)
+
+
+def test_cli_runs_tasks_writes_results_into_the_run_and_report_shows_them(tiny, task_dir, capsys):
+    run_dir = tiny.parent.parent
+    assert main(["eval", "harness", str(run_dir), "--tasks", "hellaswag_local,shakespeare_rolling", "--limit", "4",
+                 "--include-path", str(task_dir), "--device", "cpu", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "hellaswag_local" in out and "acc_norm" in out and "bits_per_byte" in out
+    saved = json.loads((run_dir / "harness" / "step_0000040.json").read_text())
+    assert saved["results"]["hellaswag_local"]["sample_len"] == 4 and saved["config"]["limit"] == 4
+    assert main(["report", str(run_dir)]) == 0
+    report = (run_dir / "report.md").read_text()
+    assert "## lm-evaluation-harness, step_0000040" in report and "| hellaswag_local | acc_norm |" in report
+    assert "normalises by the ending's length in bytes" in report
+
+
+def test_cli_refuses_unknown_tasks_and_bad_limits_in_one_line(stories, task_dir, capsys):
+    assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_locale", "--include-path", str(task_dir)]) == 2
+    assert capsys.readouterr().err.startswith("minillama: error: unknown harness task 'hellaswag_locale'; list them with")
+    assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_local", "--limit", "0", "--include-path", str(task_dir)]) == 2
+    assert capsys.readouterr().err == "minillama: error: the example limit is 0.0; expected a positive number (or no limit)\n"
