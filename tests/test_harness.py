@@ -110,3 +110,19 @@ def test_cli_refuses_unknown_tasks_and_bad_limits_in_one_line(stories, task_dir,
     assert capsys.readouterr().err.startswith("minillama: error: unknown harness task 'hellaswag_locale'; list them with")
     assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_local", "--limit", "0", "--include-path", str(task_dir)]) == 2
     assert capsys.readouterr().err == "minillama: error: the example limit is 0.0; expected a positive number (or no limit)\n"
+
+
+def test_registered_name_and_two_ranks_give_the_single_process_numbers(stories, task_dir, tmp_path):
+    import subprocess
+    import sys
+
+    single = simple_evaluate(model="minillama", model_args=f"checkpoint={stories},device=cpu", tasks=["hellaswag_local"],
+                             task_manager=TaskManager(include_path=str(task_dir)))["results"]["hellaswag_local"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minillama",
+                             "eval", "harness", str(stories), "--tasks", "hellaswag_local", "--include-path", str(task_dir),
+                             "--device", "cpu", "--output", str(tmp_path / "two.json")],
+                            capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    two = json.loads((tmp_path / "two.json").read_text())["results"]["hellaswag_local"]
+    assert (two["acc,none"], two["acc_norm,none"], two["sample_len"]) == (single["acc,none"], single["acc_norm,none"], 10)
+    assert result.stdout.count("hellaswag_local") == 1  # rank 0 alone prints the table

@@ -37,11 +37,11 @@ BOS_TEXT = "<s>"  # how the harness recognises a text that already starts with B
 class MiniLlamaLM(TemplateLM):
     """`lm_eval --model minillama --model_args checkpoint=PATH[,device=cuda,dtype=bfloat16,batch_size=32]`."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 16,
+    def __init__(self, checkpoint: str, device: str | None = "auto", dtype: str = "auto", batch_size: int | str | None = 16,
                  max_gen_toks: int = 256, tokenizer: str | None = None, **_: Any):
         super().__init__()
-        self.model, self.tok, self.info = load_for_inference(checkpoint, device, dtype, tokenizer)
-        self.batch_size = int(batch_size)
+        self.model, self.tok, self.info = load_for_inference(checkpoint, device or "auto", dtype, tokenizer)
+        self.batch_size = 16 if batch_size in (None, "auto") else int(batch_size)  # "auto": a fixed, safe size
         if self.batch_size < 1:
             raise MiniLlamaError(f"the batch size is {self.batch_size}; expected a positive integer")
         self.max_gen_toks = int(max_gen_toks)
