@@ -228,6 +228,27 @@ def cmd_eval_harness(args: argparse.Namespace) -> None:
             print(f"wrote {output}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from minillama.checkpoint import load_for_inference
+
+    try:
+        import uvicorn
+
+        from minillama.serve.app import create_app
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise MiniLlamaError("serve needs FastAPI and uvicorn: pip install 'minillama[serve]'") from None
+    if not 1 <= args.max_batch <= 256:
+        raise MiniLlamaError(f"--max-batch is {args.max_batch}; expected an integer from 1 to 256")
+    model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    _say_which(info)
+    name = args.model_name or str(info.metadata.get("model_preset") or info.path.name)
+    app = create_app(model, tokenizer, name, args.max_batch)
+    print(f"serving {name} on http://{args.host}:{args.port} (playground at /, API at /v1/completions)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from minillama.eval.plot import plot_runs
 
@@ -404,6 +425,16 @@ def _add_eval(commands: Subparsers) -> None:
     p.add_argument("--output", help="results JSON (default for a run's checkpoint: RUN_DIR/harness/step_N.json)")
 
 
+def _add_serve(commands: Subparsers) -> None:
+    p = _command(commands, "serve", "Serve a checkpoint over an OpenAI-compatible completions API (streaming, batched "
+                 "requests) with a playground page; needs the 'serve' extra.", cmd_serve)
+    _checkpoint_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
+    p.add_argument("--model-name", help="the model id the API reports (default: the preset, or the checkpoint's name)")
+
+
 def _add_results(commands: Subparsers) -> None:
     p = _command(commands, "plot", "Plot training curves of one or more runs (loss, val loss, HellaSwag) to a PNG.", cmd_plot)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (with metrics.jsonl)")
@@ -466,7 +497,8 @@ def _add_inspect(commands: Subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillama", description="Pretrain, sample, evaluate and export small Llama-architecture language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_tokenizer, _add_prepare, _add_train, _add_generate, _add_eval, _add_results, _add_interop, _add_inspect):
+    for add in (_add_tokenizer, _add_prepare, _add_train, _add_generate, _add_eval, _add_results, _add_interop, _add_serve,
+                _add_inspect):
         add(commands)  # in pipeline order, as --help lists them
     return parser
 

@@ -18,7 +18,7 @@ from minillama.errors import MiniLlamaError
 from minillama.model import KVCache, Transformer, compute_dtype, evaluating
 from minillama.tokenizer import Tokenizer
 
-TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
+TokenCallback = Callable[[int, int], "bool | None"]  # (row, token id) as each is chosen; True ends that row there
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -176,9 +176,13 @@ def generate_tokens(
     cuda_graph: bool | None = None,
     on_token: TokenCallback | None = None,
     compile: bool = False,
+    choose: Callable[[Tensor], Tensor] | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt. A row stops at any of `stop_ids` (not included), independently of the others;
-    the batch stops when all have.
+    """New token ids for each prompt. A row stops at any of `stop_ids` (not included), or when `on_token` returns
+    True for its token (included), independently of the others; the batch stops when all have.
+
+    `choose` maps the step's logits (B, vocab) to tokens (B,), for callers that sample each row its own way (the
+    server); by default every row is sampled with `temperature`, `top_k`, `top_p` and `generator`.
 
     `cuda_graph` (default: on for CUDA models outside autocast) decodes with static shapes, captured as a CUDA
     graph on CUDA and run eagerly elsewhere. A graph needs the weights in the compute dtype: under autocast,
@@ -213,7 +217,7 @@ def generate_tokens(
         new_tokens: list[list[int]] = [[] for _ in prompts]
         finished = [False] * batch_size  # on the host: deciding needs no sync beyond the one copy of each step's tokens
         for i in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = choose(logits) if choose else sample_next(logits, temperature, top_k, top_p, generator)
             for row, token_id in enumerate(token.tolist()):
                 if finished[row]:
                     continue
@@ -221,8 +225,8 @@ def generate_tokens(
                     finished[row] = True
                     continue
                 new_tokens[row].append(token_id)
-                if on_token is not None:
-                    on_token(row, token_id)
+                if on_token is not None and on_token(row, token_id):
+                    finished[row] = True
             if all(finished) or i == max_new_tokens - 1:
                 break
             logits = step(model, token[:, None], (lengths + i)[:, None], longest + i)

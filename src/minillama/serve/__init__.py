@@ -1,0 +1,1 @@
+"""Serving a checkpoint over HTTP: `batcher.py` runs batched decoding, `app.py` the OpenAI-compatible API."""
