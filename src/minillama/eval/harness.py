@@ -110,44 +110,67 @@ class MiniLlamaLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
                               **_: Any) -> list[tuple[float, bool]]:
         """(sum of log-probabilities, whether greedy decoding picks every token) of each continuation after its
-        context, the sequence cut from the left to max_length + 1 tokens as the harness's HF model does."""
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+        context, the sequence cut from the left to max_length + 1 tokens as the harness's HF model does.
+
+        Requests whose inputs are the same tokens and whose continuations have the same length (a context's
+        one-token answers, or a repeated request) differ only in what is scored: one forward pass serves them all.
+        """
+        groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            whole = (context + continuation)[-(self.max_length + 1):]
+            groups.setdefault((tuple(whole[:-1]), len(continuation)), []).append(i)
+        keys = sorted(groups, key=lambda key: -len(key[0]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         with torch.no_grad():
-            for first in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm or self.rank != 0,
+            for first in tqdm(range(0, len(keys), self.batch_size), disable=disable_tqdm or self.rank != 0,
                               desc="minillama loglikelihood"):
-                chunk = order[first : first + self.batch_size]
-                sequences = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):] for i in chunk]
-                continuations = [requests[i][2] for i in chunk]
-                for i, scored in zip(chunk, self._score(sequences, continuations)):
-                    results[i] = scored
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], scored)
+                batch = keys[first : first + self.batch_size]
+                members = [[requests[i][2] for i in groups[key]] for key in batch]
+                for key, scored in zip(batch, self._score([list(k[0]) for k in batch], [k[1] for k in batch], members)):
+                    for i, answer in zip(groups[key], scored):
+                        results[i] = answer
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
         return results
 
-    def _score(self, sequences: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        width = max(len(s) for s in sequences) - 1
-        tokens = torch.zeros(len(sequences), width, dtype=torch.long)
-        rows, columns, targets = [], [], []
-        for row, (sequence, continuation) in enumerate(zip(sequences, continuations)):
-            tokens[row, : len(sequence) - 1] = torch.tensor(sequence[:-1])
-            start = len(sequence) - 1 - len(continuation)  # position t predicts token t + 1
-            rows += [row] * len(continuation)
-            columns += range(start, len(sequence) - 1)
-            targets += continuation
+    def _score(self, inputs: list[list[int]], scored: list[int], members: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
+        """For each input sequence, its last `scored[i]` positions predict the tokens of each continuation in
+        `members[i]`; the output head runs at those positions only, HEAD_ROWS at a time."""
         device = self.device
+        tokens = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)
+        rows, columns, offsets = [], [], [0]
+        for row, (sequence, n) in enumerate(zip(inputs, scored)):
+            tokens[row, : len(sequence)] = torch.tensor(sequence)
+            rows += [row] * n
+            columns += range(len(sequence) - n, len(sequence))
+            offsets.append(offsets[-1] + n)
         hidden = self.model.hidden_states(tokens.to(device))[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
-        targets_t = torch.tensor(targets, device=device)
-        log_probs, greedy = [], []
-        for start in range(0, len(targets), HEAD_ROWS):
-            part = slice(start, start + HEAD_ROWS)
-            logits = self.model.output(hidden[part]).float()
-            log_probs.append(-F.cross_entropy(logits, targets_t[part], reduction="none"))
-            greedy.append(logits.argmax(-1) == targets_t[part])
-        owners = torch.tensor(rows, device=device)
-        summed = torch.zeros(len(sequences), dtype=torch.float64, device=device).index_add_(0, owners, torch.cat(log_probs).double())
-        misses = torch.zeros(len(sequences), dtype=torch.long, device=device).index_add_(0, owners, (~torch.cat(greedy)).long())
-        return [(float(s), bool(m == 0)) for s, m in zip(summed.tolist(), misses.tolist())]
+        target_rows, targets, owners = [], [], []
+        answer = 0
+        for group, continuations in enumerate(members):
+            for continuation in continuations:
+                target_rows += range(offsets[group], offsets[group] + len(continuation))
+                targets += continuation
+                owners += [answer] * len(continuation)
+                answer += 1
+        target_rows_t, targets_t = torch.tensor(target_rows, device=device), torch.tensor(targets, device=device)
+        log_probs = torch.empty(len(targets), dtype=torch.float32, device=device)
+        hits = torch.empty(len(targets), dtype=torch.bool, device=device)
+        for start in range(0, len(hidden), HEAD_ROWS):
+            log_softmax = F.log_softmax(self.model.output(hidden[start : start + HEAD_ROWS]).float(), dim=-1)
+            here = (target_rows_t >= start) & (target_rows_t < start + HEAD_ROWS)
+            local = target_rows_t[here] - start
+            log_probs[here] = log_softmax[local, targets_t[here]]
+            hits[here] = log_softmax.argmax(-1)[local] == targets_t[here]
+        owners_t = torch.tensor(owners, device=device)
+        summed = torch.zeros(answer, dtype=torch.float64, device=device).index_add_(0, owners_t, log_probs.double())
+        misses = torch.zeros(answer, dtype=torch.long, device=device).index_add_(0, owners_t, (~hits).long())
+        flat = [(float(s), bool(m == 0)) for s, m in zip(summed.tolist(), misses.tolist())]
+        out, taken = [], 0
+        for continuations in members:
+            out.append(flat[taken : taken + len(continuations)])
+            taken += len(continuations)
+        return out
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts, in disjoint windows of max_length tokens (each conditioned on the
