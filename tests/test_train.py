@@ -215,7 +215,7 @@ def test_reference_config_is_the_reference_recipe():
 
 
 def test_bad_config_fields(tmp_path):
-    with pytest.raises(MiniLlamaError, match=r"^--set optim.lrate=1: the \[optim\] table has no field 'lrate'; its fields are lr, "):
+    with pytest.raises(MiniLlamaError, match=r"^--set optim.lrate=1: the \[optim\] table has no field 'lrate'; its fields are name, schedule, lr, "):
         load_train_config("configs/tiny.toml", ["optim.lrate=1"])
     with pytest.raises(MiniLlamaError, match=r"^--set model.width=1: the \[model\] table has no field 'width'"):
         load_train_config("configs/tiny.toml", ["model.width=1"])

@@ -38,15 +38,15 @@ else:  # pragma: no cover
 class _Section:
     """A table of the run config; its fields are checked against their annotations whenever it is built."""
 
-    name: ClassVar[str]
+    table: ClassVar[str]  # its [name] in the TOML file
 
     def __post_init__(self) -> None:
-        check_fields(self, f"run config field '{self.name}.{{}}'")
+        check_fields(self, f"run config field '{self.table}.{{}}'")
 
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    name = "data"
+    table = "data"
 
     dir: str = "data/fineweb-edu-sample-10BT"  # prepared shards (manifest.json) to train on
     tokenizer: str | None = None  # SentencePiece .model; None: $MINILLAMA_TOKENIZER or Llama 2 from the hub
@@ -63,7 +63,7 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class BatchConfig(_Section):
-    name = "batch"
+    table = "batch"
 
     total_tokens: PositiveInt = 524_288  # tokens per optimizer step (2**19, about 0.5M as in GPT-3 small), all ranks together
     micro_batch: PositiveInt = 64  # sequences per forward pass per rank; gradient accumulation makes up the rest
@@ -72,7 +72,7 @@ class BatchConfig(_Section):
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    name = "optim"
+    table = "optim"
 
     name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW (at lr) for embedding, head and norms
     schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, stable at the peak, linear decay over the last decay_fraction
@@ -93,7 +93,7 @@ class OptimConfig(_Section):
 
 @dataclass(frozen=True)
 class EvalConfig(_Section):
-    name = "eval"
+    table = "eval"
 
     interval: PositiveInt = 250  # evaluate every this many steps, and at the last step
     val_tokens: PositiveInt = 10_485_760  # validation tokens per evaluation, split across ranks (fixed for any GPU count)
@@ -108,7 +108,7 @@ class EvalConfig(_Section):
 
 @dataclass(frozen=True)
 class CheckpointConfig(_Section):
-    name = "checkpoint"
+    table = "checkpoint"
 
     interval: PositiveInt = 1000  # save every this many steps, and at the end
     keep_last: PositiveInt = 3  # checkpoints kept; the newest complete one is never deleted
@@ -116,7 +116,7 @@ class CheckpointConfig(_Section):
 
 @dataclass(frozen=True)
 class LogConfig(_Section):
-    name = "log"
+    table = "log"
 
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard (needs the tensorboard package)
     wandb: bool = False  # also log to Weights & Biases (needs the wandb package)
