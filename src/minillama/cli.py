@@ -200,8 +200,6 @@ def cmd_eval_loss(args: argparse.Namespace) -> None:
 
 def cmd_eval_harness(args: argparse.Namespace) -> None:
     from minillama.checkpoint import find_checkpoint
-    from minillama.device import pick_device
-    from minillama.train.distributed import close_distributed, init_distributed
 
     try:
         from lm_eval.utils import make_table
@@ -213,15 +211,10 @@ def cmd_eval_harness(args: argparse.Namespace) -> None:
         raise MiniLlamaError("eval harness needs EleutherAI's lm-evaluation-harness: pip install 'minillama[harness]'") from None
     checkpoint = find_checkpoint(Path(args.checkpoint))
     output = Path(args.output) if args.output else default_output(checkpoint)
-    ctx = init_distributed(args.device)  # under torchrun: each rank takes its share of every task
-    try:
-        device = str(pick_device(args.device, ctx.local_rank))
-        results = run_harness(checkpoint, [t.strip() for t in args.tasks.split(",") if t.strip()], args.limit,
-                              args.batch_size, device, args.dtype, Path(args.tokenizer) if args.tokenizer else None,
-                              Path(args.include_path) if args.include_path else None, args.num_fewshot, output)
-    finally:
-        close_distributed(ctx)
-    if results is not None:
+    results = run_harness(checkpoint, [t.strip() for t in args.tasks.split(",") if t.strip()], args.limit, args.batch_size,
+                          args.device, args.dtype, Path(args.tokenizer) if args.tokenizer else None,
+                          Path(args.include_path) if args.include_path else None, args.num_fewshot, output)
+    if results is not None:  # rank 0
         print(f"using {checkpoint}", file=sys.stderr)
         print(make_table(results))
         if output:
@@ -229,24 +222,13 @@ def cmd_eval_harness(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from minillama.checkpoint import load_for_inference
-
     try:
-        import uvicorn
-
-        from minillama.serve.app import create_app
+        from minillama.serve.app import serve
     except ModuleNotFoundError as exc:
         if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
         raise MiniLlamaError("serve needs FastAPI and uvicorn: pip install 'minillama[serve]'") from None
-    if not 1 <= args.max_batch <= 256:
-        raise MiniLlamaError(f"--max-batch is {args.max_batch}; expected an integer from 1 to 256")
-    model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
-    _say_which(info)
-    name = args.model_name or str(info.metadata.get("model_preset") or info.path.name)
-    app = create_app(model, tokenizer, name, args.max_batch)
-    print(f"serving {name} on http://{args.host}:{args.port} (playground at /, API at /v1/completions)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    serve(args.checkpoint, args.host, args.port, args.max_batch, args.device, args.dtype, args.tokenizer, args.model_name)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

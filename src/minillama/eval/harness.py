@@ -26,8 +26,10 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from minillama.checkpoint import load_for_inference
+from minillama.device import pick_device
 from minillama.errors import MiniLlamaError
 from minillama.generate import document_end_ids, generate_tokens
+from minillama.train.distributed import close_distributed, init_distributed
 
 HEAD_ROWS = 1024  # scored positions sent through the output head at once
 BOS_TEXT = "<s>"  # how the harness recognises a text that already starts with BOS
@@ -235,7 +237,7 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
                 device: str = "auto", dtype: str = "auto", tokenizer: Path | None = None, include_path: Path | None = None,
                 num_fewshot: int | None = None, output: Path | None = None) -> dict[str, Any] | None:
     """Evaluate `tasks` on a checkpoint; the harness's results dict on rank 0 (None on other ranks), also written
-    to `output` as JSON when given."""
+    to `output` as JSON when given. Under torchrun the ranks join one process group for the harness to split on."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -246,9 +248,13 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
     if unknown:
         raise MiniLlamaError(f"unknown harness task {unknown[0]!r}; list them with `lm_eval ls tasks`, or pass "
                              "--include-path DIR holding its YAML")
-    model = MiniLlamaLM(str(checkpoint), device=device, dtype=dtype, batch_size=batch_size,
-                        tokenizer=str(tokenizer) if tokenizer else None)
-    results = simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager)
+    ctx = init_distributed(device)  # under torchrun: each rank takes its share of every task
+    try:
+        model = MiniLlamaLM(str(checkpoint), device=str(pick_device(device, ctx.local_rank)), dtype=dtype,
+                            batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None)
+        results = simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager)
+    finally:
+        close_distributed(ctx)
     if results is not None and output is not None:
         from minillama.files import write_file_atomically
 

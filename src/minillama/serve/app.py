@@ -187,3 +187,23 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, max_ba
                      usage=usage())
 
     return app
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, device: str = "auto",
+          dtype: str = "auto", tokenizer: str | None = None, model_name: str | None = None) -> None:
+    """Load a checkpoint (or a run directory's newest) and serve it until SIGTERM or Ctrl-C."""
+    import sys
+
+    import uvicorn
+
+    from minillama.checkpoint import load_for_inference
+    from minillama.errors import MiniLlamaError
+
+    if not 1 <= max_batch <= 256:
+        raise MiniLlamaError(f"--max-batch is {max_batch}; expected an integer from 1 to 256")
+    model, loaded_tokenizer, info = load_for_inference(checkpoint, device, dtype, tokenizer)
+    name = model_name or str(info.metadata.get("model_preset") or info.path.name)
+    print(f"using {info.path}; serving {name} on http://{host}:{port} (playground at /, API at /v1/completions)",
+          file=sys.stderr)
+    uvicorn.run(create_app(model, loaded_tokenizer, name, max_batch), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=60)

@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillama.generate import completion_text, document_end_ids, generate_tokens, sample_next
+from minillama.generate import (
+    completion_text,
+    document_end_ids,
+    generate_tokens,
+    sample_next,
+)
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 
