@@ -267,3 +267,21 @@ def test_interactive_generate_refuses_a_bad_line_and_answers_the_next(workspace,
     assert errors[0] == "minillama: the prompt is not UTF-8 text (byte 0xe9 at character 3); pass it in UTF-8 (check the terminal's locale); type another prompt"
     assert "exceeds the model's max_seq_len of 128" in errors[1] and len(errors) == 2
     assert captured.out.startswith("Sample 0: The cat") and captured.out.count("Sample 0:") == 1
+
+
+@pytest.mark.parametrize("argv, missing, message", [
+    (["eval", "harness", "{w}/ckpt", "--tasks", "hellaswag"], ["lm_eval"], "eval harness needs EleutherAI's lm-evaluation-harness: pip install 'minillama[harness]'"),
+    (["serve", "{w}/ckpt"], ["fastapi"], "serve needs FastAPI and uvicorn: pip install 'minillama[serve]'"),
+    (["export", "gguf", "{w}/ckpt", "{w}/m.gguf"], ["gguf"], "exporting GGUF needs the 'gguf' package: pip install 'minillama[gguf]'"),
+], ids=["harness", "serve", "gguf"])
+def test_a_missing_optional_package_is_one_line_naming_the_extra(workspace, argv, missing, message, capsys, monkeypatch):
+    import sys
+
+    for name in [n for n in list(sys.modules) if n.split(".")[0] in missing] + missing:  # as without that extra
+        monkeypatch.setitem(sys.modules, name, None)
+    for name in ("minillama.serve.app", "minillama.eval.harness"):  # imported afresh, as a new process would
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    before = tree(workspace)
+    assert main([a.format(w=workspace) for a in argv]) == 2
+    assert capsys.readouterr().err == f"minillama: error: {message}\n"
+    assert tree(workspace) == before
