@@ -66,9 +66,9 @@ def export_gguf(checkpoint: Path, out: Path, dtype: str = "f16", force: bool = F
     out = Path(out)
     claim_output(out, [checkpoint], "GGUF file", force, is_gguf_file, directory=False)
     model, info = load_checkpoint(checkpoint)
-    tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
-    if info.tokenizer_path is None and tokenizer_path is None:
+    if info.tokenizer_path is None and tokenizer_path is None:  # before any default tokenizer is fetched
         raise MiniLlamaError(f"{info.path} has no tokenizer.model; pass --tokenizer PATH (GGUF files carry their vocabulary)")
+    tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
     config = info.config
     fell_back: list[str] = []
 

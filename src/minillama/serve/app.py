@@ -144,9 +144,12 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, max_ba
                                 body.top_k or None, None if body.seed is None else body.seed + index, stops, emit))
         state["batcher"].submit(rows)
         completion_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = lambda: {"prompt_tokens": sum(len(ids) for ids in encoded) * body.n,  # noqa: E731
-                         "completion_tokens": sum(len(r.tokens) for r in rows),
-                         "total_tokens": sum(len(ids) for ids in encoded) * body.n + sum(len(r.tokens) for r in rows)}
+        prompt_tokens = sum(len(ids) for ids in encoded) * body.n
+
+        def usage() -> dict[str, int]:
+            completion_tokens = sum(len(r.tokens) for r in rows)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return {"id": completion_id, "object": "text_completion", "created": now, "model": model_name,

@@ -101,9 +101,8 @@ class Batcher:
             return row.finish_reason is not None or row.cancelled.is_set()
 
         try:
-            with torch.inference_mode():
-                generate_tokens(self.model, [row.prompt_ids for row in rows], max(row.max_tokens for row in rows),
-                                stop_ids=document_end_ids(self.tokenizer), on_token=on_token, choose=choose)
+            generate_tokens(self.model, [row.prompt_ids for row in rows], max(row.max_tokens for row in rows),
+                            stop_ids=document_end_ids(self.tokenizer), on_token=on_token, choose=choose)
         except Exception as exc:  # a failed batch fails its requests, not the server
             for row in rows:
                 if row.finish_reason is None:
