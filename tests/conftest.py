@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from minillama.config import ModelConfig
+from minillama.data.prepare import prepare
+from minillama.data.sources import LocalFiles
 from minillama.tokenizer import Tokenizer, train_tokenizer
 
 SUBJECTS = ["the cat", "a dog", "my sister", "the old king", "a small bird", "the farmer", "our teacher", "the river"]
@@ -110,3 +112,11 @@ def tiny(tmp_path_factory, test_data):
     ])
     train(config)
     return folder / "run" / "checkpoints" / "step_0000040"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus_file, tokenizer):
+    """Shards of the synthetic corpus for training runs."""
+    out = tmp_path_factory.mktemp("data") / "shards"
+    prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), out, tokenizer, shard_tokens=20_000, val_tokens=4_096, progress=False)
+    return out

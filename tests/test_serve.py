@@ -1,7 +1,6 @@
 """The OpenAI-compatible server, through the official `openai` client and raw HTTP, on a free localhost port."""
 
 import json
-import os
 import shutil
 import signal
 import socket

@@ -1,20 +1,17 @@
-import json
 import math
 import os
 import resource
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import write_examples
+from training import config_file, run_cli, start_run_until_step, tiny_run, train_losses, uninterrupted_losses
 
-from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
-from minillama.data.sources import LocalFiles
 from minillama.errors import MiniLlamaError
 from minillama.files import DirectoryLock
 from minillama.config import ModelConfig
@@ -22,35 +19,6 @@ from minillama.model import Transformer
 from minillama.train.config import OptimConfig, config_to_toml, load_train_config
 from minillama.train.loop import gradient_accumulation_steps, train
 from minillama.train.optim import build_optimizer, learning_rate
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, corpus_file, tokenizer):
-    out = tmp_path_factory.mktemp("data") / "shards"
-    prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), out, tokenizer, shard_tokens=20_000, val_tokens=4_096, progress=False)
-    return out
-
-
-def tiny_run(tmp_path, data_dir, tokenizer, *extra):
-    """--set overrides for a fast tiny run on the synthetic corpus: batches of 4 x 64 tokens, 2 micro-steps."""
-    return [
-        f"run_dir={tmp_path / 'run'}", f"data.dir={data_dir}", f"data.tokenizer={tokenizer.path}", "data.auto_prepare=false",
-        "model.vocab_size=320", "model.max_seq_len=64", "batch.seq_len=64", "batch.micro_batch=4", "batch.total_tokens=512",
-        "optim.max_steps=200", "optim.warmup_steps=10", "optim.lr=3e-3", "optim.min_lr=3e-4",
-        "eval.interval=1000", "eval.val_tokens=1024", "eval.hellaswag=false", "eval.num_samples=0",
-        "checkpoint.interval=4", "checkpoint.keep_last=2", "device=cpu", "compile=false", *extra,
-    ]
-
-
-def config_file(tmp_path, overrides):
-    path = tmp_path / "run.toml"
-    path.write_text(config_to_toml(load_train_config("configs/tiny.toml", overrides)))
-    return path
-
-
-def train_losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["kind"] == "train"], records
 
 
 def unigram_entropy(data_dir):
@@ -71,32 +39,6 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path, data_dir, tokenizer):
     entropy = unigram_entropy(data_dir)
     assert losses[0] > math.log(320) - 0.5  # starts near uniform over the vocabulary
     assert final_val["val_loss"] < 0.6 * entropy, (final_val["val_loss"], entropy)
-
-
-def run_cli(*args, env_extra=None, check=True):
-    env = {**os.environ, **(env_extra or {})}
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
-    if check:
-        assert result.returncode == 0, result.stderr[-8000:]
-    return result
-
-
-def uninterrupted_losses(tmp_path, overrides):
-    folder = tmp_path / "straight"
-    folder.mkdir()
-    run_cli("-m", "minillama", "train", "--config", str(config_file(folder, overrides)), "--set", f"run_dir={folder / 'run'}")
-    return train_losses(folder / "run")[0]
-
-
-def start_run_until_step(folder, overrides, step, **popen):
-    """A `minillama train` process, returned once it has logged `step`, with the command that resumes it."""
-    folder.mkdir()
-    command = [sys.executable, "-m", "minillama", "train", "--config", str(config_file(folder, overrides)), "--set", f"run_dir={folder / 'run'}"]
-    process = subprocess.Popen(command, **popen)
-    metrics, deadline = folder / "run" / "metrics.jsonl", time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and f'"kind": "train", "step": {step},' in metrics.read_text()):
-        time.sleep(0.05)
-    return process, command
 
 
 @pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd", "optim.decay_fraction=0.5"]], ids=["adamw", "muon"])
@@ -367,8 +309,10 @@ def test_a_run_says_what_it_did_keeps_config_history_and_refuses_a_meaningless_r
 
     with pytest.raises(MiniLlamaError, match=r"was trained with model.n_layers = 12, this config gives 2: a resume must keep"):
         train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "model.n_layers=2")))
-    with pytest.raises(MiniLlamaError, match=r"was trained with optim.name = 'adamw', this config gives 'muon': .* and optimizer;"):
+    with pytest.raises(MiniLlamaError, match=r"was trained with optim.name = 'adamw', this config gives 'muon': .* optimizer and parallel;"):
         train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "optim.name=muon")))
+    with pytest.raises(MiniLlamaError, match=r"was trained with parallel = 'ddp', this config gives 'fsdp'"):
+        train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "parallel=fsdp")))
     assert snapshot(run_dir) == before
 
     train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "optim.lr=0.001")))

@@ -1,5 +1,8 @@
 """The checkpoint format: a directory with config.json, model.safetensors and (usually) tokenizer.model.
 
+An FSDP run writes its weights sharded (a `sharded/` folder, see minillama.sharded) instead of model.safetensors;
+everything that loads a checkpoint reads either.
+
 Training adds training_state.pt (optimizer, schedule, data position, RNG) to the same directory. Every file is
 written into a temporary directory that is renamed into place only when complete, so a crash never leaves a
 directory that looks like a checkpoint but is not one.
@@ -28,6 +31,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TRAINING_STATE_FILE = (
     "config.json", "model.safetensors", "tokenizer.model", "training_state.pt",
 )
+SHARDED_DIR = "sharded"  # an FSDP run's weights and optimizer state, in place of model.safetensors
 
 
 @dataclass
@@ -67,31 +71,40 @@ def save_checkpoint(
     `metadata` is free-form JSON (step, run name, ...); `training_state` holds only tensors and plain Python
     values, so that it loads with torch.load(weights_only=True).
     """
+    weights = state_dict if state_dict is not None else model_state_dict(model)
+    return write_directory_atomically(path, lambda tmp: fill_checkpoint(tmp, path, model.config, tokenizer, metadata,
+                                                                        training_state, weights))
+
+
+def fill_checkpoint(tmp: Path, path: Path, config: ModelConfig, tokenizer: Tokenizer | None, metadata: dict[str, Any] | None,
+                    training_state: dict[str, Any] | None, weights: dict[str, torch.Tensor] | None) -> None:
+    """Write a checkpoint's files into `tmp` (to become `path`); `weights` None: the caller writes sharded weights."""
     config_json = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": to_dict(model.config),
+        "model": to_dict(config),
         "tokenizer": None if tokenizer is None else {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
         "metadata": metadata or {},
     }
+    (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer.path, tmp / TOKENIZER_FILE)
+    try:
+        if weights is not None:
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+        if training_state is not None:
+            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+    except (RuntimeError, SafetensorError) as exc:
+        raise unwritable_checkpoint(path, exc) from None
 
-    def fill(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer.path, tmp / TOKENIZER_FILE)
-        try:
-            save_file(state_dict if state_dict is not None else model_state_dict(model), str(tmp / WEIGHTS_FILE))
-            if training_state is not None:
-                torch.save(training_state, tmp / TRAINING_STATE_FILE)
-        except (RuntimeError, SafetensorError) as exc:
-            # Writing plain tensors fails only when the file cannot be written; the libraries say so in their own
-            # words. The half-written directory is removed, and earlier checkpoints are untouched.
-            raise MiniLlamaError(
-                f"could not write checkpoint {path} ({str(exc).strip().splitlines()[-1][:80]}): a full disk, quota or "
-                "file-size limit? free some space and run the same command again to resume from the last checkpoint"
-            ) from None
 
-    return write_directory_atomically(path, fill)
+def unwritable_checkpoint(path: Path, exc: BaseException) -> MiniLlamaError:
+    """Writing plain tensors fails only when the file cannot be written; the libraries say so in their own words.
+    The half-written directory is removed by the caller, and earlier checkpoints are untouched."""
+    return MiniLlamaError(
+        f"could not write checkpoint {path} ({str(exc).strip().splitlines()[-1][:80]}): a full disk, quota or "
+        "file-size limit? free some space and run the same command again to resume from the last checkpoint"
+    )
 
 
 def read_checkpoint_info(path: Path) -> Checkpoint:
@@ -134,15 +147,19 @@ def _read_checked_weights(path: Path, model: Transformer, device: str | torch.de
     """Read model.safetensors (onto `device`) and check it against `model`'s keys, shapes and dtypes, naming the
     first mismatch."""
     weights_path = Path(path) / WEIGHTS_FILE
+    expected = model_state_dict(model)
+    if not weights_path.exists() and (Path(path) / SHARDED_DIR).is_dir():  # an FSDP run's checkpoint
+        from minillama.sharded import read_weights  # torch.distributed.checkpoint takes 0.7 s to import
+
+        return read_weights(Path(path) / SHARDED_DIR, expected, device)
     try:
         state = load_file(str(weights_path), device=str(device))
     except FileNotFoundError:
-        raise MiniLlamaError(f"{path} has no {WEIGHTS_FILE}; the checkpoint is incomplete") from None
+        raise MiniLlamaError(f"{path} has no {WEIGHTS_FILE} (nor {SHARDED_DIR}/); the checkpoint is incomplete") from None
     except (PermissionError, IsADirectoryError) as exc:
         raise MiniLlamaError(f"{weights_path} cannot be read ({exc.strerror}); check that it is a file you may read") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise MiniLlamaError(f"{weights_path} cannot be read ({exc}); the file is truncated or not safetensors") from None
-    expected = model_state_dict(model)
     for key in expected.keys() - state.keys():
         raise MiniLlamaError(f"{weights_path} lacks tensor '{key}'; it does not match its config.json")
     for key in state.keys() - expected.keys():

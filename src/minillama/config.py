@@ -127,7 +127,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value if isinstance(value, hint) else from_dict(hint, value, where)
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
-        return value  # which of the choices: check_fields
+        # `--set field=none` reads as null; where "none" is one of the choices, that is what was meant.
+        return "none" if value is None and "none" in typing.get_args(hint) else value  # which of the choices: check_fields
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:

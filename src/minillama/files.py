@@ -89,27 +89,39 @@ def fill_file_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
 
 def write_directory_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
     """Let `fill` write into a fresh temporary directory, then rename it to `path` (replacing an old one whole)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    tmp = temporary_directory(path)
     try:
         fill(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(file, 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        commit_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def temporary_directory(path: Path) -> Path:
+    """A fresh directory beside `path` to fill and then `commit_directory` (several processes may fill it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+
+
+def commit_directory(tmp: Path, path: Path) -> None:
+    """Flush every file under `tmp` to disk, then rename `tmp` to `path`, replacing an old `path` whole."""
+    for item in [*tmp.rglob("*"), tmp]:
+        if item.is_dir():
+            os.chmod(item, 0o777 & ~_umask())
+            continue
+        with open(item, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(item, 0o666 & ~_umask())
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
 
 
 def claim_output(out: Path, sources: list[Path], what: str, force: bool, is_earlier_output: Callable[[Path], bool],

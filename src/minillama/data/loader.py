@@ -108,10 +108,13 @@ class TrainLoader:
         for key, value in expected.items():
             if state[key] != value:
                 raise MiniLlamaError(f"the checkpoint's data position was saved with {key}={state[key]}, this run has {value}")
-        if state["batch_size"] * state["world_size"] != self.batch_size * self.world_size:
+        group = state["batch_size"] * state["world_size"]  # windows per micro-step, all ranks together
+        if group != self.batch_size * self.world_size:
+            fix = (f"use --set batch.micro_batch={group // self.world_size} to keep {group} sequences per micro-step"
+                   if group % self.world_size == 0 else f"resume on a number of ranks that divides {group}")
             raise MiniLlamaError(
                 f"the checkpoint's data position was saved with {state['world_size']} ranks x batch {state['batch_size']}; "
-                f"this run has {self.world_size} x {self.batch_size}, which would walk the data differently"
+                f"this run has {self.world_size} x {self.batch_size}, which would walk the data differently; {fix}"
             )
         self.epoch, self.position = state["epoch"], state["position"]
         self._begin_epoch()

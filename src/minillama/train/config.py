@@ -138,6 +138,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device string
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 autocast where native, fp16 + grad scaler on older GPUs, fp32 on CPU
     compile: Literal["auto", True, False] = "auto"  # torch.compile the model: "auto" (on for CUDA), true or false
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: a whole copy of model and optimizer per rank; fsdp: sharded over the ranks (FSDP2)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute activations in backward: every block (full) or every other
     stop_at_step: PositiveInt | None = None  # stop after this step without changing the schedule (None: optim.max_steps)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -26,32 +24,27 @@ class Distributed:
         return self.world_size > 1
 
 
-def init_distributed(device_name: str) -> Distributed:
-    """One process per device under torchrun; a plain single process otherwise."""
-    if "RANK" not in os.environ:
+def init_distributed(device_name: str, alone_as_group: bool = False) -> Distributed:
+    """One process per device under torchrun; a plain single process otherwise, in a process group of its own
+    when `alone_as_group` (FSDP and its sharded checkpoints need a group even of one)."""
+    if "RANK" not in os.environ and not alone_as_group:
         return Distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # Without torchrun there is no rendezvous to make: an in-memory store serves the one process.
+    alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         # device_id binds the process group to this rank's GPU up front (and silences NCCL's guess at it).
-        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank), **alone)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", **alone)
     return Distributed(dist.get_rank(), local_rank, dist.get_world_size())
 
 
 def close_distributed(ctx: Distributed) -> None:
     if dist.is_initialized():  # also under torchrun with one process
         dist.destroy_process_group()
-
-
-def wrap_data_parallel(module: torch.nn.Module, device: torch.device, ctx: Distributed) -> torch.nn.Module:
-    """DistributedDataParallel around `module`, without per-forward buffer syncs: the only buffers are rotary
-    tables, computed identically on every rank."""
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
 
 def barrier(ctx: Distributed) -> None:
@@ -73,6 +66,15 @@ def any_rank(flag: bool, ctx: Distributed, device: torch.device) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj`, on every rank (all ranks must call this)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_objects(obj: object, ctx: Distributed) -> list[object]:

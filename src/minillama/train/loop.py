@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import threading
@@ -13,7 +12,7 @@ from typing import Any
 
 import torch
 
-from minillama.checkpoint import load_weights
+from minillama.checkpoint import SHARDED_DIR, load_weights
 from minillama.config import to_dict
 from minillama.data.loader import TrainLoader, check_data, is_verified, verify_shards
 from minillama.data.prepare import prepare
@@ -36,14 +35,16 @@ from minillama.train.distributed import (
     close_distributed,
     gather_objects,
     init_distributed,
-    wrap_data_parallel,
 )
 from minillama.train.metrics import MetricsLogger, truncate_metrics
 from minillama.train.optim import MuonWithAdamW, build_optimizer, set_learning_rates
+from minillama.train.parallel import clip_gradients, gradient_sync, is_sharded, parallelize
 from minillama.train.resume import (
     complete_checkpoints,
+    load_sharded_training_state,
     load_training_state,
     rng_state,
+    save_sharded_training_checkpoint,
     save_training_checkpoint,
     set_rng_state,
 )
@@ -84,8 +85,8 @@ class Run:
     tokenizer: Tokenizer
     data_dir: Path
     accumulation: int  # micro-steps per optimizer step
-    model: Transformer  # the weights; sampling and HellaSwag call it directly
-    compiled: torch.nn.Module  # `model` compiled (or itself): training steps and validation loss
+    model: Transformer  # the weights (sharded under fsdp); sampling and HellaSwag call it directly
+    compiled: torch.nn.Module  # `model` compiled (or itself; under fsdp compiled per block): validation loss
     step_model: torch.nn.Module  # `compiled` under DDP (or itself): what the micro-steps call
     optimizer: torch.optim.Optimizer | MuonWithAdamW
     scaler: torch.amp.GradScaler
@@ -99,7 +100,7 @@ class Run:
 def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
     """Run (or continue) training as `config` says; returns the last step's metrics. Under torchrun, every
     process calls this."""
-    ctx = init_distributed(config.device)
+    ctx = init_distributed(config.device, alone_as_group=config.parallel == "fsdp")
     try:
         done = history.finished_step(Path(config.run_dir), config, resume)
         if done is not None:
@@ -177,9 +178,7 @@ def train_step(run: Run) -> dict[str, Any]:
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(run.accumulation):
         x, y = (t.to(device, non_blocking=True) for t in next(run.loader))
-        # DDP averages gradients across ranks; do it once, after the last micro-step, not after each.
-        sync = micro_step == run.accumulation - 1
-        with run.step_model.no_sync() if run.ctx.enabled and not sync else contextlib.nullcontext():
+        with gradient_sync(run.step_model, sync=micro_step == run.accumulation - 1):
             with autocast(device, run.precision):
                 _, loss = run.step_model(x, y)
             loss = loss / run.accumulation  # the gradient of the mean over all micro-batches
@@ -189,7 +188,7 @@ def train_step(run: Run) -> dict[str, Any]:
 
     run.scaler.unscale_(run.optimizer)
     # Clipping at 1.0 bounds the update when a rare batch produces a huge gradient (common early on).
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.grad_clip or math.inf)
+    grad_norm = clip_gradients(run.model, config.optim.grad_clip or math.inf)
     lr = set_learning_rates(run.optimizer, run.state.step, config.optim)
     if torch.isfinite(loss_sum) and (torch.isfinite(grad_norm) or run.scaler.is_enabled()):
         run.scaler.step(run.optimizer)
@@ -229,9 +228,16 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     data_dir = _data(config, tokenizer, ctx, device)
     accumulation = gradient_accumulation_steps(config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size)
 
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    if config.parallel == "fsdp" and precision == torch.float16:
+        raise MiniLlamaError(f"parallel = fsdp trains in bfloat16 or float32, and dtype {config.dtype} is float16 on {device}; "
+                             "use --set dtype=float32 (or parallel=ddp, which has a gradient scaler for float16)")
+    torch.manual_seed(config.seed)  # identical initial weights on every rank (FSDP then keeps each rank's slice)
     model = Transformer(config.model).to(device)
-    optimizer = build_optimizer(model, config.optim, device)
+    compile_model = config.compile is True or (config.compile == "auto" and device.type == "cuda")
+    # `compiled` serves training steps and validation loss (fixed shapes); sampling and HellaSwag, whose shapes
+    # change with every prompt, use `model`, which shares its weights, so they never trigger recompilation.
+    compiled, step_model = parallelize(model, config.parallel, config.activation_checkpointing, compile_model, precision, device, ctx)
+    optimizer = build_optimizer(model, config.optim, device)  # after parallelize: FSDP replaces the parameters
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     loader = TrainLoader(data_dir, config.batch.micro_batch, config.batch.seq_len, ctx.rank, ctx.world_size, config.seed)
     torch.manual_seed(config.seed + ctx.rank)  # dropout masks differ across ranks
@@ -241,12 +247,6 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
     if checkpoint is not None:
         _restore(checkpoint, model, optimizer, scaler, loader, state, device, ctx)
-
-    compile_model = config.compile is True or (config.compile == "auto" and device.type == "cuda")
-    # `compiled` serves training steps and validation loss (fixed shapes); sampling and HellaSwag, whose shapes
-    # change with every prompt, use `model`, which shares its weights, so they never trigger recompilation.
-    compiled = torch.compile(model) if compile_model else model
-    step_model = wrap_data_parallel(compiled, device, ctx) if ctx.enabled else compiled
     hellaswag = monitor.load_hellaswag(config.eval, ctx, device) if config.eval.hellaswag else None
 
     # Everything above only reads; from here on the run directory is written, by one run at a time.
@@ -352,25 +352,32 @@ def _checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
 
 
 def _save(run: Run) -> None:
+    config, state = run.config, run.state
     rng = gather_objects(rng_state(run.device), run.ctx)  # every rank takes part; rank 0 writes
-    if run.ctx.is_main:
-        config, state = run.config, run.state
-        save_training_checkpoint(
-            Path(config.run_dir), state.step, run.model, run.tokenizer,
-            training_state={"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-                            "loader": run.loader.state_dict(), "rng": rng, "tokens_seen": state.tokens_seen,
-                            "best_val_loss": state.best_val_loss},
-            metadata={"run_dir": config.run_dir, "model_preset": config.model_preset, "tokens_seen": state.tokens_seen},
-            keep_last=config.checkpoint.keep_last,
-        )
+    training_state = {"scaler": run.scaler.state_dict(), "loader": run.loader.state_dict(), "rng": rng,
+                      "tokens_seen": state.tokens_seen, "best_val_loss": state.best_val_loss}
+    metadata = {"run_dir": config.run_dir, "model_preset": config.model_preset, "tokens_seen": state.tokens_seen}
+    if is_sharded(run.model):
+        save_sharded_training_checkpoint(Path(config.run_dir), state.step, run.model, run.optimizer, run.tokenizer,
+                                         training_state, metadata, config.checkpoint.keep_last, run.ctx)
+    elif run.ctx.is_main:
+        save_training_checkpoint(Path(config.run_dir), state.step, run.model, run.tokenizer,
+                                 {"optimizer": run.optimizer.state_dict(), **training_state}, metadata, config.checkpoint.keep_last)
     barrier(run.ctx)
 
 
 def _restore(path: Path, model: Transformer, optimizer: torch.optim.Optimizer | MuonWithAdamW, scaler: torch.amp.GradScaler,
              loader: TrainLoader, state: RunState, device: torch.device, ctx: Distributed) -> None:
-    load_weights(path, model)
     saved = load_training_state(path)
-    optimizer.load_state_dict(saved["optimizer"])
+    if (path / SHARDED_DIR).is_dir() != is_sharded(model):
+        written, now = ("fsdp", "ddp") if (path / SHARDED_DIR).is_dir() else ("ddp", "fsdp")
+        raise MiniLlamaError(f"{path} was written by a parallel = {written} run; resume it with --set parallel={written} "
+                             f"(this run has {now}), or start another run_dir")
+    if is_sharded(model):
+        load_sharded_training_state(path, model, optimizer)
+    else:
+        load_weights(path, model)
+        optimizer.load_state_dict(saved["optimizer"])
     notes = []
     if bool(saved["scaler"]) == scaler.is_enabled():  # an fp16 run saves its gradient scaler; other runs have none
         scaler.load_state_dict(saved["scaler"])

@@ -23,6 +23,7 @@ from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 from minillama.train.config import EvalConfig
 from minillama.train.distributed import Distributed, any_rank
+from minillama.train.parallel import whole_weights
 
 if TYPE_CHECKING:
     from minillama.train.loop import Run
@@ -45,7 +46,7 @@ def load_hellaswag(config: EvalConfig, ctx: Distributed, device: torch.device) -
 def evaluate_and_sample(run: Run) -> None:
     """Validation loss (every rank, compiled model), HellaSwag (every rank) and samples (rank 0), at run.state.step."""
     config, state, ctx = run.config, run.state, run.ctx
-    with autocast(run.device, run.precision):
+    with whole_weights(run.model), autocast(run.device, run.precision):
         val = evaluate_loss(run.compiled, run.data_dir, run.tokenizer, config.batch.micro_batch, config.batch.seq_len,
                             config.eval.val_tokens, ctx.rank, ctx.world_size)
         state.best_val_loss = min(state.best_val_loss, val["loss"])

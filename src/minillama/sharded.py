@@ -1,0 +1,99 @@
+"""Sharded weights: what an FSDP run writes in place of model.safetensors, in torch.distributed.checkpoint's
+(DCP's) format — each rank writes its own part, rank 0 an index (`.metadata`) of which part holds which slice.
+
+Any number of processes can read such a folder, each the slices it needs, which is how a run resumes on another
+number of ranks, and how a single process reads the whole model. DCP's own reader unpickles the index with plain
+pickle, which would run code from a file a user hands us; here the index is read by an unpickler that builds only
+DCP's metadata records, and only tensors (which DCP reads with weights_only=True) are ever loaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import StorageMeta
+
+from minillama.errors import MiniLlamaError
+
+INDEX_FILE = ".metadata"  # DCP's name for the index
+
+_INDEX_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+      ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _INDEX_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint index")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader with the index read by `_IndexUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_index(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_index(folder: Path) -> Metadata:
+    path = Path(folder) / INDEX_FILE
+    try:
+        with open(path, "rb") as f:
+            index = _IndexUnpickler(f).load()
+    except FileNotFoundError:
+        raise MiniLlamaError(f"{folder} has no {INDEX_FILE}; the sharded checkpoint is incomplete") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+        raise MiniLlamaError(f"{path} is not a checkpoint index ({exc}); the checkpoint is damaged") from None
+    if not isinstance(index, Metadata):
+        raise MiniLlamaError(f"{path} is not a checkpoint index; the checkpoint is damaged")
+    return index
+
+
+def check_tensors(folder: Path, expected: dict[str, torch.Tensor], prefix: str, extra_allowed: bool = False) -> None:
+    """Refuse, naming the first mismatch, unless the index lists every `prefix + key` of `expected` as a tensor of its
+    shape and a floating-point dtype; and (unless `extra_allowed`) no other tensor under `prefix`."""
+    stored = {key[len(prefix):]: entry for key, entry in read_index(folder).state_dict_metadata.items() if key.startswith(prefix)}
+    where = Path(folder) / INDEX_FILE
+    for key in expected.keys() - stored.keys():
+        raise MiniLlamaError(f"{where} lacks tensor '{key}'; it does not match its config.json")
+    for key in ([] if extra_allowed else stored.keys() - expected.keys()):
+        raise MiniLlamaError(f"{where} has unexpected tensor '{key}'; it does not match its config.json")
+    for key, tensor in expected.items():
+        entry = stored[key]
+        if not isinstance(entry, TensorStorageMetadata):
+            raise MiniLlamaError(f"{where}: '{key}' is not stored as a tensor; the checkpoint is damaged")
+        if tuple(entry.size) != tuple(tensor.shape):
+            raise MiniLlamaError(f"{where}: tensor '{key}' has shape {tuple(entry.size)}, config.json implies {tuple(tensor.shape)}")
+        if not entry.properties.dtype.is_floating_point:
+            raise MiniLlamaError(f"{where}: tensor '{key}' has dtype {entry.properties.dtype}; expected a floating-point type")
+
+
+def read_weights(folder: Path, expected: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The whole of each tensor of `expected` (names and shapes; values unused) from sharded weights, onto `device`,
+    in one process however many ranks wrote them."""
+    import torch.distributed.checkpoint as dcp
+
+    check_tensors(folder, expected, "model.")
+    index = read_index(folder).state_dict_metadata
+    state = {key: torch.empty(tensor.shape, dtype=index[f"model.{key}"].properties.dtype, device=device)
+             for key, tensor in expected.items()}
+    try:
+        with warnings.catch_warnings():  # that a single process reads is the point, not a surprise
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": state}, storage_reader=SafeReader(str(folder)), no_dist=True)
+    except OSError as exc:
+        raise MiniLlamaError(f"{folder} cannot be read ({exc.strerror or exc}); the sharded checkpoint is incomplete") from None
+    return state

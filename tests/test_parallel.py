@@ -1,0 +1,138 @@
+"""FSDP2 sharding, activation checkpointing and sharded checkpoints, on the CPU with gloo: each checked against a
+plain one-process run of the same recipe, or against an uninterrupted run."""
+
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import write_examples
+from training import config_file, run_cli, start_run_until_step, tiny_run, torchrun, train_losses
+
+from minillama.checkpoint import SHARDED_DIR, WEIGHTS_FILE, load_checkpoint, model_state_dict
+from minillama.train.config import load_train_config
+from minillama.train.distributed import close_distributed, init_distributed
+from minillama.train.loop import setup, train
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is not set up on Windows runners")
+
+STEPS = 20
+
+
+def fsdp_run(tmp_path, data_dir, tokenizer, *extra):
+    """The tiny run at 1,024 tokens per step (4 micro-steps on one process, 2 on each of two ranks), 20 steps,
+    checkpoints every 4, and HellaSwag on 7 examples, so the two ranks score 4 and 3."""
+    hellaswag = write_examples(tmp_path / "hellaswag.jsonl", 7)
+    return tiny_run(tmp_path, data_dir, tokenizer, f"stop_at_step={STEPS}", "batch.total_tokens=1024", "eval.interval=8",
+                    "eval.hellaswag=true", f"eval.hellaswag_file={hellaswag}", "eval.num_samples=1", "eval.sample_tokens=8",
+                    "checkpoint.keep_last=10", *extra)
+
+
+@pytest.fixture(scope="module")
+def two_rank_fsdp(tmp_path_factory, data_dir, tokenizer):
+    """An uninterrupted 2-rank fsdp run, with full activation checkpointing."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    overrides = fsdp_run(folder, data_dir, tokenizer, "parallel=fsdp", "activation_checkpointing=full")
+    run_cli(*torchrun(2, "train", "--config", str(config_file(folder, overrides)))[1:], env_extra={"OMP_NUM_THREADS": "1"})
+    return folder, overrides
+
+
+def test_two_rank_fsdp_matches_one_process_with_double_accumulation(tmp_path, data_dir, tokenizer, two_rank_fsdp):
+    folder, _ = two_rank_fsdp
+    train(load_train_config("configs/tiny.toml", fsdp_run(tmp_path, data_dir, tokenizer)))
+    single, single_records = train_losses(tmp_path / "run")
+    sharded, sharded_records = train_losses(folder / "run")
+    assert [r["accumulation"] for r in single_records if r["kind"] == "run"] == [4]
+    assert [r["accumulation"] for r in sharded_records if r["kind"] == "run"] == [2]
+    assert len(single) == len(sharded) == STEPS
+    assert max(abs(a - b) for a, b in zip(single, sharded)) < 1e-5
+    norms = [[r["grad_norm"] for r in records if r["kind"] == "train"] for records in (single_records, sharded_records)]
+    assert max(abs(a - b) / a for a, b in zip(*norms)) < 1e-4  # the norm over both ranks' slices, not one rank's
+    evals = [[r for r in records if r["kind"] == "eval"] for records in (single_records, sharded_records)]
+    assert [r["step"] for r in evals[1]] == [0, 8, 16, 20]
+    assert max(abs(a["val_loss"] - b["val_loss"]) for a, b in zip(*evals)) < 1e-5
+    assert [(r["hellaswag_examples"], r["hellaswag_acc_norm"]) for r in evals[0]] == \
+        [(r["hellaswag_examples"], r["hellaswag_acc_norm"]) for r in evals[1]]
+    samples = [[r["samples"] for r in records if r["kind"] == "samples"] for records in (single_records, sharded_records)]
+    assert len(samples[1]) == 4 and all(len(s) == 2 for s in samples[1])  # rank 0 samples alone, on gathered weights
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir, tokenizer, mode):
+    """Recomputed activations replay the forward's dropout masks, so the gradients are the same."""
+    losses = {}
+    for name in ("none", mode):
+        overrides = tiny_run(tmp_path / name, data_dir, tokenizer, "stop_at_step=6", "model.dropout=0.1",
+                             f"activation_checkpointing={name}")
+        train(load_train_config("configs/tiny.toml", overrides))
+        losses[name] = train_losses(tmp_path / name / "run")[0]
+    assert len(losses[mode]) == 6
+    assert max(abs(a - b) for a, b in zip(losses["none"], losses[mode])) < 1e-6
+
+
+def test_sharded_checkpoint_reads_as_a_whole_model(two_rank_fsdp):
+    """generate, eval, export and inspect load any checkpoint through load_checkpoint: an fsdp run's reads whole."""
+    folder, _ = two_rank_fsdp
+    checkpoint = folder / "run" / "checkpoints" / f"step_{STEPS:07d}"
+    assert (checkpoint / SHARDED_DIR).is_dir() and not (checkpoint / WEIGHTS_FILE).exists()
+    shards = sorted(p.name for p in (checkpoint / SHARDED_DIR).iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # every rank wrote its part
+    model, info = load_checkpoint(checkpoint)
+    assert info.metadata["step"] == STEPS
+    weights = model_state_dict(model)
+    assert "output.weight" not in weights and model.output.weight is model.tok_embeddings.weight
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def kill_group(process):
+    """kill -9 torchrun and its workers at once, as a crashed node would stop them."""
+    import os
+
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_fsdp_resume_after_kill_on_two_ranks_equals_uninterrupted_and_reshards_to_one_and_back(tmp_path, data_dir, tokenizer, two_rank_fsdp):
+    straight_folder, overrides = two_rank_fsdp
+    straight, _ = train_losses(straight_folder / "run")
+    killed = tmp_path / "killed"
+    # kill -9 once step 9 is logged: after the step-8 checkpoint, mid-interval
+    process, command = start_run_until_step(killed, overrides, 9, nproc=2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            start_new_session=True, env_extra={"OMP_NUM_THREADS": "1"})
+    kill_group(process)
+    step_8 = killed / "run" / "checkpoints" / "step_0000008"
+    assert step_8.is_dir()
+    one_rank = tmp_path / "one"
+    shutil.copytree(killed, one_rank)
+
+    run_cli(*command[1:], "--resume", env_extra={"OMP_NUM_THREADS": "1"})
+    assert train_losses(killed / "run")[0] == straight  # bit for bit on the same two ranks
+
+    # 2 -> 1: one process reads both ranks' shards into its own, whole, and continues from step 8.
+    # The data order is defined per micro-step of all ranks together: one rank takes both ranks' sequences.
+    one_overrides = [*overrides, f"run_dir={one_rank / 'run'}", "stop_at_step=12", "batch.micro_batch=8"]
+    one_config = load_train_config("configs/tiny.toml", one_overrides)
+    ctx = init_distributed(one_config.device, alone_as_group=True)
+    try:
+        run = setup(one_config, "always", ctx)
+        run.lock.release()
+        assert run.state.step == 8
+        resumed = {key: value.full_tensor() for key, value in model_state_dict(run.model).items()}
+    finally:
+        close_distributed(ctx)
+    consolidated = model_state_dict(load_checkpoint(step_8)[0])
+    assert resumed.keys() == consolidated.keys()
+    assert all(torch.equal(resumed[key], consolidated[key]) for key in consolidated)
+    train(one_config, resume="always")
+    one_losses = train_losses(one_rank / "run")[0]
+    assert len(one_losses) == 12
+    assert max(abs(a - b) for a, b in zip(one_losses[8:], straight[8:12])) < 1e-5
+
+    # 1 -> 2: two ranks continue the one-process run's step-12 checkpoint.
+    run_cli(*command[1:], "--set", f"run_dir={one_rank / 'run'}", "--set", "stop_at_step=16", "--resume",
+            env_extra={"OMP_NUM_THREADS": "1"})
+    both = train_losses(one_rank / "run")[0]
+    assert len(both) == 16
+    assert max(abs(a - b) for a, b in zip(both[12:], straight[12:16])) < 1e-5
