@@ -18,6 +18,8 @@
 # 5. sampling from that run with the CLI (streaming, and --interactive reusing the captured graph)
 # 6. training throughput at 64 x 1024, eager and compiled
 # 7. Muon's optimizer step beside AdamW's on mini-llama-109M (issue 15; past the budget of a full run: run it with ONLY)
+# 8. FSDP2 and activation checkpointing: peak memory vs the README's estimate, a sharded run resumed, sampled
+#    (issue 17; ONLY="prepare fsdp_train_32 ac_full_train_32 fsdp_run_first_half fsdp_run_resumed fsdp_generate")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -82,18 +84,20 @@ TRAIN=(python -m minillama train --config configs/mini-llama-109M.toml --set dev
     --set checkpoint.interval="$HALF_STEPS")
 part train_run_first_half 90 "${TRAIN[@]}" --set stop_at_step="$HALF_STEPS"
 part train_run_resumed 60 "${TRAIN[@]}"
-python - "$RUN" <<'PY'
+[[ -z ${ONLY:-} || " $ONLY " == *" train_run_first_half "* ]] && summarize_run "$RUN" "short training run (compiled, 2 halves, the second resumed)"
+summarize_run() {  # summarize_run RUN_DIR NAME: one JSON line about a training run
+python - "$1" "$2" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 path = Path(sys.argv[1]) / "metrics.jsonl"
 if not path.is_file():
-    print(json.dumps({"check": "train_run", "error": "the run left no metrics; see its log above"}))
+    print(json.dumps({"check": "train_run", "name": sys.argv[2], "error": "the run left no metrics; see its log above"}))
     sys.exit()
 records = [json.loads(line) for line in path.read_text().splitlines()]
 train = [r for r in records if r["kind"] == "train"]
 evals = [r for r in records if r["kind"] == "eval"]
 samples = [r for r in records if r["kind"] == "samples"]
-print(json.dumps({"check": "train_run", "steps": len(train), "contiguous": [r["step"] for r in train] == list(range(len(train))),
+print(json.dumps({"check": "train_run", "name": sys.argv[2], "steps": len(train), "contiguous": [r["step"] for r in train] == list(range(len(train))),
                   "first_loss": round(train[0]["loss"], 4), "last_loss": round(train[-1]["loss"], 4),
                   "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in train)),
                   "median_mfu": round(statistics.median(r.get("mfu", 0) for r in train), 4),
@@ -102,6 +106,7 @@ print(json.dumps({"check": "train_run", "steps": len(train), "contiguous": [r["s
                   "checkpoints": sorted(p.name for p in (Path(sys.argv[1]) / "checkpoints").glob("step_*")),
                   "last_samples": samples[-1]["samples"][:2] if samples else None}))
 PY
+}
 part generate_cli 30 python -m minillama generate "$RUN" "To stay healthy, I have to" --device "$DEVICE" \
     --num-samples 1 --max-new-tokens 30 --seed 0
 printf 'To stay healthy, I have to\nHello, I am a language model,\n' > "$WORK/prompts.txt"
@@ -113,6 +118,19 @@ part generate_trained 30 python bench/generate_throughput.py --device "$DEVICE" 
 part train_eager_64 40 python bench/train_throughput.py --device "$DEVICE" --batch "$BIG_MICRO" --seq "$SEQ" --steps 10 --warmup 2 --no-compile
 part train_compiled_64 100 python bench/train_throughput.py --device "$DEVICE" --batch "$BIG_MICRO" --seq "$SEQ" --steps 20 --warmup 3 $NO_COMPILE
 part muon 40 python bench/muon_overhead.py --device "$DEVICE" --preset "$PRESET" --micro-batch "$MICRO" --repeats 3
+
+# FSDP2 and activation checkpointing on one GPU (issue 17; past the budget of a full run: run them with ONLY, see the
+# README): peak memory beside minillama.train.memory's estimate, and a short sharded run that resumes.
+part fsdp_train_32 100 python bench/train_throughput.py --device "$DEVICE" --batch "$MICRO" --seq "$SEQ" --steps 10 --warmup 3 \
+    --parallel fsdp $NO_COMPILE
+part ac_full_train_32 100 python bench/train_throughput.py --device "$DEVICE" --batch "$MICRO" --seq "$SEQ" --steps 10 --warmup 3 \
+    --activation-checkpointing full $NO_COMPILE
+FSDP_TRAIN=("${TRAIN[@]}" --set run_dir="$WORK/fsdp_run" --set parallel=fsdp --set activation_checkpointing=selective)
+part fsdp_run_first_half 90 "${FSDP_TRAIN[@]}" --set stop_at_step="$HALF_STEPS"
+part fsdp_run_resumed 60 "${FSDP_TRAIN[@]}"
+[[ -z ${ONLY:-} || " $ONLY " == *" fsdp_run_first_half "* ]] && summarize_run "$WORK/fsdp_run" "short fsdp run (selective checkpointing, sharded checkpoints, resumed)"
+part fsdp_generate 30 python -m minillama generate "$WORK/fsdp_run" "To stay healthy, I have to" --device "$DEVICE" \
+    --num-samples 1 --max-new-tokens 30 --seed 0
 
 }
 

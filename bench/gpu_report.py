@@ -30,16 +30,20 @@ def main() -> None:
 
     for r in (r for r in found if r.get("bench") == "train" and "tokens_per_s" in r):
         target = r["compiled"] and r["batch"] == 32 and r["seq"] == 1024
-        rows.append((f"training {r['batch']} x {r['seq']}, {'compiled' if r['compiled'] else 'eager'}",
+        layout = "".join(f", {value}" for value in (r.get("parallel"), r.get("activation_checkpointing"))
+                         if value not in (None, "ddp", "none")) + (" checkpointing" if r.get("activation_checkpointing", "none") != "none" else "")
+        target = target and not layout
+        rows.append((f"training {r['batch']} x {r['seq']}, {'compiled' if r['compiled'] else 'eager'}{layout}",
                      ">= 600,000 tokens/s (goal 800,000)" if target else "",
-                     f"{r['tokens_per_s']:,} tokens/s, MFU {r['mfu']}, {r['step_ms']} ms/step, peak {r['peak_memory_gib']} GiB, "
-                     f"warm-up {r['warmup_s']} s", verdict(r["tokens_per_s"] >= 600_000) if target else ""))
+                     f"{r['tokens_per_s']:,} tokens/s, MFU {r['mfu']}, {r['step_ms']} ms/step, peak {r['peak_memory_gib']} GiB "
+                     f"(estimate {r.get('estimated_memory_gib')} GiB), warm-up {r['warmup_s']} s",
+                     verdict(r["tokens_per_s"] >= 600_000) if target else ""))
     for r in (r for r in found if r.get("check") == "train_run"):
         if "error" in r:
-            rows.append(("short training run", "runs, loss falls, resumes", r["error"], "MISSED"))
+            rows.append((r["name"], "runs, loss falls, resumes", r["error"], "MISSED"))
             continue
         ok = r["contiguous"] and r["last_loss"] < r["first_loss"] and len(r["checkpoints"]) >= 2 and None not in r["hellaswag"]
-        rows.append(("short training run (compiled, 2 halves, the second resumed)", "runs, loss falls, resumes",
+        rows.append((r["name"], "runs, loss falls, resumes",
                      f"{r['steps']} steps (contiguous: {r['contiguous']}), loss {r['first_loss']} -> {r['last_loss']}, "
                      f"val loss {r['val_loss']} at steps {r['eval_steps']}, HellaSwag {r['hellaswag']}, "
                      f"checkpoints {r['checkpoints']}, median {r['median_tokens_per_s']:,} tokens/s", verdict(ok)))

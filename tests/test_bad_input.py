@@ -59,10 +59,56 @@ def workspace(tmp_path_factory, corpus_file, tokenizer):
     (root / "bad.toml").write_text("x = = 1\n")
     (root / "notes").mkdir()
     (root / "notes" / "todo.txt").write_text("the user's own notes")
+    write_sharded_checkpoints(root, config, tokenizer)
     return root
 
 
+class RunsCode:
+    """What a hostile pickle does: makes unpickling call a function of its choice."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def write_sharded_checkpoints(root, config, tokenizer):
+    """An fsdp run's checkpoint, written by a one-process group; then copies with one shard missing, with a hostile
+    pickle as index, and without an index."""
+    import pickle
+    import shutil
+
+    import torch
+
+    from minillama.train.config import OptimConfig
+    from minillama.train.distributed import close_distributed, init_distributed
+    from minillama.train.optim import build_optimizer
+    from minillama.train.parallel import parallelize
+    from minillama.train.resume import save_sharded_training_checkpoint
+
+    ctx = init_distributed("cpu", alone_as_group=True)
+    try:
+        model = Transformer(config)
+        parallelize(model, "fsdp", "none", False, None, torch.device("cpu"), ctx)
+        save_sharded_training_checkpoint(root / "fsdp", 1, model, build_optimizer(model, OptimConfig(), torch.device("cpu")),
+                                         tokenizer, {}, {}, keep_last=1, ctx=ctx)
+    finally:
+        close_distributed(ctx)
+    saved = root / "fsdp" / "checkpoints" / "step_0000001"
+    for name in ("no_shard", "hostile_index", "no_index"):
+        shutil.copytree(saved, root / name)
+    (root / "no_shard" / "sharded" / "__0_0.distcp").unlink()
+    (root / "hostile_index" / "sharded" / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    (root / "no_index" / "sharded" / ".metadata").unlink()
+    return saved
+
+
 CASES = [
+    (["generate", "{w}/no_shard", "hi"], "no_shard/sharded cannot be read"),
+    (["generate", "{w}/hostile_index", "hi"], "hostile_index/sharded/.metadata is not a checkpoint index (builtins.print has no place in a checkpoint index)"),
+    (["export", "hf", "{w}/no_index", "{w}/hf_out"], "no_index/sharded has no .metadata; the sharded checkpoint is incomplete"),
+    (["train", "--set", "parallel=fsdp", "--set", "dtype=float16", "--set", "device=cpu", "--set", "run_dir={w}/fp16_run"],
+     "parallel = fsdp trains in bfloat16 or float32, and dtype float16 is float16 on cpu; use --set dtype=float32"),
+    (["train", "--set", "parallel=zero3"], "run config field 'parallel' is \"zero3\"; expected one of \"ddp\", \"fsdp\""),
+    (["train", "--set", "activation_checkpointing=some"], "run config field 'activation_checkpointing' is \"some\"; expected one of"),
     (["eval", "loss", "{w}/ckpt", "--data", "{w}/data", "--seq-len", "4096"], "the sequence length 4096 exceeds the model's max_seq_len of 128"),
     (["eval", "loss", "{w}/ckpt", "--data", "{w}/data", "--batch-size", "0"], "the batch size is 0; expected a positive integer"),
     (["eval", "loss", "{w}/ckpt", "--data", "{w}/data", "--tokens", "0"], "the tokens to score is 0; expected a positive integer"),

@@ -12,6 +12,7 @@ from conftest import write_examples
 from training import config_file, run_cli, start_run_until_step, tiny_run, torchrun, train_losses
 
 from minillama.checkpoint import SHARDED_DIR, WEIGHTS_FILE, load_checkpoint, model_state_dict
+from minillama.cli import main
 from minillama.train.config import load_train_config
 from minillama.train.distributed import close_distributed, init_distributed
 from minillama.train.loop import setup, train
@@ -72,7 +73,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir, toke
     assert max(abs(a - b) for a, b in zip(losses["none"], losses[mode])) < 1e-6
 
 
-def test_sharded_checkpoint_reads_as_a_whole_model(two_rank_fsdp):
+def test_sharded_checkpoint_reads_as_a_whole_model(two_rank_fsdp, capsys):
     """generate, eval, export and inspect load any checkpoint through load_checkpoint: an fsdp run's reads whole."""
     folder, _ = two_rank_fsdp
     checkpoint = folder / "run" / "checkpoints" / f"step_{STEPS:07d}"
@@ -84,6 +85,10 @@ def test_sharded_checkpoint_reads_as_a_whole_model(two_rank_fsdp):
     weights = model_state_dict(model)
     assert "output.weight" not in weights and model.output.weight is model.tok_embeddings.weight
     assert all(torch.isfinite(w).all() for w in weights.values())
+    assert main(["inspect", str(folder / "run")]) == 0
+    assert main(["generate", str(folder / "run"), "the cat", "--max-new-tokens", "4", "--device", "cpu", "--seed", "0"]) == 0
+    captured = capsys.readouterr()
+    assert f"step_{STEPS:07d}" in captured.err and "Sample 3: the cat" in captured.out
 
 
 def kill_group(process):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from minillama.errors import MiniLlamaError
@@ -94,6 +95,14 @@ def read_weights(folder: Path, expected: dict[str, torch.Tensor], device: str | 
         with warnings.catch_warnings():  # that a single process reads is the point, not a surprise
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load({"model": state}, storage_reader=SafeReader(str(folder)), no_dist=True)
-    except OSError as exc:
-        raise MiniLlamaError(f"{folder} cannot be read ({exc.strerror or exc}); the sharded checkpoint is incomplete") from None
+    except (OSError, CheckpointException) as exc:
+        cause = first_failure(exc) if isinstance(exc, CheckpointException) else exc
+        detail = f"{cause.strerror}: {Path(cause.filename).name}" if isinstance(cause, OSError) and cause.filename else cause
+        raise MiniLlamaError(f"{folder} cannot be read ({detail}); the sharded checkpoint is incomplete") from None
     return state
+
+
+def first_failure(exc: CheckpointException) -> BaseException:
+    """The first rank's exception inside DCP's CheckpointException (which gathers every rank's)."""
+    failure = next(iter(exc.failures.values()))
+    return failure[0] if isinstance(failure, tuple) else failure

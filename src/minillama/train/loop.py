@@ -220,6 +220,9 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     directory's newest checkpoint when resuming."""
     device = pick_device(config.device, ctx.local_rank)
     precision = autocast_dtype(device, config.dtype)
+    if config.parallel == "fsdp" and precision == torch.float16:
+        raise MiniLlamaError(f"parallel = fsdp trains in bfloat16 or float32, and dtype {config.dtype} is float16 on {device}; "
+                             "use --set dtype=float32 (or parallel=ddp, which has a gradient scaler for float16)")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # fp32 matmuls (outside autocast) on TF32 tensor cores
     run_dir = Path(config.run_dir)
@@ -228,9 +231,6 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     data_dir = _data(config, tokenizer, ctx, device)
     accumulation = gradient_accumulation_steps(config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size)
 
-    if config.parallel == "fsdp" and precision == torch.float16:
-        raise MiniLlamaError(f"parallel = fsdp trains in bfloat16 or float32, and dtype {config.dtype} is float16 on {device}; "
-                             "use --set dtype=float32 (or parallel=ddp, which has a gradient scaler for float16)")
     torch.manual_seed(config.seed)  # identical initial weights on every rank (FSDP then keeps each rank's slice)
     model = Transformer(config.model).to(device)
     compile_model = config.compile is True or (config.compile == "auto" and device.type == "cuda")

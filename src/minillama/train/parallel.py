@@ -70,10 +70,12 @@ def shard(model: Transformer, precision: torch.dtype | None, device: torch.devic
 
 def wrap_data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `module`, without per-forward buffer syncs: the only buffers are rotary
-    tables, computed identically on every rank."""
+    tables, computed identically on every rank. Gradients live in DDP's communication buckets rather than beside
+    them, which saves a float32 copy of every gradient (4 bytes per parameter)."""
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def is_sharded(model: nn.Module) -> bool:

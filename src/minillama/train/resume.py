@@ -68,6 +68,9 @@ def save_sharded_training_checkpoint(run_dir: Path, step: int, model: Transforme
     """Every rank writes its shards of weights and optimizer state into one temporary directory, rank 0 the index
     and the rest; rank 0 renames it into place once all is written (all ranks must call this)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from minillama.sharded import first_failure
 
     path = checkpoint_dir(run_dir, step)
     tmp = broadcast_object(temporary_directory(path) if ctx.is_main else None)
@@ -75,8 +78,8 @@ def save_sharded_training_checkpoint(run_dir: Path, step: int, model: Transforme
         weights, optim = _state_dicts(model, optimizer)
         try:
             dcp.save({"model": weights, "optimizer": optim["state"]}, storage_writer=dcp.FileSystemWriter(tmp / SHARDED_DIR))
-        except dcp.api.CheckpointException as exc:  # every rank gets every rank's failure
-            raise unwritable_checkpoint(path, next(iter(exc.failures.values()))) from None
+        except CheckpointException as exc:  # every rank gets every rank's failure
+            raise unwritable_checkpoint(path, first_failure(exc)) from None
         if ctx.is_main:
             fill_checkpoint(tmp, path, model.config, tokenizer, {"step": step, **metadata}, {"step": step, **training_state}, None)
             commit_directory(tmp, path)
