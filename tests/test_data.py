@@ -229,6 +229,29 @@ def test_loader_resume_gives_identical_batches(tmp_path):
     assert all(np.array_equal(next(fresh)[0], e) for e in expected[17:])
 
 
+def step_windows(data_dir, steps, world_size, batch, windows_per_step, state=None):
+    """The set of windows (named by their first token) each optimizer step reads, over all ranks and micro-steps."""
+    loaders = [TrainLoader(data_dir, batch, 8, rank, world_size, seed=5, windows_per_step=windows_per_step) for rank in range(world_size)]
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+    micro_steps = windows_per_step // (batch * world_size)
+    out = [sorted(w for loader in loaders for _ in range(micro_steps) for w in next(loader)[0][:, 0].tolist()) for _ in range(steps)]
+    return out, loaders[0].state_dict()
+
+
+def test_a_step_reads_the_same_windows_however_ranks_and_micro_batches_split_it(tmp_path):
+    """So a run resumes on another number of ranks, or with another micro-batch, and reads what it would have read.
+    Several epochs (of 54 windows, 12 per step): an epoch ends between steps, never inside one."""
+    data_dir = numbered_tokens(tmp_path, [200, 150, 90])
+    expected, _ = step_windows(data_dir, 12, world_size=1, batch=12, windows_per_step=12)
+    assert all(len(set(step)) == 12 for step in expected)
+    for world_size, batch in [(2, 3), (3, 2), (1, 4), (4, 3)]:
+        assert step_windows(data_dir, 12, world_size, batch, windows_per_step=12)[0] == expected
+        first, state = step_windows(data_dir, 7, world_size, batch, windows_per_step=12)  # then resume on another split
+        assert first + step_windows(data_dir, 5, 2, 2, windows_per_step=12, state=json.loads(json.dumps(state)))[0] == expected
+
+
 def test_validation_set_does_not_depend_on_world_size(tmp_path):
     data_dir = numbered_tokens(tmp_path, [100, 100], val=[90, 60])
     one = sorted(x[:, 0].tolist() for x, _ in validation_batches(data_dir, 4, 8, total_tokens=120))
@@ -316,7 +339,7 @@ def test_data_checks_before_training(tmp_path, tokenizer):
         check_data(out, 32000)
     with pytest.raises(MiniLlamaError, match="was tokenized with a different tokenizer"):
         check_data(out, 320, "0" * 64)
-    with pytest.raises(MiniLlamaError, match="fewer than one global batch"):
+    with pytest.raises(MiniLlamaError, match="fewer than one optimizer step of 64 windows"):
         TrainLoader(out, 64, 1024)
     with pytest.raises(MiniLlamaError, match="fewer than one window"):
         next(validation_batches(out, 4, 1024, 10_000))

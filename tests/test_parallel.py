@@ -116,8 +116,7 @@ def test_fsdp_resume_after_kill_on_two_ranks_equals_uninterrupted_and_reshards_t
     assert train_losses(killed / "run")[0] == straight  # bit for bit on the same two ranks
 
     # 2 -> 1: one process reads both ranks' shards into its own, whole, and continues from step 8.
-    # The data order is defined per micro-step of all ranks together: one rank takes both ranks' sequences.
-    one_overrides = [*overrides, f"run_dir={one_rank / 'run'}", "stop_at_step=12", "batch.micro_batch=8"]
+    one_overrides = [*overrides, f"run_dir={one_rank / 'run'}", "stop_at_step=12"]  # 4 micro-steps of 4 where each rank did 2
     one_config = load_train_config("configs/tiny.toml", one_overrides)
     ctx = init_distributed(one_config.device, alone_as_group=True)
     try:
@@ -141,3 +140,35 @@ def test_fsdp_resume_after_kill_on_two_ranks_equals_uninterrupted_and_reshards_t
     both = train_losses(one_rank / "run")[0]
     assert len(both) == 16
     assert max(abs(a - b) for a, b in zip(both[12:], straight[12:16])) < 1e-5
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_one_rank_fsdp_equals_the_plain_run_with_a_tied_or_untied_head(tmp_path, data_dir, tokenizer, tie):
+    """A tied head is one parameter sharded once (the root holds both names); an untied one is its own parameter."""
+    losses, weights = {}, {}
+    for parallel in ("ddp", "fsdp"):
+        overrides = tiny_run(tmp_path / parallel, data_dir, tokenizer, "stop_at_step=4", f"model.tie_embeddings={str(tie).lower()}",
+                             f"parallel={parallel}")
+        train(load_train_config("configs/tiny.toml", overrides))
+        losses[parallel] = train_losses(tmp_path / parallel / "run")[0]
+        model = load_checkpoint(tmp_path / parallel / "run" / "checkpoints" / "step_0000004")[0]
+        weights[parallel] = model_state_dict(model)
+        assert (model.output.weight is model.tok_embeddings.weight) == tie
+    assert len(losses["fsdp"]) == 4 and max(abs(a - b) for a, b in zip(losses["ddp"], losses["fsdp"])) < 1e-6
+    assert weights["ddp"].keys() == weights["fsdp"].keys()
+    assert all(torch.allclose(weights["ddp"][k], weights["fsdp"][k], atol=1e-6) for k in weights["ddp"])
+
+
+def test_two_rank_fsdp_with_muon_matches_one_process(tmp_path, data_dir, tokenizer):
+    """Muon orthogonalises whole matrices; under FSDP each rank holds a slice of each, and the Newton-Schulz
+    iteration on those sharded tensors must still act on the whole matrix."""
+    overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=6", "batch.total_tokens=1024", "optim.name=muon",
+                         "optim.schedule=wsd", "checkpoint.interval=1000")
+    train(load_train_config("configs/tiny.toml", overrides))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    run_cli(*torchrun(2, "train", "--config", str(config_file(sharded, overrides)), "--set", f"run_dir={sharded / 'run'}",
+                      "--set", "parallel=fsdp")[1:], env_extra={"OMP_NUM_THREADS": "1"})
+    single, double = train_losses(tmp_path / "run")[0], train_losses(sharded / "run")[0]
+    assert len(single) == len(double) == 6
+    assert max(abs(a - b) for a, b in zip(single, double)) < 1e-4  # bf16 Newton-Schulz, as the DDP test allows

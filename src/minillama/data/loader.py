@@ -55,11 +55,14 @@ class TrainLoader:
 
     Every rank walks the same global window order and takes its own slice of each group of batch_size*world_size
     windows, so ranks see disjoint windows and their union is what one process would see with world_size times
-    the batch. The state is the same on every rank: (epoch, windows consumed), plus the seed.
+    the batch. An optimizer step takes the next `windows_per_step` windows of the order (an epoch ends only between
+    steps), so however the ranks and micro-steps split them, a step sees the same windows: a run may resume on
+    another number of ranks or another micro-batch. The state is the same on every rank: (epoch, windows consumed),
+    plus the seed.
     """
 
     def __init__(self, data_dir: Path, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 1337, shuffle: bool = True, split: str = "train"):
+                 seed: int = 1337, shuffle: bool = True, split: str = "train", windows_per_step: int | None = None):
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         if self.manifest is None:
@@ -67,6 +70,9 @@ class TrainLoader:
         self.n_shards = len(split_entries(self.manifest, split))
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.seed, self.shuffle, self.split = seed, shuffle, split
+        self.windows_per_step = windows_per_step or batch_size * world_size
+        if self.windows_per_step % (batch_size * world_size):
+            raise ValueError(f"windows_per_step {self.windows_per_step} is not a multiple of {batch_size} x {world_size}")
         self.epoch, self.position = 0, 0
         self._buffer = np.empty((batch_size, seq_len + 1), dtype=np.int64)
         self._begin_epoch()
@@ -77,10 +83,10 @@ class TrainLoader:
         self.stream = TokenStream(self.data_dir, self.manifest, self.split, order)
         self.offset = int(rng.integers(self.seq_len)) if self.shuffle else 0
         n_windows = (self.stream.length - self.offset - 1) // self.seq_len
-        if n_windows < self.batch_size * self.world_size:
+        if n_windows < self.windows_per_step:
             raise MiniLlamaError(
-                f"the {self.split} split of {self.data_dir} has {self.stream.length:,} tokens, fewer than one global batch of "
-                f"{self.batch_size} x {self.world_size} windows of {self.seq_len + 1} tokens; prepare more data or shrink the batch"
+                f"the {self.split} split of {self.data_dir} has {self.stream.length:,} tokens, fewer than one optimizer step of "
+                f"{self.windows_per_step} windows of {self.seq_len + 1} tokens; prepare more data or shrink batch.total_tokens"
             )
         self.window_order = rng.permutation(n_windows).astype(np.int64) if self.shuffle else np.arange(n_windows)
 
@@ -89,7 +95,8 @@ class TrainLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         group = self.batch_size * self.world_size
-        if self.position + group > len(self.window_order):
+        step_begins = self.position % self.windows_per_step == 0
+        if step_begins and self.position + self.windows_per_step > len(self.window_order):
             self.epoch, self.position = self.epoch + 1, 0
             self._begin_epoch()
         mine = self.window_order[self.position + self.rank * self.batch_size :][: self.batch_size]
@@ -100,22 +107,23 @@ class TrainLoader:
         return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "world_size": self.world_size}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
+                "seq_len": self.seq_len, "world_size": self.world_size, "windows_per_step": self.windows_per_step}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         expected = {k: getattr(self, k) for k in ("seed", "seq_len")}
         for key, value in expected.items():
             if state[key] != value:
                 raise MiniLlamaError(f"the checkpoint's data position was saved with {key}={state[key]}, this run has {value}")
-        group = state["batch_size"] * state["world_size"]  # windows per micro-step, all ranks together
-        if group != self.batch_size * self.world_size:
-            fix = (f"use --set batch.micro_batch={group // self.world_size} to keep {group} sequences per micro-step"
-                   if group % self.world_size == 0 else f"resume on a number of ranks that divides {group}")
-            raise MiniLlamaError(
-                f"the checkpoint's data position was saved with {state['world_size']} ranks x batch {state['batch_size']}; "
-                f"this run has {self.world_size} x {self.batch_size}, which would walk the data differently; {fix}"
-            )
+        # total_tokens and seq_len are fixed on resume, so windows per step are too; the split into ranks and
+        # micro-batches may change.
+        saved_per_step = state.get("windows_per_step", self.windows_per_step)  # (not saved before it was needed)
+        if saved_per_step != self.windows_per_step:
+            raise MiniLlamaError(f"the checkpoint's data position was saved with {saved_per_step} sequences per optimizer step; "
+                                 f"this run has {self.windows_per_step}")
+        if state["position"] % self.windows_per_step:
+            raise MiniLlamaError(f"the checkpoint's data position ({state['position']}) is not at an optimizer step's start; "
+                                 "the checkpoint is damaged")
         self.epoch, self.position = state["epoch"], state["position"]
         self._begin_epoch()
 

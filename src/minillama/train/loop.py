@@ -239,7 +239,8 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     compiled, step_model = parallelize(model, config.parallel, config.activation_checkpointing, compile_model, precision, device, ctx)
     optimizer = build_optimizer(model, config.optim, device)  # after parallelize: FSDP replaces the parameters
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    loader = TrainLoader(data_dir, config.batch.micro_batch, config.batch.seq_len, ctx.rank, ctx.world_size, config.seed)
+    loader = TrainLoader(data_dir, config.batch.micro_batch, config.batch.seq_len, ctx.rank, ctx.world_size, config.seed,
+                         windows_per_step=config.batch.total_tokens // config.batch.seq_len)
     torch.manual_seed(config.seed + ctx.rank)  # dropout masks differ across ranks
     state = RunState()
 

@@ -3,6 +3,7 @@ fixed prompts, all logged as one record each."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,14 +57,22 @@ def evaluate_and_sample(run: Run) -> None:
         if run.hellaswag:
             # A HellaSwag example is 4 sequences: micro_batch // 4 examples make a forward pass of a micro-batch's size.
             examples_per_batch = max(1, config.batch.micro_batch // 4)
-            result = evaluate_hellaswag(run.model, run.tokenizer, run.hellaswag, examples_per_batch, ctx.rank, ctx.world_size)
+            with uncompiled():
+                result = evaluate_hellaswag(run.model, run.tokenizer, run.hellaswag, examples_per_batch, ctx.rank, ctx.world_size)
             record["hellaswag_acc_norm"], record["hellaswag_examples"] = result["acc_norm"], result["examples"]
             line += f" | hellaswag {result['acc_norm']:.4f} ({result['examples']} examples)"
         run.logger.log(record, line)
         if ctx.is_main:  # samples are for reading, not a metric: rank 0 alone, so other ranks need not wait
-            texts = samples(run.model, run.tokenizer, config.eval, seed=config.seed + state.step)
+            with uncompiled():
+                texts = samples(run.model, run.tokenizer, config.eval, seed=config.seed + state.step)
             run.logger.log({"kind": "samples", "step": state.step, "samples": texts},
                            "\n".join(f"  sample {i}: {s!r}" for i, s in enumerate(texts)))
+
+
+def uncompiled() -> contextlib.AbstractContextManager:
+    """Blocks compiled in place (fsdp compiles each block) run eagerly inside: scoring and sampling change shapes
+    with every prompt, and would recompile them each time."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def samples(model: Transformer, tokenizer: Tokenizer, config: EvalConfig, seed: int) -> list[str]:

@@ -61,11 +61,14 @@ def shard(model: Transformer, precision: torch.dtype | None, device: torch.devic
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # cast_forward_inputs off: blocks are called with the float32 rotary tables, which must stay float32.
     policy = MixedPrecisionPolicy(param_dtype=precision, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    last = len(model.layers) - 1
     for index, block in enumerate(model.layers):
-        # The last block's weights are needed again at once by the backward pass: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < last)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=_reshards_after_forward(index, len(model.layers)))
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _reshards_after_forward(index: int, blocks: int) -> bool:
+    """Every block frees its gathered weights after its forward, but the last, whose backward comes right after."""
+    return index < blocks - 1
 
 
 def wrap_data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -115,8 +118,7 @@ def whole_weights(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        last = len(blocks) - 1
         for index, block in enumerate(blocks):
             block.reshard()
-            block.set_reshard_after_forward(index < last, recurse=False)
+            block.set_reshard_after_forward(_reshards_after_forward(index, len(blocks)), recurse=False)
         model.reshard()
