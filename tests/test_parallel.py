@@ -89,6 +89,8 @@ def test_sharded_checkpoint_reads_as_a_whole_model(two_rank_fsdp, capsys):
     assert main(["generate", str(folder / "run"), "the cat", "--max-new-tokens", "4", "--device", "cpu", "--seed", "0"]) == 0
     captured = capsys.readouterr()
     assert f"step_{STEPS:07d}" in captured.err and "Sample 3: the cat" in captured.out
+    assert main(["export", "hf", str(checkpoint), str(folder / "hf")]) == 0
+    assert (folder / "hf" / "model.safetensors").is_file()
 
 
 def kill_group(process):

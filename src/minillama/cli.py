@@ -352,7 +352,9 @@ def _add_prepare(commands: Subparsers) -> None:
 
 def _add_train(commands: Subparsers) -> None:
     p = _command(commands, "train", "Train a model as a run config says (one process, or one per GPU under torchrun), resuming automatically.",
-                 cmd_train, epilog="Multi-GPU: torchrun --nproc_per_node=8 -m minillama train --config configs/mini-llama-109M.toml")
+                 cmd_train, epilog="Multi-GPU: torchrun --nproc_per_node=8 -m minillama train --config configs/mini-llama-109M.toml. "
+                         "A model that does not fit: --set parallel=fsdp (shards weights, gradients and optimizer "
+                         "state over the ranks) and --set activation_checkpointing=full (or selective).")
     p.add_argument("--config", help="run config TOML (see configs/); without it, the reference mini-llama-109M run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 --set model.dropout=0.1 (repeatable)")
