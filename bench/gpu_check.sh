@@ -52,6 +52,31 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit; a failure is re
     echo "{\"part\": \"$name\", \"exit_code\": $rc, \"seconds\": $((SECONDS - start)), \"limit\": $limit}"
 }
 
+summarize_run() {  # summarize_run RUN_DIR NAME: one JSON line about a training run
+python - "$1" "$2" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+if not Path(sys.argv[1]).exists():
+    sys.exit()  # its parts did not run (ONLY, or the budget); they say so themselves
+path = Path(sys.argv[1]) / "metrics.jsonl"
+if not path.is_file():
+    print(json.dumps({"check": "train_run", "name": sys.argv[2], "error": "the run left no metrics; see its log above"}))
+    sys.exit()
+records = [json.loads(line) for line in path.read_text().splitlines()]
+train = [r for r in records if r["kind"] == "train"]
+evals = [r for r in records if r["kind"] == "eval"]
+samples = [r for r in records if r["kind"] == "samples"]
+print(json.dumps({"check": "train_run", "name": sys.argv[2], "steps": len(train), "contiguous": [r["step"] for r in train] == list(range(len(train))),
+                  "first_loss": round(train[0]["loss"], 4), "last_loss": round(train[-1]["loss"], 4),
+                  "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in train)),
+                  "median_mfu": round(statistics.median(r.get("mfu", 0) for r in train), 4),
+                  "eval_steps": [r["step"] for r in evals], "val_loss": [round(r["val_loss"], 4) for r in evals],
+                  "hellaswag": [r.get("hellaswag_acc_norm") for r in evals],
+                  "checkpoints": sorted(p.name for p in (Path(sys.argv[1]) / "checkpoints").glob("step_*")),
+                  "last_samples": samples[-1]["samples"][:2] if samples else None}))
+PY
+}
+
 checks() {
 python - "$DEVICE" <<'PY'
 import json, sys, torch
@@ -84,29 +109,7 @@ TRAIN=(python -m minillama train --config configs/mini-llama-109M.toml --set dev
     --set checkpoint.interval="$HALF_STEPS")
 part train_run_first_half 90 "${TRAIN[@]}" --set stop_at_step="$HALF_STEPS"
 part train_run_resumed 60 "${TRAIN[@]}"
-[[ -z ${ONLY:-} || " $ONLY " == *" train_run_first_half "* ]] && summarize_run "$RUN" "short training run (compiled, 2 halves, the second resumed)"
-summarize_run() {  # summarize_run RUN_DIR NAME: one JSON line about a training run
-python - "$1" "$2" <<'PY'
-import json, statistics, sys
-from pathlib import Path
-path = Path(sys.argv[1]) / "metrics.jsonl"
-if not path.is_file():
-    print(json.dumps({"check": "train_run", "name": sys.argv[2], "error": "the run left no metrics; see its log above"}))
-    sys.exit()
-records = [json.loads(line) for line in path.read_text().splitlines()]
-train = [r for r in records if r["kind"] == "train"]
-evals = [r for r in records if r["kind"] == "eval"]
-samples = [r for r in records if r["kind"] == "samples"]
-print(json.dumps({"check": "train_run", "name": sys.argv[2], "steps": len(train), "contiguous": [r["step"] for r in train] == list(range(len(train))),
-                  "first_loss": round(train[0]["loss"], 4), "last_loss": round(train[-1]["loss"], 4),
-                  "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in train)),
-                  "median_mfu": round(statistics.median(r.get("mfu", 0) for r in train), 4),
-                  "eval_steps": [r["step"] for r in evals], "val_loss": [round(r["val_loss"], 4) for r in evals],
-                  "hellaswag": [r.get("hellaswag_acc_norm") for r in evals],
-                  "checkpoints": sorted(p.name for p in (Path(sys.argv[1]) / "checkpoints").glob("step_*")),
-                  "last_samples": samples[-1]["samples"][:2] if samples else None}))
-PY
-}
+summarize_run "$RUN" "short training run (compiled, 2 halves, the second resumed)"
 part generate_cli 30 python -m minillama generate "$RUN" "To stay healthy, I have to" --device "$DEVICE" \
     --num-samples 1 --max-new-tokens 30 --seed 0
 printf 'To stay healthy, I have to\nHello, I am a language model,\n' > "$WORK/prompts.txt"
@@ -128,7 +131,7 @@ part ac_full_train_32 100 python bench/train_throughput.py --device "$DEVICE" --
 FSDP_TRAIN=("${TRAIN[@]}" --set run_dir="$WORK/fsdp_run" --set parallel=fsdp --set activation_checkpointing=selective)
 part fsdp_run_first_half 90 "${FSDP_TRAIN[@]}" --set stop_at_step="$HALF_STEPS"
 part fsdp_run_resumed 60 "${FSDP_TRAIN[@]}"
-[[ -z ${ONLY:-} || " $ONLY " == *" fsdp_run_first_half "* ]] && summarize_run "$WORK/fsdp_run" "short fsdp run (selective checkpointing, sharded checkpoints, resumed)"
+summarize_run "$WORK/fsdp_run" "short fsdp run (selective checkpointing, sharded checkpoints, resumed)"
 part fsdp_generate 30 python -m minillama generate "$WORK/fsdp_run" "To stay healthy, I have to" --device "$DEVICE" \
     --num-samples 1 --max-new-tokens 30 --seed 0
 
