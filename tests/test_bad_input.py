@@ -230,7 +230,8 @@ CASES = [
       "--set", "run_dir={w}/r", "--set", "device=cpu"], "hs.jsonl"),
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/hs.jsonl/out", "--text-field", "ctx", "--tokenizer", "{w}/ckpt/tokenizer.model"], "a part of the path is a file, not a directory"),
     (["train", "--set", "run_dir={w}/hs.jsonl", "--set", "data.dir={w}/data", "--set", "model.vocab_size=320",
-      "--set", "data.tokenizer={w}/ckpt/tokenizer.model", "--set", "device=cpu", "--set", "eval.hellaswag=false"],
+      "--set", "data.tokenizer={w}/ckpt/tokenizer.model", "--set", "device=cpu", "--set", "eval.hellaswag=false",
+      "--set", "batch.total_tokens=65536"],
      "a file is where a folder is needed"),
 ]
 

@@ -260,7 +260,7 @@ def three_step_losses(tmp_path, data_dir, tokenizer, *extra):
     """Train losses of 3 steps of 2 micro-batches of 2 x 16 tokens (small: fp16 matmuls are slow on a CPU)."""
     overrides = tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=3", "optim.warmup_steps=1", "batch.seq_len=16",
                          "batch.micro_batch=2", "batch.total_tokens=64", "eval.val_tokens=64", *extra)
-    train(load_train_config(None, overrides))
+    train(load_train_config("configs/tiny.toml", overrides))
     return np.array(train_losses(tmp_path / "run")[0])
 
 
@@ -297,25 +297,25 @@ def snapshot(folder):
 def test_a_run_says_what_it_did_keeps_config_history_and_refuses_a_meaningless_resume(tmp_path, data_dir, tokenizer, capsys):
     run_dir = tmp_path / "run"
     short = ["optim.max_steps=8", "optim.warmup_steps=1", "stop_at_step=4"]
-    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, *short)))
+    train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *short)))
     out = capsys.readouterr().out
     assert f"finished step 4 of 8; final checkpoint {run_dir / 'checkpoints' / 'step_0000004'}" in out
     assert f"minillama generate {run_dir} " in out and f"minillama eval loss {run_dir} --data {data_dir}" in out
 
     before = snapshot(run_dir)
-    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, *short)))  # the same run again
+    train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *short)))  # the same run again
     assert f"{run_dir} is complete: its newest checkpoint is step 4 of 4" in capsys.readouterr().out
     assert snapshot(run_dir) == before  # nothing re-evaluated, nothing rewritten
 
-    with pytest.raises(MiniLlamaError, match=r"was trained with model.n_layers = 12, this config gives 2: a resume must keep"):
-        train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "model.n_layers=2")))
+    with pytest.raises(MiniLlamaError, match=r"was trained with model.n_layers = 4, this config gives 2: a resume must keep"):
+        train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "model.n_layers=2")))
     with pytest.raises(MiniLlamaError, match=r"was trained with optim.name = 'adamw', this config gives 'muon': .* optimizer and parallel;"):
-        train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "optim.name=muon")))
+        train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "optim.name=muon")))
     with pytest.raises(MiniLlamaError, match=r"was trained with parallel = 'ddp', this config gives 'fsdp'"):
-        train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "parallel=fsdp")))
+        train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "parallel=fsdp")))
     assert snapshot(run_dir) == before
 
-    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "optim.lr=0.001")))
+    train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=8", "optim.warmup_steps=1", "optim.lr=0.001")))
     out = capsys.readouterr().out
     assert "resuming at step 4 with a changed config: optim.lr 0.003 -> 0.001; stop_at_step 4 -> None" in out
     assert load_train_config(run_dir / "config.before_step_4.toml").optim.lr == 0.003
@@ -331,7 +331,7 @@ def test_training_its_own_tokenizer_says_so(tmp_path, corpus_file, capsys):
 
 
 def test_a_run_directory_has_one_training_run_at_a_time(tmp_path, data_dir, tokenizer):
-    config = load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=2", "optim.warmup_steps=0"))
+    config = load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=2", "optim.warmup_steps=0"))
     with DirectoryLock(tmp_path / "run", "training run"):  # as another `minillama train` would hold it
         with pytest.raises(MiniLlamaError, match=rf"run is in use by another training run \(process {os.getpid()}\); wait"):
             train(config)
@@ -346,9 +346,9 @@ def test_a_run_directory_has_one_training_run_at_a_time(tmp_path, data_dir, toke
 def test_resuming_in_another_precision_says_so_and_goes_on(tmp_path, data_dir, tokenizer, capsys):
     base = ["optim.max_steps=4", "optim.warmup_steps=1", "batch.seq_len=16", "batch.micro_batch=2", "batch.total_tokens=64",
             "eval.val_tokens=64"]
-    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, *base, "stop_at_step=2")))
+    train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *base, "stop_at_step=2")))
     capsys.readouterr()
-    train(load_train_config(None, tiny_run(tmp_path, data_dir, tokenizer, *base, "dtype=float16")))
+    train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *base, "dtype=float16")))
     out = capsys.readouterr().out
     assert "the precision changed, so the fp16 gradient scaler starts afresh" in out and "dtype 'auto' -> 'float16'" in out
     assert len(train_losses(tmp_path / "run")[0]) == 4

@@ -50,6 +50,7 @@ class SafeReader(FileSystemReader):
 
 
 def read_index(folder: Path) -> Metadata:
+    """The index of a sharded folder: which tensors it holds, their shapes, and which file holds each slice."""
     path = Path(folder) / INDEX_FILE
     try:
         with open(path, "rb") as f:
@@ -63,14 +64,15 @@ def read_index(folder: Path) -> Metadata:
     return index
 
 
-def check_tensors(folder: Path, expected: dict[str, torch.Tensor], prefix: str, extra_allowed: bool = False) -> None:
+def check_tensors(folder: Path, expected: dict[str, torch.Tensor], prefix: str) -> None:
     """Refuse, naming the first mismatch, unless the index lists every `prefix + key` of `expected` as a tensor of its
-    shape and a floating-point dtype; and (unless `extra_allowed`) no other tensor under `prefix`."""
+    shape and a floating-point dtype, and nothing else under `prefix`. Only then is anything loaded: what is read is
+    known to be tensors."""
     stored = {key[len(prefix):]: entry for key, entry in read_index(folder).state_dict_metadata.items() if key.startswith(prefix)}
     where = Path(folder) / INDEX_FILE
     for key in expected.keys() - stored.keys():
         raise MiniLlamaError(f"{where} lacks tensor '{key}'; it does not match its config.json")
-    for key in ([] if extra_allowed else stored.keys() - expected.keys()):
+    for key in stored.keys() - expected.keys():
         raise MiniLlamaError(f"{where} has unexpected tensor '{key}'; it does not match its config.json")
     for key, tensor in expected.items():
         entry = stored[key]

@@ -226,6 +226,8 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # fp32 matmuls (outside autocast) on TF32 tensor cores
     run_dir = Path(config.run_dir)
+    checkpoint = _checkpoint_to_resume(run_dir, resume)  # a resume that cannot work is refused before any work
+    changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
 
     tokenizer = _tokenizer(config, ctx)
     data_dir = _data(config, tokenizer, ctx, device)
@@ -244,8 +246,6 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     torch.manual_seed(config.seed + ctx.rank)  # dropout masks differ across ranks
     state = RunState()
 
-    checkpoint = _checkpoint_to_resume(run_dir, resume)
-    changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
     if checkpoint is not None:
         _restore(checkpoint, model, optimizer, scaler, loader, state, device, ctx)
     hellaswag = monitor.load_hellaswag(config.eval, ctx, device) if config.eval.hellaswag else None

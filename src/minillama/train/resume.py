@@ -101,9 +101,9 @@ def load_sharded_training_state(path: Path, model: Transformer, optimizer: torch
 
     weights, optim = _state_dicts(model, optimizer)  # initializes the optimizer's state, to be overwritten
     folder = Path(path) / SHARDED_DIR
-    check_tensors(folder, weights, "model.", extra_allowed=False)
+    check_tensors(folder, weights, "model.")
     check_tensors(folder, {f"{key}.{name}": value for key, state in optim["state"].items() for name, value in state.items()},
-                  "optimizer.", extra_allowed=False)
+                  "optimizer.")
     dcp.load({"model": weights, "optimizer": optim["state"]}, storage_reader=SafeReader(str(folder)))
     if model.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]  # one parameter under two names
