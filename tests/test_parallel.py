@@ -174,3 +174,18 @@ def test_two_rank_fsdp_with_muon_matches_one_process(tmp_path, data_dir, tokeniz
     single, double = train_losses(tmp_path / "run")[0], train_losses(sharded / "run")[0]
     assert len(single) == len(double) == 6
     assert max(abs(a - b) for a, b in zip(single, double)) < 1e-4  # bf16 Newton-Schulz, as the DDP test allows
+
+
+def test_fsdp_compiles_each_block_and_gives_the_eager_losses(tmp_path, data_dir, tokenizer):
+    """torch.compile per block (inductor on the CPU), under FSDP and selective checkpointing; evaluation and
+    sampling in between run the compiled blocks eagerly, at other shapes."""
+    losses = {}
+    for name, extra in [("eager", ["compile=false"]),
+                        ("compiled", ["compile=true", "parallel=fsdp", "activation_checkpointing=selective"])]:
+        overrides = tiny_run(tmp_path / name, data_dir, tokenizer, "stop_at_step=3", "eval.interval=2", "eval.num_samples=1",
+                             "eval.sample_tokens=4", *extra)
+        train(load_train_config("configs/tiny.toml", overrides))
+        _, records = train_losses(tmp_path / name / "run")
+        losses[name] = [r["loss"] for r in records if r["kind"] == "train"] + [r["val_loss"] for r in records if r["kind"] == "eval"]
+    assert len(losses["compiled"]) == 3 + 3
+    assert max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])) < 1e-5
