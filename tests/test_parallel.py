@@ -12,6 +12,7 @@ from conftest import write_examples
 from training import config_file, run_cli, start_run_until_step, tiny_run, torchrun, train_losses
 
 from minillama.checkpoint import SHARDED_DIR, WEIGHTS_FILE, load_checkpoint, model_state_dict
+from minillama.errors import MiniLlamaError
 from minillama.cli import main
 from minillama.train.config import load_train_config
 from minillama.train.distributed import close_distributed, init_distributed
@@ -189,3 +190,12 @@ def test_fsdp_compiles_each_block_and_gives_the_eager_losses(tmp_path, data_dir,
         losses[name] = [r["loss"] for r in records if r["kind"] == "train"] + [r["val_loss"] for r in records if r["kind"] == "eval"]
     assert len(losses["compiled"]) == 3 + 3
     assert max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])) < 1e-5
+
+
+def test_resuming_from_a_checkpoint_that_lost_a_shard_is_one_line(tmp_path, data_dir, tokenizer):
+    overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=4", "parallel=fsdp")
+    train(load_train_config("configs/tiny.toml", overrides))
+    shard = tmp_path / "run" / "checkpoints" / "step_0000004" / SHARDED_DIR / "__0_0.distcp"
+    shard.unlink()
+    with pytest.raises(MiniLlamaError, match=r"sharded cannot be read \(.*__0_0.distcp.*\); resume from an older checkpoint"):
+        train(load_train_config("configs/tiny.toml", [*overrides, "stop_at_step=8"]))

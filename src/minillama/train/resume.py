@@ -95,16 +95,20 @@ def load_sharded_training_state(path: Path, model: Transformer, optimizer: torch
     """Weights and optimizer state from `path`'s sharded folder into an FSDP `model` on any number of ranks, each
     reading the slices it holds (all ranks must call this). Hyperparameters come from the run config, not the file."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from minillama.sharded import SafeReader, check_tensors
+    from minillama.sharded import SafeReader, check_tensors, first_failure
 
     weights, optim = _state_dicts(model, optimizer)  # initializes the optimizer's state, to be overwritten
     folder = Path(path) / SHARDED_DIR
     check_tensors(folder, weights, "model.")
     check_tensors(folder, {f"{key}.{name}": value for key, state in optim["state"].items() for name, value in state.items()},
                   "optimizer.")
-    dcp.load({"model": weights, "optimizer": optim["state"]}, storage_reader=SafeReader(str(folder)))
+    try:
+        dcp.load({"model": weights, "optimizer": optim["state"]}, storage_reader=SafeReader(str(folder)))
+    except CheckpointException as exc:
+        raise MiniLlamaError(f"{folder} cannot be read ({first_failure(exc)}); resume from an older checkpoint") from None
     if model.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]  # one parameter under two names
     set_state_dict(model, _optimizers(optimizer), model_state_dict=weights, optim_state_dict=optim)
