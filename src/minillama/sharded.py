@@ -64,10 +64,10 @@ def read_index(folder: Path) -> Metadata:
     return index
 
 
-def check_tensors(folder: Path, expected: dict[str, torch.Tensor], prefix: str) -> None:
+def check_tensors(folder: Path, expected: dict[str, torch.Tensor], prefix: str) -> dict[str, TensorStorageMetadata]:
     """Refuse, naming the first mismatch, unless the index lists every `prefix + key` of `expected` as a tensor of its
-    shape and a floating-point dtype, and nothing else under `prefix`. Only then is anything loaded: what is read is
-    known to be tensors."""
+    shape and a floating-point dtype, and nothing else under `prefix`; their index entries by key. Only then is
+    anything loaded: what is read is known to be tensors."""
     stored = {key[len(prefix):]: entry for key, entry in read_index(folder).state_dict_metadata.items() if key.startswith(prefix)}
     where = Path(folder) / INDEX_FILE
     for key in expected.keys() - stored.keys():
@@ -82,6 +82,7 @@ def check_tensors(folder: Path, expected: dict[str, torch.Tensor], prefix: str) 
             raise MiniLlamaError(f"{where}: tensor '{key}' has shape {tuple(entry.size)}, config.json implies {tuple(tensor.shape)}")
         if not entry.properties.dtype.is_floating_point:
             raise MiniLlamaError(f"{where}: tensor '{key}' has dtype {entry.properties.dtype}; expected a floating-point type")
+    return stored
 
 
 def read_weights(folder: Path, expected: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -89,10 +90,8 @@ def read_weights(folder: Path, expected: dict[str, torch.Tensor], device: str | 
     in one process however many ranks wrote them."""
     import torch.distributed.checkpoint as dcp
 
-    check_tensors(folder, expected, "model.")
-    index = read_index(folder).state_dict_metadata
-    state = {key: torch.empty(tensor.shape, dtype=index[f"model.{key}"].properties.dtype, device=device)
-             for key, tensor in expected.items()}
+    stored = check_tensors(folder, expected, "model.")
+    state = {key: torch.empty(tensor.shape, dtype=stored[key].properties.dtype, device=device) for key, tensor in expected.items()}
     try:
         with warnings.catch_warnings():  # that a single process reads is the point, not a surprise
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

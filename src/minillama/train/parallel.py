@@ -107,10 +107,10 @@ def whole_weights(model: nn.Module) -> Iterator[None]:
     """Under FSDP, every rank holds the whole weights inside the block, so that evaluation and sampling (where
     ranks do different amounts of work, or rank 0 works alone) call the model without collectives. A no-op for
     an unsharded model."""
-    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
     if not isinstance(model, FSDPModule):
         yield
         return
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
     for block in blocks:
         block.set_reshard_after_forward(False, recurse=False)
     for module in (model, *blocks):
