@@ -61,6 +61,22 @@ def test_two_rank_fsdp_matches_one_process_with_double_accumulation(tmp_path, da
     assert len(samples[1]) == 4 and all(len(s) == 2 for s in samples[1])  # rank 0 samples alone, on gathered weights
 
 
+def test_two_rank_fsdp_samples_on_rank_0_alone_without_hellaswag_and_matches_one_process(tmp_path, data_dir, tokenizer):
+    """Rank 0 samples while rank 1 goes straight on to the next step (no HellaSwag to keep them together): the
+    sampling must not touch FSDP's state, or the next step's gathers differ across ranks (gloo aborts)."""
+    overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=6", "batch.total_tokens=1024", "eval.interval=2",
+                         "eval.num_samples=2", "eval.sample_tokens=12", "checkpoint.interval=1000")
+    train(load_train_config("configs/tiny.toml", overrides))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    run_cli(*torchrun(2, "train", "--config", str(config_file(sharded, overrides)), "--set", f"run_dir={sharded / 'run'}",
+                      "--set", "parallel=fsdp")[1:], env_extra={"OMP_NUM_THREADS": "1"})
+    (single, single_records), (double, double_records) = train_losses(tmp_path / "run"), train_losses(sharded / "run")
+    assert len(single) == len(double) == 6 and max(abs(a - b) for a, b in zip(single, double)) < 1e-5
+    samples = [[r["samples"] for r in records if r["kind"] == "samples"] for records in (single_records, double_records)]
+    assert len(samples[1]) == 4 and samples[0] == samples[1]  # steps 0, 2, 4, 6: the same text from gathered weights
+
+
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir, tokenizer, mode):
     """Recomputed activations replay the forward's dropout masks, so the gradients are the same."""

@@ -85,8 +85,8 @@ class Run:
     tokenizer: Tokenizer
     data_dir: Path
     accumulation: int  # micro-steps per optimizer step
-    model: Transformer  # the weights (sharded under fsdp); sampling and HellaSwag call it directly
-    compiled: torch.nn.Module  # `model` compiled (or itself; under fsdp compiled per block): validation loss
+    model: Transformer  # the weights (sharded under fsdp); sampling and HellaSwag call it directly (ddp)
+    compiled: torch.nn.Module  # `model` compiled (or itself; under fsdp a plain view of the gathered weights): validation loss
     step_model: torch.nn.Module  # `compiled` under DDP (or itself): what the micro-steps call
     optimizer: torch.optim.Optimizer | MuonWithAdamW
     scaler: torch.amp.GradScaler

@@ -47,8 +47,8 @@ def load_hellaswag(config: EvalConfig, ctx: Distributed, device: torch.device) -
 def evaluate_and_sample(run: Run) -> None:
     """Validation loss (every rank, compiled model), HellaSwag (every rank) and samples (rank 0), at run.state.step."""
     config, state, ctx = run.config, run.state, run.ctx
-    with whole_weights(run.model), autocast(run.device, run.precision):
-        val = evaluate_loss(run.compiled, run.data_dir, run.tokenizer, config.batch.micro_batch, config.batch.seq_len,
+    with whole_weights(run.model, run.compiled) as (model, compiled), autocast(run.device, run.precision):
+        val = evaluate_loss(compiled, run.data_dir, run.tokenizer, config.batch.micro_batch, config.batch.seq_len,
                             config.eval.val_tokens, ctx.rank, ctx.world_size)
         state.best_val_loss = min(state.best_val_loss, val["loss"])
         record = {"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val["loss"],
@@ -58,20 +58,20 @@ def evaluate_and_sample(run: Run) -> None:
             # A HellaSwag example is 4 sequences: micro_batch // 4 examples make a forward pass of a micro-batch's size.
             examples_per_batch = max(1, config.batch.micro_batch // 4)
             with uncompiled():
-                result = evaluate_hellaswag(run.model, run.tokenizer, run.hellaswag, examples_per_batch, ctx.rank, ctx.world_size)
+                result = evaluate_hellaswag(model, run.tokenizer, run.hellaswag, examples_per_batch, ctx.rank, ctx.world_size)
             record["hellaswag_acc_norm"], record["hellaswag_examples"] = result["acc_norm"], result["examples"]
             line += f" | hellaswag {result['acc_norm']:.4f} ({result['examples']} examples)"
         run.logger.log(record, line)
         if ctx.is_main:  # samples are for reading, not a metric: rank 0 alone, so other ranks need not wait
             with uncompiled():
-                texts = samples(run.model, run.tokenizer, config.eval, seed=config.seed + state.step)
+                texts = samples(model, run.tokenizer, config.eval, seed=config.seed + state.step)
             run.logger.log({"kind": "samples", "step": state.step, "samples": texts},
                            "\n".join(f"  sample {i}: {s!r}" for i, s in enumerate(texts)))
 
 
 def uncompiled() -> contextlib.AbstractContextManager:
-    """Blocks compiled in place (fsdp compiles each block) run eagerly inside: scoring and sampling change shapes
-    with every prompt, and would recompile them each time."""
+    """Blocks compiled in place (fsdp compiles each block of the gathered view) run eagerly inside: scoring and
+    sampling change shapes with every prompt, and would recompile them each time."""
     return torch.compiler.set_stance("force_eager")
 
 

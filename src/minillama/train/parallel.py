@@ -16,25 +16,28 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from minillama.model import Transformer
+from minillama.model import Transformer, meta_model
 from minillama.train.distributed import Distributed
 
 
 def parallelize(model: Transformer, parallel: str, activation_checkpointing: str, compile_model: bool,
                 precision: torch.dtype | None, device: torch.device, ctx: Distributed) -> tuple[nn.Module, nn.Module]:
     """Lay `model` out for training, in place; returns (compiled, step_model): what validation calls (fixed
-    shapes) and what the micro-steps call. In that order because each step wraps the blocks the next one sees."""
+    shapes; under fsdp a plain model that `whole_weights` points at the gathered weights) and what the
+    micro-steps call. In that order because each step wraps the blocks the next one sees."""
     checkpoint_activations(model, activation_checkpointing)
     if parallel == "fsdp":
-        if compile_model:
-            for block in model.layers:
+        view = gathered_view(model)
+        for blocks in (model.layers, view.layers) if compile_model else ():
+            for block in blocks:
                 block.compile()  # per block, in place: FSDP's hooks between blocks stay outside the compiled graphs
         shard(model, precision, device)
-        return model, model
+        return view, model
     compiled = torch.compile(model) if compile_model else model
     return compiled, wrap_data_parallel(compiled, device) if ctx.enabled else compiled
 
@@ -45,8 +48,6 @@ def checkpoint_activations(model: Transformer, mode: str) -> None:
     Recomputation replays the forward's RNG state, so dropout masks are the same and so are the gradients."""
     if mode == "none":
         return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     for index, block in enumerate(model.layers):
         if mode == "full" or index % 2 == 1:
             model.layers[index] = checkpoint_wrapper(block)  # its state-dict names stay those of the block
@@ -102,23 +103,36 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def gathered_view(model: Transformer) -> Transformer:
+    """A plain Transformer of `model`'s shape without weights of its own (meta device); `whole_weights` points
+    it at the gathered weights. It carries no FSDP hooks, so calling it never reaches a collective."""
+    view = meta_model(model.config)
+    view.rope_cos, view.rope_sin = model.rope_cos, model.rope_sin
+    return view
+
+
 @contextlib.contextmanager
-def whole_weights(model: nn.Module) -> Iterator[None]:
-    """Under FSDP, every rank holds the whole weights inside the block, so that evaluation and sampling (where
-    ranks do different amounts of work, or rank 0 works alone) call the model without collectives. A no-op for
-    an unsharded model."""
+def whole_weights(model: nn.Module, compiled: nn.Module) -> Iterator[tuple[Transformer, nn.Module]]:
+    """(model, compiled) to evaluate and sample with, holding the whole weights inside the block.
+
+    Under FSDP every rank gathers the whole weights and both are the plain view from `gathered_view`, pointed at
+    them. Evaluation and sampling run there, never through the FSDP modules: their hooks record the order of
+    forwards to choose what to gather next in backward, and rank 0 sampling alone (or ranks scoring different
+    numbers of HellaSwag batches) would leave ranks with different records, so that the next step's gathers
+    differ across ranks and the collectives mismatch. Unsharded models are yielded as they are."""
     if not isinstance(model, FSDPModule):
-        yield
+        yield model, compiled
         return
     blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
-    for block in blocks:
-        block.set_reshard_after_forward(False, recurse=False)
     for module in (model, *blocks):
         module.unshard()
     try:
-        yield
+        for name, param in model.named_parameters(remove_duplicate=False):  # a tied head names the embedding twice
+            if isinstance(param, DTensor):
+                raise RuntimeError(f"{name} is still sharded after unshard()")
+            owner, _, attribute = name.replace(_CHECKPOINT_PREFIX, "").rpartition(".")
+            setattr(compiled.get_submodule(owner), attribute, param)
+        yield compiled, compiled
     finally:
-        for index, block in enumerate(blocks):
-            block.reshard()
-            block.set_reshard_after_forward(_reshards_after_forward(index, len(blocks)), recurse=False)
-        model.reshard()
+        for module in (*blocks, model):
+            module.reshard()
