@@ -14,6 +14,8 @@ import torch
 from minillama.config import ModelConfig
 from minillama.data.prepare import prepare
 from minillama.data.sources import LocalFiles
+from minillama.generate import document_end_ids, generate_tokens
+from minillama.inference.text import completion_text
 from minillama.tokenizer import Tokenizer, train_tokenizer
 
 SUBJECTS = ["the cat", "a dog", "my sister", "the old king", "a small bird", "the farmer", "our teacher", "the river"]
@@ -120,3 +122,15 @@ def data_dir(tmp_path_factory, corpus_file, tokenizer):
     out = tmp_path_factory.mktemp("data") / "shards"
     prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), out, tokenizer, shard_tokens=20_000, val_tokens=4_096, progress=False)
     return out
+
+
+def byte_spelled_completions(model, tokenizer, prompt, seeds, max_tokens=48):
+    """(seed, reference text) for the seeds whose sampled completion (temperature 1, no cut) spells a character in
+    byte-fallback tokens, the text being SentencePiece's decode of prompt and completion together."""
+    prompt_ids, found = tokenizer.encode(prompt), []
+    for seed in seeds:
+        new = generate_tokens(model, [prompt_ids], max_tokens, 1.0, generator=torch.Generator().manual_seed(seed),
+                              stop_ids=document_end_ids(tokenizer))[0]
+        if any(tokenizer.is_byte(a) and tokenizer.is_byte(b) and tokenizer.byte_value(a) >= 0xC0 for a, b in zip(new, new[1:])):
+            found.append((seed, completion_text(tokenizer, prompt_ids, new)))
+    return found

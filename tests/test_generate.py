@@ -3,8 +3,10 @@ import sys
 
 import pytest
 import torch
+from conftest import byte_spelled_completions
 
 from minillama.checkpoint import save_checkpoint
+from minillama.cli import main
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
 from minillama.generate import _static_steps, generate, generate_tokens, sample_next
@@ -170,6 +172,19 @@ def test_cli_prints_labelled_samples_and_streams_one(tmp_path, model, tokenizer)
     interactive = subprocess.run(base[:5] + ["--interactive", "--num-samples", "1", "--max-new-tokens", "3"],
                                  input="The cat\nA dog\n", capture_output=True, text=True)
     assert interactive.stdout.count("Sample 0:") == 2
+
+
+def test_cli_stream_prints_characters_spelled_in_byte_tokens_whole(stories, capsys):
+    """A character spelled in byte-fallback tokens is printed once its last byte arrives, not as U+FFFD."""
+    from minillama.checkpoint import load_for_inference
+
+    model, tokenizer, _ = load_for_inference(stories, "cpu", "float32")
+    cases = byte_spelled_completions(model, tokenizer, "Once upon a time", range(4))
+    assert len(cases) >= 2
+    for seed, expected in cases:
+        assert main(["generate", str(stories), "Once upon a time", "--num-samples", "1", "--max-new-tokens", "48",
+                     "--temperature", "1", "--top-k", "0", "--seed", str(seed), "--device", "cpu"]) == 0
+        assert capsys.readouterr().out == f"Sample 0: Once upon a time{expected}\n"
 
 
 def test_cli_refuses_a_tokenizer_with_another_vocab(tmp_path, tokenizer):

@@ -96,12 +96,8 @@ def _say_which(info) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from minillama.checkpoint import load_for_inference
-    from minillama.generate import (
-        check_length,
-        check_sampling_args,
-        completion_text,
-        generate,
-    )
+    from minillama.generate import check_length, check_sampling_args, generate
+    from minillama.inference.text import TextStream
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     if not args.interactive:
@@ -115,18 +111,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=seed, stop_at_eos=not args.no_stop_at_eos,
                        compile=args.compile)
-        if args.num_samples == 1:  # stream: print each token's text as soon as it is chosen
-            new_ids, shown = [], [""]
-
-            def show(row: int, token: int) -> None:
-                new_ids.append(token)
-                text = completion_text(tokenizer, prompt_ids, new_ids)
-                print(text[len(shown[0]):], end="", flush=True)
-                shown[0] = text
-
+        if args.num_samples == 1:  # stream: print each token's text as soon as it is final
+            text = TextStream(tokenizer, prompt_ids)
             print(f"Sample 0: {prompt}", end="", flush=True)
-            generate(model, tokenizer, prompt, on_token=show, **options)
-            print()
+            generate(model, tokenizer, prompt, on_token=lambda row, token: print(text.add(token), end="", flush=True), **options)
+            print(text.finish())
         else:
             for i, completion in enumerate(generate(model, tokenizer, prompt, **options)):
                 print(f"Sample {i}: {prompt}{completion}")
@@ -213,12 +202,12 @@ def cmd_eval_harness(args: argparse.Namespace) -> None:
     output = Path(args.output) if args.output else default_output(checkpoint)
     results = run_harness(checkpoint, [t.strip() for t in args.tasks.split(",") if t.strip()], args.limit, args.batch_size,
                           args.device, args.dtype, Path(args.tokenizer) if args.tokenizer else None,
-                          Path(args.include_path) if args.include_path else None, args.num_fewshot, output)
+                          Path(args.include_path) if args.include_path else None, args.num_fewshot, output, args.log_samples)
     if results is not None:  # rank 0
         print(f"using {checkpoint}", file=sys.stderr)
         print(make_table(results))
         if output:
-            print(f"wrote {output}")
+            print(f"wrote {output}" + (f" and samples_TASK_DATE.jsonl per task beside it" if args.log_samples else ""))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -407,6 +396,8 @@ def _add_eval(commands: Subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default 16)")
     p.add_argument("--include-path", help="a folder of extra task YAMLs (e.g. tasks over local files)")
     p.add_argument("--output", help="results JSON (default for a run's checkpoint: RUN_DIR/harness/step_N.json)")
+    p.add_argument("--log-samples", action="store_true", help="also write every document's prompts, responses and "
+                   "scores, as lm_eval --log_samples does: samples_TASK_DATE.jsonl beside the results JSON")
 
 
 def _add_serve(commands: Subparsers) -> None:

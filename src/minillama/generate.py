@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from minillama.errors import MiniLlamaError
+from minillama.inference.text import completion_text
 from minillama.model import KVCache, Transformer, compute_dtype, evaluating
 from minillama.tokenizer import Tokenizer
 
@@ -268,11 +269,3 @@ def document_end_ids(tokenizer: Tokenizer) -> tuple[int, int]:
     """The tokens that end a document for a model: BOS, which training puts between documents (so a model ends one
     by starting the next, and run.c stops there too), and EOS, for models trained with it."""
     return tokenizer.bos_id, tokenizer.eos_id
-
-
-def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text the new tokens add to the prompt. Decoded together with the prompt, because SentencePiece drops a
-    leading space when a piece like '▁word' is decoded on its own."""
-    prompt_text = tokenizer.decode(prompt_ids)
-    full = tokenizer.decode(prompt_ids + new_ids)
-    return full[len(prompt_text):] if full.startswith(prompt_text) else tokenizer.decode(new_ids)

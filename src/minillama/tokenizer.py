@@ -101,6 +101,13 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))
 
+    def is_byte(self, token_id: int) -> bool:
+        """A byte-fallback token ('<0xE6>'), which spells one UTF-8 byte of a character outside the vocabulary."""
+        return self.sp.is_byte(int(token_id))
+
+    def byte_value(self, token_id: int) -> int:
+        return int(self.id_to_piece(token_id)[3:5], 16)
+
 
 def resolve_tokenizer_path(path: str | Path | None = None, how_to_pass: str = "--tokenizer PATH") -> Path:
     """Where the tokenizer comes from, in order: `path`, $MINILLAMA_TOKENIZER, the Llama 2 model from the hub.

@@ -13,12 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillama.generate import (
-    completion_text,
-    document_end_ids,
-    generate_tokens,
-    sample_next,
-)
+from minillama.generate import document_end_ids, generate_tokens, sample_next
+from minillama.inference.text import TextStream
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 
@@ -36,9 +32,8 @@ class Row:
     stop: list[str]
     emit: Callable[[str, str | None], None]  # (text delta, finish reason or None); called on the engine's thread
     cancelled: threading.Event = field(default_factory=threading.Event)
-    text: str = ""
-    sent: int = 0  # characters of `text` already emitted
     tokens: list[int] = field(default_factory=list)
+    text: TextStream | None = None  # the completion's text, released as it becomes final
     finish_reason: str | None = None
 
 
@@ -86,18 +81,20 @@ class Batcher:
             return torch.cat([sample_next(logits[i : i + 1], row.temperature, row.top_k, row.top_p, generators[i])
                               for i, row in enumerate(rows)])
 
+        for row in rows:
+            row.text = TextStream(self.tokenizer, row.prompt_ids, row.stop)
+
         def on_token(i: int, token: int) -> bool:
             row = rows[i]
             row.tokens.append(token)
-            row.text = completion_text(self.tokenizer, row.prompt_ids, row.tokens)
-            cut = min((row.text.find(s) for s in row.stop if s in row.text), default=-1)
-            if cut >= 0:
-                row.text = row.text[:cut]
-                self._finish(row, "stop")
+            delta = row.text.add(token)
+            if row.text.stopped:
+                self._finish(row, "stop", delta)
             elif len(row.tokens) >= row.max_tokens:
-                self._finish(row, "length")
-            else:
-                self._send(row)
+                delta += row.text.finish()  # finds a stop sequence that only held-back bytes completed, if any
+                self._finish(row, "stop" if row.text.stopped else "length", delta)
+            elif delta:
+                row.emit(delta, None)
             return row.finish_reason is not None or row.cancelled.is_set()
 
         try:
@@ -111,19 +108,9 @@ class Batcher:
             return
         for row in rows:  # rows that ended at a document boundary (BOS/EOS)
             if row.finish_reason is None:
-                self._finish(row, "stop")
+                self._finish(row, "stop", row.text.finish())
 
     @staticmethod
-    def _send(row: Row) -> None:
-        """Emit new text, holding back a tail that could still turn out to be the start of a stop sequence."""
-        hold = max((len(s) - 1 for s in row.stop), default=0)
-        ready = max(row.sent, len(row.text) - hold)
-        if ready > row.sent:
-            row.emit(row.text[row.sent : ready], None)
-            row.sent = ready
-
-    @staticmethod
-    def _finish(row: Row, reason: str) -> None:
+    def _finish(row: Row, reason: str, delta: str) -> None:
         row.finish_reason = reason
-        row.emit(row.text[row.sent :], reason)
-        row.sent = len(row.text)
+        row.emit(delta, reason)
