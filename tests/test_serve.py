@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import byte_spelled_completions
 
 from minillama.checkpoint import load_for_inference
 from minillama.generate import generate
@@ -108,11 +109,43 @@ def test_stop_sequences_cut_the_text_before_them(served, client):
     prompt = "Once upon a time, there was a"
     full = generate(model, tokenizer, prompt, num_samples=1, max_new_tokens=20, temperature=0, top_k=None)[0]
     stop = full[5:8]
-    response = client.completions.create(model="x", prompt=prompt, max_tokens=20, temperature=0, stop=[stop, "\n\n\n"])
+    response = client.completions.create(model="stories260K", prompt=prompt, max_tokens=20, temperature=0, stop=[stop, "\n\n\n"])
     assert response.choices[0].text == full[: full.index(stop)] and response.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="x", prompt=prompt, max_tokens=20,
-                                                                          temperature=0, stop=stop, stream=True) if c.choices)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="stories260K", prompt=prompt, max_tokens=20,
+                                                                          temperature=0, stop=stop, stream=True))
     assert streamed == full[: full.index(stop)]
+
+
+def test_the_official_clients_streaming_loop_works_and_usage_comes_only_when_asked(client):
+    kwargs = dict(model="stories260K", prompt="Once upon a time", max_tokens=8, temperature=0, stream=True)
+    text = "".join(chunk.choices[0].text for chunk in client.completions.create(**kwargs))
+    assert text == client.completions.create(**{**kwargs, "stream": False}).choices[0].text and text
+    chunks = list(client.completions.create(**kwargs, stream_options={"include_usage": True}))
+    assert all(c.usage is None and len(c.choices) == 1 for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+def test_usage_counts_each_prompt_once_whatever_n(served, client):
+    tokenizer = served[2]
+    response = client.completions.create(model="stories260K", prompt=["Tim ran", "A big dog"], n=3, max_tokens=4, temperature=1, seed=0)
+    prompt_tokens = len(tokenizer.encode("Tim ran")) + len(tokenizer.encode("A big dog"))
+    assert len(response.choices) == 6 and response.usage.prompt_tokens == prompt_tokens  # not 3 x prompt_tokens
+    assert response.usage.total_tokens == prompt_tokens + response.usage.completion_tokens
+
+
+def test_models_are_named_as_openai_names_them_and_unknown_routes_answer_in_its_shape(served, client):
+    url = served[0]
+    assert client.models.retrieve("stories260K").id == "stories260K"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert caught.value.body["code"] == "model_not_found" and "'gpt-4' does not exist" in caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(urllib.request.Request(url + path, method=method), timeout=10)
+        answer = json.loads(error.value.read())
+        assert error.value.code == status and answer["error"]["type"] == "invalid_request_error" and path in answer["error"]["message"]
 
 
 def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(served, client):
@@ -121,7 +154,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(served, 
     answers = [None] * len(prompts)
 
     def ask(i):
-        answers[i] = client.completions.create(model="x", prompt=prompts[i], max_tokens=10, temperature=0).choices[0].text
+        answers[i] = client.completions.create(model="stories260K", prompt=prompts[i], max_tokens=10, temperature=0).choices[0].text
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -219,3 +252,16 @@ def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
         driver.quit()
     expected = generate(model, tokenizer, "Once upon a time", num_samples=1, max_new_tokens=12, temperature=0, top_k=None)[0]
     assert shown == expected.strip() and status == "finished: length"
+
+
+def test_characters_spelled_in_byte_tokens_arrive_whole_streamed_or_not_with_or_without_stop(served, client):
+    """stories260K's tok512 spells most characters in bytes; a text must equal the decode of its tokens, however
+    it is delivered, and an unrelated stop sequence must not change it."""
+    _, model, tokenizer = served
+    cases = byte_spelled_completions(model, tokenizer, "Once upon a time", range(6))
+    assert len(cases) >= 3, "the seed search should find byte-spelled characters (tok512, temperature 1)"
+    for seed, expected in cases:
+        for stop in (None, "zzzz"):
+            kwargs = dict(model="stories260K", prompt="Once upon a time", max_tokens=48, temperature=1, seed=seed, stop=stop)
+            assert client.completions.create(**kwargs).choices[0].text == expected, (seed, stop)
+            assert "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True)) == expected, (seed, stop)

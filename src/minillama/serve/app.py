@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minillama.model import Transformer
 from minillama.serve.batcher import Batcher, Row
@@ -28,6 +29,12 @@ from minillama.tokenizer import Tokenizer
 MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20  # a larger body is not even read: the connection just closes
 MAX_N = 16
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False  # a last chunk with usage and no choices, as OpenAI sends only when asked
 
 
 class CompletionRequest(BaseModel):
@@ -45,20 +52,21 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
 
 
 class ServerError(Exception):
     """A request the server refuses: HTTP status, OpenAI-style message and the field it is about."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        self.message, self.param, self.status, self.code = message, param, status, code
 
 
-def error_response(message: str, param: str | None, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}},
-                        status_code=status)
+def error_response(message: str, param: str | None, status: int = 400, code: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, max_batch: int = 8) -> FastAPI:
@@ -97,15 +105,31 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, max_ba
 
     @app.exception_handler(ServerError)
     async def refused(request: Request, exc: ServerError) -> JSONResponse:
-        return error_response(exc.message, exc.param, exc.status)
+        return error_response(exc.message, exc.param, exc.status, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405 in OpenAI's shape
+        return error_response(f"{request.method} {request.url.path}: {exc.detail}", None, exc.status_code)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "minillama"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "minillama"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_card(name: str) -> dict[str, Any]:
+        check_model(name)
+        return card
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise ServerError(f"The model '{name}' does not exist; this server serves '{model_name}'", "model", 404,
+                              "model_not_found")
 
     @app.post("/v1/chat/completions")
     async def chat() -> JSONResponse:
@@ -118,6 +142,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, max_ba
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ServerError("'prompt' is an empty list; send at least one prompt", "prompt")
@@ -144,7 +169,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, max_ba
                                 body.top_k or None, None if body.seed is None else body.seed + index, stops, emit))
         state["batcher"].submit(rows)
         completion_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt_tokens = sum(len(ids) for ids in encoded) * body.n
+        prompt_tokens = sum(len(ids) for ids in encoded)  # each prompt once, however many completions it has
 
         def usage() -> dict[str, int]:
             completion_tokens = sum(len(r.tokens) for r in rows)
@@ -156,6 +181,9 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, max_ba
                     "choices": choices, **extra}
 
         if body.stream:
+            # As OpenAI: with include_usage every chunk says usage null, and one more chunk, without choices, has it.
+            per_chunk_usage = {"usage": None} if body.stream_options and body.stream_options.include_usage else {}
+
             async def stream() -> AsyncIterator[str]:
                 done = 0
                 try:
@@ -166,8 +194,9 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, max_ba
                             return
                         done += reason is not None
                         yield "data: " + json.dumps(chunk([{"text": delta, "index": index, "logprobs": None,
-                                                             "finish_reason": reason}])) + "\n\n"
-                    yield "data: " + json.dumps(chunk([], usage=usage())) + "\n\n"
+                                                             "finish_reason": reason}], **per_chunk_usage)) + "\n\n"
+                    if per_chunk_usage:
+                        yield "data: " + json.dumps(chunk([], usage=usage())) + "\n\n"
                     yield "data: [DONE]\n\n"
                 finally:  # the client went away, or the stream ended: free the rows
                     for row in rows:
