@@ -94,11 +94,17 @@ def test_adapter_gives_the_harness_hf_numbers(which, request, task_dir, tmp_path
 def test_cli_runs_tasks_writes_results_into_the_run_and_report_shows_them(tiny, task_dir, capsys):
     run_dir = tiny.parent.parent
     assert main(["eval", "harness", str(run_dir), "--tasks", "hellaswag_local,shakespeare_rolling", "--limit", "4",
-                 "--include-path", str(task_dir), "--device", "cpu", "--batch-size", "4"]) == 0
+                 "--include-path", str(task_dir), "--device", "cpu", "--batch-size", "4", "--log-samples"]) == 0
     out = capsys.readouterr().out
     assert "hellaswag_local" in out and "acc_norm" in out and "bits_per_byte" in out
     saved = json.loads((run_dir / "harness" / "step_0000040.json").read_text())
     assert saved["results"]["hellaswag_local"]["sample_len"] == 4 and saved["config"]["limit"] == 4
+    for task, metric in (("hellaswag_local", "acc_norm"), ("shakespeare_rolling", "bits_per_byte")):
+        [log] = (run_dir / "harness").glob(f"samples_{task}_*.jsonl")  # the harness's own per-sample file
+        samples = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [s["doc_id"] for s in samples] == [0, 1, 2, 3] and all(metric in s and s["resps"] for s in samples)
+    hellaswag = [json.loads(line) for line in next((run_dir / "harness").glob("samples_hellaswag_local_*")).read_text().splitlines()]
+    assert sum(s["acc_norm"] for s in hellaswag) / 4 == saved["results"]["hellaswag_local"]["acc_norm,none"]
     assert main(["report", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
     assert "## lm-evaluation-harness, step_0000040" in report and "| hellaswag_local | acc_norm |" in report

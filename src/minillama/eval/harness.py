@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -235,14 +236,18 @@ def default_output(checkpoint: Path) -> Path | None:
 
 def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = None, batch_size: int = 16,
                 device: str = "auto", dtype: str = "auto", tokenizer: Path | None = None, include_path: Path | None = None,
-                num_fewshot: int | None = None, output: Path | None = None) -> dict[str, Any] | None:
+                num_fewshot: int | None = None, output: Path | None = None, log_samples: bool = False) -> dict[str, Any] | None:
     """Evaluate `tasks` on a checkpoint; the harness's results dict on rank 0 (None on other ranks), also written
-    to `output` as JSON when given. Under torchrun the ranks join one process group for the harness to split on."""
+    to `output` as JSON when given. Under torchrun the ranks join one process group for the harness to split on.
+    `log_samples` also writes each document's requests, responses and metrics, in the harness's own
+    samples_TASK_DATE.jsonl files (as `lm_eval --log_samples` does), beside `output`."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     if limit is not None and limit <= 0:
         raise MiniLlamaError(f"the example limit is {limit}; expected a positive number (or no limit)")
+    if log_samples and output is None:
+        raise MiniLlamaError("per-sample logs go beside the results file: give an output path for them (the CLI's --output)")
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -252,12 +257,22 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
     try:
         model = MiniLlamaLM(str(checkpoint), device=str(pick_device(device, ctx.local_rank)), dtype=dtype,
                             batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None)
-        results = simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager)
+        results = simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+                                  log_samples=log_samples)
     finally:
         close_distributed(ctx)
     if results is not None and output is not None:
         from minillama.files import write_file_atomically
 
+        if log_samples:
+            from lm_eval.loggers import EvaluationTracker
+
+            tracker = EvaluationTracker(output_path=str(output))  # a path ending in .json: samples go to its folder
+            tracker.date_id = datetime.now().isoformat().replace(":", "-")  # as its save_results_aggregated names files
+            samples = results.pop("samples")
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            for task in results["configs"]:
+                tracker.save_results_samples(task_name=task, samples=samples[task])
         summary = {"checkpoint": str(model.info.path), "step": model.info.metadata.get("step"), "results": results["results"],
                    "versions": results.get("versions"), "n-samples": results.get("n-samples"),
                    "config": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}}
