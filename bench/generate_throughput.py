@@ -4,7 +4,7 @@ re-running the sequence, and transformers' generate on the same weights.
 usage: python bench/generate_throughput.py [--preset mini-llama-109M] [--checkpoint PATH] [--batch 1 4]
        [--new-tokens 200] [--device auto] [--dtype auto] [--skip-uncached] [--transformers-batch 1 4]
 Random weights unless --checkpoint (speed does not depend on them). Each batch holds prompts of different
-lengths (left-padded). Prints one JSON line per measurement and one per agreement check: on CUDA, the graph's
+lengths. Prints one JSON line per measurement and one per agreement check: on CUDA, the graph's
 greedy tokens must equal eager decoding's, for the timed prompts and for a second batch of other lengths that
 reuses the captured graph. "first_call_s" includes capturing the graph; later calls of that batch size reuse it.
 """
@@ -20,7 +20,8 @@ from minillama.checkpoint import find_checkpoint, load_checkpoint, model_state_d
 from minillama.config import preset
 from minillama.generate import generate_tokens
 from minillama.interop.hf import hf_config, to_hf_state_dict
-from minillama.model import KVCache, Transformer
+from minillama.inference.cache import right_padded
+from minillama.model import Transformer
 from minillama.device import inference_dtype, pick_device
 
 PROMPT_LENGTHS = [8, 3, 13, 6, 10, 1, 7, 12]  # row i of a batch gets PROMPT_LENGTHS[i % 8] tokens
@@ -50,20 +51,16 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> list[int | None]
 
 @torch.no_grad()
 def generate_uncached(model: Transformer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Greedy decoding that re-runs the whole left-padded sequence for every new token: what a KV cache saves."""
-    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
-    longest = max(len(p) for p in prompts)
-    rows = [[0] * (longest - len(p)) + p for p in prompts]
-    positions = [[-1] * (longest - len(p)) + list(range(len(p))) for p in prompts]
+    """Greedy decoding that re-runs the whole right-padded sequences for every new token: what a KV cache saves."""
+    device = model.tok_embeddings.weight.device
+    rows = [list(p) for p in prompts]
     for _ in range(new_tokens):
-        tokens = torch.tensor(rows, device=device)
-        cache = KVCache(model.config, len(rows), tokens.shape[1], device, dtype)
-        slots = torch.arange(tokens.shape[1], device=device)
-        logits = model(tokens, cache=cache, positions=torch.tensor(positions, device=device), slots=slots)[0][:, -1]
-        for row, token in enumerate(logits.argmax(dim=-1).tolist()):
-            rows[row].append(token)
-            positions[row].append(positions[row][-1] + 1)
-    return [row[longest:] for row in rows]
+        width = max(len(row) for row in rows)
+        logits = model(right_padded(rows, width).to(device))[0]
+        last = logits[torch.arange(len(rows), device=device), torch.tensor([len(row) - 1 for row in rows], device=device)]
+        for row, token in zip(rows, last.argmax(dim=-1).tolist()):
+            row.append(token)
+    return [row[len(p):] for row, p in zip(rows, prompts)]
 
 
 def transformers_model(model: Transformer, device: torch.device, dtype: torch.dtype):

@@ -120,22 +120,22 @@ def side_prefill(mode: str, repeats: int) -> dict:
     import torch
 
     from minillama.config import preset
-    from minillama.model import KVCache, Transformer
+    from minillama.inference.cache import CachedPass, KVCache
+    from minillama.model import Transformer
 
     torch.manual_seed(0)
     model = Transformer(preset("mini-llama-109M")).eval()
     tokens = torch.randint(0, 32000, (1, 16))
-    positions, slots = torch.arange(16)[None], torch.arange(16)
     cache = KVCache(model.config, 1, 16, torch.device("cpu"), torch.float32)
-    cache.length, cache.dense = 16, True
     times = []
     with torch.no_grad():
         for _ in range(repeats + 2):
             start = time.perf_counter()
+            prefill = CachedPass.starting_at(cache, slice(0, 1), [0], 16)
             if mode == "last position":
-                model.output(model.hidden_states(tokens, cache, positions, slots)[:, -1])
+                model.output(model.hidden_states(tokens, prefill)[:, -1])
             else:
-                model(tokens, cache=cache, positions=positions, slots=slots)[0][:, -1]
+                model(tokens, cache=prefill)[0][:, -1]
             times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times[2:])}
 

@@ -1,10 +1,16 @@
-"""Shared fixtures: the optional real-data folder, a tokenizer trained on text the tests write, a tiny model."""
+"""Shared fixtures: the optional real-data folder, a tokenizer trained on text the tests write, a tiny model;
+and a helper that runs the server on a free localhost port."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import socket
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,7 @@ import pytest
 import torch
 
 from minillama.config import ModelConfig
+from minillama.model import Transformer
 from minillama.data.prepare import prepare
 from minillama.data.sources import LocalFiles
 from minillama.generate import document_end_ids, generate_tokens
@@ -85,6 +92,17 @@ def small_config() -> ModelConfig:
     return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16, max_seq_len=128)
 
 
+@pytest.fixture
+def model(small_config):
+    """A GQA model with sharpened weights, so that greedy choices are far from ties."""
+    model = Transformer(small_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -129,8 +147,43 @@ def byte_spelled_completions(model, tokenizer, prompt, seeds, max_tokens=48):
     byte-fallback tokens, the text being SentencePiece's decode of prompt and completion together."""
     prompt_ids, found = tokenizer.encode(prompt), []
     for seed in seeds:
-        new = generate_tokens(model, [prompt_ids], max_tokens, 1.0, generator=torch.Generator().manual_seed(seed),
-                              stop_ids=document_end_ids(tokenizer))[0]
+        new = generate_tokens(model, [prompt_ids], max_tokens, temperature=1.0, seed=seed, stop_ids=document_end_ids(tokenizer))[0]
         if any(tokenizer.is_byte(a) and tokenizer.is_byte(b) and tokenizer.byte_value(a) >= 0xC0 for a, b in zip(new, new[1:])):
             found.append((seed, completion_text(tokenizer, prompt_ids, new)))
     return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+                if json.loads(response.read()) == {"status": "ok"}:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not come up")
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Serve an ASGI app with uvicorn on a thread of this process; its base URL inside the block."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

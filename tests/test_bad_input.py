@@ -147,7 +147,7 @@ CASES = [
     (["import", "hf", "{w}/hf_list", "{w}/out"], "expected a JSON object of fields, got a list"),
     (["generate", "{w}/ckpt", "hi", "--top-p", "0"], "top_p is 0.0; expected a number in (0, 1]"),
     (["generate", "{w}/ckpt", "hi", "--top-p", "1.5"], "top_p is 1.5; expected a number in (0, 1]"),
-    (["generate", "{w}/ckpt", "hi", "--max-new-tokens", "0"], "max_new_tokens is 0; expected at least 1"),
+    (["generate", "{w}/ckpt", "hi", "--max-new-tokens", "0"], "--max-new-tokens is 0; expected at least 1"),
     (["generate", "{w}/ckpt", "hi", "--num-samples", "0"], "num_samples is 0; expected at least 1"),
     (["generate", "{w}/ckpt", "hi", "--temperature", "-1"], "temperature is -1.0; expected 0 (greedy) or a positive number"),
     (["generate", "{w}/ckpt", "caf\udce9"], "the prompt is not UTF-8 text (byte 0xe9 at character 3)"),

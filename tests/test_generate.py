@@ -1,3 +1,4 @@
+import io
 import subprocess
 import sys
 
@@ -9,19 +10,11 @@ from minillama.checkpoint import save_checkpoint
 from minillama.cli import main
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
-from minillama.generate import _static_steps, generate, generate_tokens, sample_next
-from minillama.model import KVCache, Transformer
-
-
-@pytest.fixture
-def model(small_config):
-    """A GQA model with sharpened weights, so that greedy choices are far from ties."""
-    model = Transformer(small_config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4)
-    return model
+from minillama.generate import generate, generate_tokens
+from minillama.inference.cache import CachedPass, KVCache
+from minillama.inference.engine import _static_decoders
+from minillama.inference.sampling import SamplingParams, choose_tokens
+from minillama.model import Transformer
 
 
 def greedy_by_rerunning(model, prompt, steps):
@@ -44,11 +37,12 @@ def test_cached_greedy_equals_rerunning_the_sequence(model):
     config = model.config
     cache = KVCache(config, 1, len(prompt) + 50, torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        logits = model(torch.tensor([prompt]), cache=cache, positions=torch.arange(len(prompt))[None], slots=torch.arange(len(prompt)))[0][0, -1]
+        prefill = CachedPass.starting_at(cache, slice(0, 1), [0], len(prompt))
+        logits = model(torch.tensor([prompt]), cache=prefill)[0][0, -1]
         for i, token in enumerate(expected):
             assert (logits - expected_logits[i]).abs().max() < 1e-4
-            slot = len(prompt) + i
-            logits = model(torch.tensor([[token]]), cache=cache, positions=torch.tensor([[slot]]), slots=torch.tensor([slot]))[0][0, -1]
+            step = CachedPass.starting_at(cache, slice(0, 1), [len(prompt) + i], 1)
+            logits = model(torch.tensor([[token]]), cache=step)[0][0, -1]
     assert cache.keys.shape[2] == config.kv_heads < config.n_heads  # the cache holds kv heads only
 
 
@@ -60,18 +54,16 @@ def test_eager_decoding_of_100_tokens_gives_the_plain_forwards_tokens(model):
 
 
 def test_mask_free_attention_equals_the_masked_path(model):
-    """Prompts of one length prefill with plain causal attention and decode with none (`dense`); the explicit
-    mask, built as for padded batches, gives the same logits."""
+    """Rows whose tokens fill the last attended positions (`aligned`) prefill with plain causal attention and
+    decode with none; the explicit mask, built as for rows at different positions, gives the same logits."""
     tokens, positions = torch.tensor([[1, 5, 6, 7], [1, 9, 8, 7]]), torch.arange(4).expand(2, 4)
     logits = {}
     with torch.no_grad():
-        for dense in (True, False):
+        for aligned in (True, False):
             cache = KVCache(model.config, 2, 8, torch.device("cpu"), torch.float32)
-            cache.length, cache.dense = 4, dense
-            prefill = model(tokens, cache=cache, positions=positions, slots=torch.arange(4))[0]
-            cache.length = 5
-            step = model(torch.tensor([[3], [4]]), cache=cache, positions=torch.tensor([[4], [4]]), slots=torch.tensor([4]))[0]
-            logits[dense] = torch.cat([prefill, step], dim=1)
+            prefill = model(tokens, cache=CachedPass(cache, slice(0, 2), positions, 4, aligned))[0]
+            step = model(torch.tensor([[3], [4]]), cache=CachedPass(cache, slice(0, 2), torch.tensor([[4], [4]]), 5, aligned))[0]
+            logits[aligned] = torch.cat([prefill, step], dim=1)
     assert (logits[True] - logits[False]).abs().max() < 1e-5
     assert (logits[True][0, :4] - model(tokens[:1])[0][0]).abs().max() < 1e-5
 
@@ -100,44 +92,53 @@ def test_rows_stop_at_eos_independently(model):
         assert stopped[row] == expected
 
 
-def test_static_decode_step_equals_eager_on_a_left_padded_batch_and_when_reused(model):
-    """The static-shape step (what a CUDA graph captures; on the CPU it runs eagerly) attends over every slot of
-    a reused cache. Its tokens equal eager decoding's, also for a second batch of other lengths that reuses the
-    step, whose stale slots from the first batch must stay invisible."""
+def test_static_decode_step_equals_eager_on_rows_at_different_positions_and_when_reused(model):
+    """The static-shape step (what a CUDA graph captures; on the CPU it runs eagerly) attends over every position
+    of a reused cache. Its tokens equal eager decoding's, also for a second batch of other lengths that reuses the
+    step, whose stale positions from the first batch must stay invisible."""
     first = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 44], [1, 3, 4, 5, 300]]
     second = [[1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 99, 98]]
     for prompts in (first, second, first):
         static = generate_tokens(model, prompts, 40, temperature=0, cuda_graph=True)
         assert static == generate_tokens(model, prompts, 40, temperature=0, cuda_graph=False)
     assert static[1] == greedy_by_rerunning(model, first[1], 40)[0]
-    reused = _static_steps[model]
-    assert len(reused) == 1  # one cache of 256 slots served all three batches
+    reused = _static_decoders[model]
+    assert len(reused) == 1  # one cache of 3 rows x 256 positions served all three batches
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(model):
     def sampled(seed):
-        return generate_tokens(model, [[1, 2, 3]] * 3, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(seed))
+        return generate_tokens(model, [[1, 2, 3]] * 3, 20, temperature=1.0, top_k=50, seed=seed)
 
     assert sampled(7) == sampled(7) and sampled(7) != sampled(8)
     greedy = generate_tokens(model, [[1, 2, 3]], 20, temperature=0)
-    assert generate_tokens(model, [[1, 2, 3]], 20, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(0)) == greedy
+    assert generate_tokens(model, [[1, 2, 3]], 20, temperature=1.3, top_k=1, seed=0) == greedy
+    assert generate_tokens(model, [[1, 2, 3]], 20, temperature=1e-45, seed=0) == greedy  # tiny: greedy, never NaN
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
-    logits = probs.log()
-    generator = torch.Generator().manual_seed(0)
+    logits = probs.log().repeat(400, 1)
+    uniforms = torch.rand(400, generator=torch.Generator().manual_seed(0))
 
-    def support(top_p):
-        draws = torch.stack([sample_next(logits, 1.0, None, top_p, generator) for _ in range(400)])
-        return set(draws.flatten().tolist())
+    def support(top_p, top_k=None):
+        return set(choose_tokens(logits, [SamplingParams(1.0, top_k, top_p)] * 400, uniforms).tolist())
 
     assert support(0.45) == {1}  # 0.5 alone reaches it
     assert support(0.55) == {1, 3}
     assert support(0.79) == {1, 3}  # 0.5 + 0.3
     assert support(0.81) == {1, 3, 2}
     assert support(1.0) == {0, 1, 2, 3}
-    assert set(sample_next(logits.repeat(200, 1), 1.0, 2, 0.99, generator).tolist()) == {1, 3}  # top-k then top-p
+    assert support(0.99, top_k=2) == {1, 3}  # top-k then top-p
+
+
+def test_sampling_draws_each_token_as_often_as_its_probability():
+    """Inverse-transform sampling with uniform numbers: frequencies within 4 standard deviations of p."""
+    probs = torch.tensor([0.1, 0.6, 0.05, 0.25])
+    draws = choose_tokens(probs.log().repeat(20_000, 1), [SamplingParams(1.0)] * 20_000,
+                          torch.rand(20_000, generator=torch.Generator().manual_seed(1)))
+    frequencies = torch.bincount(draws, minlength=4) / 20_000
+    assert ((frequencies - probs).abs() < 4 * (probs * (1 - probs) / 20_000).sqrt()).all()
 
 
 def test_empty_prompt_starts_from_bos(model, tokenizer):
@@ -153,6 +154,7 @@ def test_empty_prompt_starts_from_bos(model, tokenizer):
         ({"top_p": 1.5}, r"top_p is 1.5; expected a number in \(0, 1\]"),
         ({"top_k": -1}, "top_k is -1"),
         ({"temperature": float("nan")}, "temperature is nan"),
+        ({"seed": 2**64}, "seed is 18446744073709551616; expected an integer from 0 to"),
     ],
 )
 def test_bad_sampling_arguments(model, kwargs, message):
@@ -160,18 +162,18 @@ def test_bad_sampling_arguments(model, kwargs, message):
         generate_tokens(model, [[1, 2, 3, 4, 5, 6]], **{"max_new_tokens": 5, **kwargs})
 
 
-def test_cli_prints_labelled_samples_and_streams_one(tmp_path, model, tokenizer):
+def test_cli_prints_labelled_samples_and_streams_one(tmp_path, model, tokenizer, capsys, monkeypatch):
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
-    base = [sys.executable, "-m", "minillama", "generate", str(tmp_path / "ckpt"), "The cat", "--max-new-tokens", "12", "--seed", "3"]
-    many = subprocess.run(base + ["--num-samples", "3"], capture_output=True, text=True)
-    assert many.returncode == 0, many.stderr
-    assert [line.startswith(f"Sample {i}: The cat") for i, line in enumerate(l for l in many.stdout.splitlines() if l.startswith("Sample"))] == [True] * 3
-    one = subprocess.run(base + ["--num-samples", "1", "--temperature", "0"], capture_output=True, text=True)
+    base = ["generate", str(tmp_path / "ckpt"), "The cat", "--max-new-tokens", "12", "--seed", "3"]
+    assert main(base + ["--num-samples", "3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Sample")]
+    assert lines == [f"Sample {i}: The cat{text}" for i, text in enumerate(generate(model, tokenizer, "The cat", 3, 12, seed=3))]
+    assert main(base + ["--num-samples", "1", "--temperature", "0"]) == 0
     expected = generate(model, tokenizer, "The cat", num_samples=1, max_new_tokens=12, temperature=0)[0]
-    assert one.stdout == f"Sample 0: The cat{expected}\n"
-    interactive = subprocess.run(base[:5] + ["--interactive", "--num-samples", "1", "--max-new-tokens", "3"],
-                                 input="The cat\nA dog\n", capture_output=True, text=True)
-    assert interactive.stdout.count("Sample 0:") == 2
+    assert capsys.readouterr().out == f"Sample 0: The cat{expected}\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"The cat\nA dog\n")))
+    assert main(base[:2] + ["--interactive", "--num-samples", "1", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("Sample 0:") == 2
 
 
 def test_cli_stream_prints_characters_spelled_in_byte_tokens_whole(stories, capsys):
@@ -197,7 +199,7 @@ def test_cli_refuses_a_tokenizer_with_another_vocab(tmp_path, tokenizer):
 
 def test_top_k_zero_means_no_cut(model):
     def sampled(top_k):
-        return generate_tokens(model, [[1, 2, 3]] * 2, 20, temperature=1.0, top_k=top_k, generator=torch.Generator().manual_seed(5))
+        return generate_tokens(model, [[1, 2, 3]] * 2, 20, temperature=1.0, top_k=top_k, seed=5)
 
     assert sampled(0) == sampled(None) != sampled(2)
 

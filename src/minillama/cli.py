@@ -96,10 +96,13 @@ def _say_which(info) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from minillama.checkpoint import load_for_inference
-    from minillama.generate import check_length, check_sampling_args, generate
-    from minillama.inference.text import TextStream
+    from minillama.generate import generate, stream
+    from minillama.inference.engine import check_length
+    from minillama.inference.sampling import SamplingParams
 
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # refused before the model loads
+    if args.max_new_tokens < 1:
+        raise MiniLlamaError(f"--max-new-tokens is {args.max_new_tokens}; expected at least 1")
     if not args.interactive:
         _check_prompt(args.prompt)
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
@@ -107,17 +110,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     def run(prompt: str, seed: int | None) -> None:
         prompt_ids = tokenizer.encode(prompt, bos=True)
-        check_length(model, len(prompt_ids), args.max_new_tokens)  # before anything is printed
-        options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=seed, stop_at_eos=not args.no_stop_at_eos,
-                       compile=args.compile)
-        if args.num_samples == 1:  # stream: print each token's text as soon as it is final
-            text = TextStream(tokenizer, prompt_ids)
+        check_length(model.config.max_seq_len, len(prompt_ids), args.max_new_tokens)  # before anything is printed
+        options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=seed, stop_at_eos=not args.no_stop_at_eos, compile=args.compile)
+        if args.num_samples == 1:  # stream: print the text as soon as it is final
             print(f"Sample 0: {prompt}", end="", flush=True)
-            generate(model, tokenizer, prompt, on_token=lambda row, token: print(text.add(token), end="", flush=True), **options)
-            print(text.finish())
+            for piece in stream(model, tokenizer, prompt, **options):
+                print(piece, end="", flush=True)
+            print()
         else:
-            for i, completion in enumerate(generate(model, tokenizer, prompt, **options)):
+            for i, completion in enumerate(generate(model, tokenizer, prompt, args.num_samples, **options)):
                 print(f"Sample {i}: {prompt}{completion}")
 
     if not args.interactive:
@@ -217,7 +219,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
         raise MiniLlamaError("serve needs FastAPI and uvicorn: pip install 'minillama[serve]'") from None
-    serve(args.checkpoint, args.host, args.port, args.max_batch, args.device, args.dtype, args.tokenizer, args.model_name)
+    allowed = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()] if args.allowed_hosts else None
+    serve(args.checkpoint, args.host, args.port, args.max_batch, args.device, args.dtype, args.tokenizer, args.model_name,
+          allowed, args.max_queue)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -401,12 +405,17 @@ def _add_eval(commands: Subparsers) -> None:
 
 
 def _add_serve(commands: Subparsers) -> None:
-    p = _command(commands, "serve", "Serve a checkpoint over an OpenAI-compatible completions API (streaming, batched "
-                 "requests) with a playground page; needs the 'serve' extra.", cmd_serve)
+    p = _command(commands, "serve", "Serve a checkpoint over an OpenAI-compatible completions API (streaming, "
+                 "logprobs and echo, continuous batching, Prometheus metrics) with a playground page; needs the 'serve' "
+                 "extra.", cmd_serve)
     _checkpoint_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--max-batch", type=int, default=8, help="completions decoded together at most (default 8)")
+    p.add_argument("--max-queue", type=int, help="completions waiting or running at most; more are refused with 429 "
+                   "(default 32 x --max-batch)")
+    p.add_argument("--allowed-hosts", help="comma-separated Host header names to answer (default: 127.0.0.1,localhost,::1 "
+                   "when --host is a loopback address, any otherwise); others get 400, which stops DNS rebinding")
     p.add_argument("--model-name", help="the model id the API reports (default: the preset, or the checkpoint's name)")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,72 +46,14 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
-class KVCache(nn.Module):
-    """Keys and values of every earlier position, so that sampling one more token costs one position of work.
+class CacheView(Protocol):
+    """One forward pass's use of a KV cache (see `minillama.inference.cache`): where this pass's tokens sit,
+    which keys each query may see, and the cached keys/values to attend over."""
 
-    Preallocated for `max_len` slots so shapes never change (which lets CUDA graphs replay the decode step).
-    Stores n_kv_heads per layer, not n_heads: grouped-query attention's memory saving carries over.
-    A slot holds a real token once it is written with a position >= 0; left padding is written with position -1.
-    `length` (a Python int, when set) limits attention to the first `length` slots, so that eager decoding does
-    not pay for empty slots; None attends over all of them, keeping shapes static.
-    `dense` (set by the caller, who knows it without asking the device) says that no row holds padding and that
-    this step's queries fill the last slots of the attended `length`: then plain causal attention is exact and
-    no mask is built, which lets CUDA pick its flash kernel.
-    """
+    positions: Tensor  # (B, T) rotary position of each token
+    mask: Tensor | None  # (B, 1, T, L) keys each query may see; None when plain causal attention is exact
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        super().__init__()
-        shape = (config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim)
-        self.register_buffer("keys", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("values", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("filled", torch.zeros(batch_size, max_len, device=device, dtype=torch.bool), persistent=False)
-        self.length: int | None = None
-        self.dense = False
-
-    def record(self, slots: Tensor, positions: Tensor) -> None:
-        """Note which of `slots` (T,) now hold real tokens: those whose `positions` (B, T) are >= 0."""
-        self.filled.index_copy_(1, slots, positions >= 0)
-
-    def attention_mask(self, slots: Tensor) -> Tensor:
-        return visible_keys(self.filled[:, : self.length], slots)
-
-    def update(self, layer: int, slots: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's keys/values (B, H_kv, T, D) into `slots`; return the whole layer's cache."""
-        self.keys[layer].index_copy_(2, slots, keys)
-        self.values[layer].index_copy_(2, slots, values)
-        return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
-
-
-def visible_keys(filled: Tensor, slots: Tensor) -> Tensor:
-    """(B, 1, T, L) mask of the keys each query in `slots` (T,) may see, given which of the L slots hold real tokens
-    (B, L): earlier or own slots that do. A query always sees its own slot, so a padding query has one key and its
-    output stays finite."""
-    key_slots = torch.arange(filled.shape[1], device=slots.device)
-    causal = key_slots[None, :] <= slots[:, None]  # (T, L)
-    own = key_slots[None, :] == slots[:, None]
-    return (causal[None] & (filled[:, None, :] | own[None])).unsqueeze(1)
-
-
-class SharedPrefixes:
-    """Continuations of prefixes in a KV cache, several per prefix, in one pass: row i continues row `rows[i]` of
-    `prefixes` (the endings of one context share it). The prefixes' keys are gathered per layer as attention needs
-    them, never copied for the whole model; the continuation's own keys are not kept."""
-
-    def __init__(self, prefixes: KVCache, rows: Tensor):
-        self.prefixes, self.rows = prefixes, rows
-        self.length = prefixes.length  # the prefixes' slots; the continuation comes right after them
-        self.dense = False
-
-    def record(self, slots: Tensor, positions: Tensor) -> None:
-        self.filled = torch.cat([self.prefixes.filled[self.rows, : self.length], positions >= 0], dim=1)
-
-    def attention_mask(self, slots: Tensor) -> Tensor:
-        return visible_keys(self.filled, slots)
-
-    def update(self, layer: int, slots: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        prefix = slice(None, self.length)
-        return (torch.cat([self.prefixes.keys[layer, :, :, prefix][self.rows], keys], dim=2),
-                torch.cat([self.prefixes.values[layer, :, :, prefix][self.rows], values], dim=2))
+    def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 class Attention(nn.Module):
@@ -124,18 +67,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.dropout = config.dropout
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor,
-        cache: KVCache | SharedPrefixes | None = None, slots: Tensor | None = None, mask: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheView | None = None) -> Tensor:
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        mask = None
         if cache is not None:
-            k, v = cache.update(self.layer, slots, k, v)
+            k, v = cache.update(self.layer, k, v)
+            mask = cache.mask
         # enable_gqa lets SDPA share each kv head among its query heads without copying k and v n_heads/n_kv times.
         out = F.scaled_dot_product_attention(
             q, k, v,
@@ -169,11 +111,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
         self.residual_dropout = nn.Dropout(config.dropout)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor,
-        cache: KVCache | SharedPrefixes | None = None, slots: Tensor | None = None, mask: Tensor | None = None,
-    ) -> Tensor:
-        h = x + self.residual_dropout(self.attention(self.attention_norm(x), cos, sin, cache, slots, mask))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheView | None = None) -> Tensor:
+        h = x + self.residual_dropout(self.attention(self.attention_norm(x), cos, sin, cache))
         return h + self.residual_dropout(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -213,36 +152,28 @@ class Transformer(nn.Module):
             else:
                 nn.init.ones_(param)  # RMSNorm gains
 
-    def forward(
-        self, tokens: Tensor, targets: Tensor | None = None,
-        cache: KVCache | None = None, positions: Tensor | None = None, slots: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, cache: CacheView | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for tokens (B, T), and the mean cross-entropy over targets that are not -1."""
-        logits = self.output(self.hidden_states(tokens, cache, positions, slots))
+        logits = self.output(self.hidden_states(tokens, cache))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    def hidden_states(self, tokens: Tensor, cache: KVCache | SharedPrefixes | None = None, positions: Tensor | None = None,
-                      slots: Tensor | None = None) -> Tensor:
+    def hidden_states(self, tokens: Tensor, cache: CacheView | None = None) -> Tensor:
         """The final normed states (B, T, dim), before the output head: callers that need logits at a few
         positions only (sampling, scoring endings) apply `self.output` to those and skip the rest of the head.
 
-        Without a cache the sequence starts at position 0 and attention is causal. With a cache, `slots` (T,)
-        are the cache slots these tokens fill and `positions` (B, T) their rotary positions (-1 for padding).
+        Without a cache the sequence starts at position 0 and attention is causal. With one, the tokens sit at
+        `cache.positions` and attend to the cached keys `cache.mask` lets them see.
         """
         x = self.tok_embeddings(tokens)
-        mask = None
         if cache is None:
             cos, sin = self.rope_cos[None, : tokens.shape[1]], self.rope_sin[None, : tokens.shape[1]]
         else:
-            rope_positions = positions.clamp(min=0)
-            cos, sin = self.rope_cos[rope_positions], self.rope_sin[rope_positions]
-            cache.record(slots, positions)
-            mask = None if cache.dense else cache.attention_mask(slots)
+            cos, sin = self.rope_cos[cache.positions], self.rope_sin[cache.positions]
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, slots, mask)
+            x = layer(x, cos, sin, cache)
         return self.norm(x)
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
@@ -29,10 +28,13 @@ from tqdm import tqdm
 from minillama.checkpoint import load_for_inference
 from minillama.device import pick_device
 from minillama.errors import MiniLlamaError
-from minillama.generate import document_end_ids, generate_tokens
+from minillama.generate import document_end_ids
+from minillama.inference.cache import right_padded
+from minillama.inference.engine import Engine, Request
+from minillama.inference.sampling import SamplingParams
+from minillama.inference.scoring import score_targets
 from minillama.train.distributed import close_distributed, init_distributed
 
-HEAD_ROWS = 1024  # scored positions sent through the output head at once
 BOS_TEXT = "<s>"  # how the harness recognises a text that already starts with BOS
 
 
@@ -138,36 +140,26 @@ class MiniLlamaLM(TemplateLM):
 
     def _score(self, inputs: list[list[int]], scored: list[int], members: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
         """For each input sequence, its last `scored[i]` positions predict the tokens of each continuation in
-        `members[i]`; the output head runs at those positions only, HEAD_ROWS at a time."""
+        `members[i]`; the output head runs at those positions only."""
         device = self.device
-        tokens = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)
         rows, columns, offsets = [], [], [0]
         for row, (sequence, n) in enumerate(zip(inputs, scored)):
-            tokens[row, : len(sequence)] = torch.tensor(sequence)
             rows += [row] * n
             columns += range(len(sequence) - n, len(sequence))
             offsets.append(offsets[-1] + n)
-        hidden = self.model.hidden_states(tokens.to(device))[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
-        target_rows, targets, owners = [], [], []
-        answer = 0
-        for group, continuations in enumerate(members):
-            for continuation in continuations:
-                target_rows += range(offsets[group], offsets[group] + len(continuation))
-                targets += continuation
-                owners += [answer] * len(continuation)
-                answer += 1
-        target_rows_t, targets_t = torch.tensor(target_rows, device=device), torch.tensor(targets, device=device)
-        log_probs = torch.empty(len(targets), dtype=torch.float32, device=device)
-        hits = torch.empty(len(targets), dtype=torch.bool, device=device)
-        for start in range(0, len(hidden), HEAD_ROWS):
-            log_softmax = F.log_softmax(self.model.output(hidden[start : start + HEAD_ROWS]).float(), dim=-1)
-            here = (target_rows_t >= start) & (target_rows_t < start + HEAD_ROWS)
-            local = target_rows_t[here] - start
-            log_probs[here] = log_softmax[local, targets_t[here]]
-            hits[here] = log_softmax.argmax(-1)[local] == targets_t[here]
-        owners_t = torch.tensor(owners, device=device)
-        summed = torch.zeros(answer, dtype=torch.float64, device=device).index_add_(0, owners_t, log_probs.double())
-        misses = torch.zeros(answer, dtype=torch.long, device=device).index_add_(0, owners_t, (~hits).long())
+        states = self.model.hidden_states(right_padded(inputs, max(map(len, inputs))).to(device))
+        states = states[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
+        state_of, targets, owners = [], [], []  # for each scored token: its state's index, the token, its answer
+        continuations = [(group, continuation) for group, group_members in enumerate(members) for continuation in group_members]
+        for answer, (group, continuation) in enumerate(continuations):
+            state_of += range(offsets[group], offsets[group] + len(continuation))
+            targets += continuation
+            owners += [answer] * len(continuation)
+        scores = score_targets(self.model, states[torch.tensor(state_of, device=device)], torch.tensor(targets, device=device))
+        owners_t = torch.tensor(owners, dtype=torch.long, device=device)
+        answers = len(continuations)
+        summed = torch.zeros(answers, dtype=torch.float64, device=device).index_add_(0, owners_t, scores.log_probs.double())
+        misses = torch.zeros(answers, dtype=torch.long, device=device).index_add_(0, owners_t, (~scores.greedy).long())
         flat = [(float(s), bool(m == 0)) for s, m in zip(summed.tolist(), misses.tolist())]
         out, taken = [], 0
         for continuations in members:
@@ -196,33 +188,31 @@ class MiniLlamaLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Continuations cut at the first stop sequence, ended where a document ends (BOS or EOS, as `minillama
-        generate` and the exported generation config stop), greedy unless the task asks to sample; requests with
-        the same generation settings are decoded together."""
+        generate` and the exported generation config stop), greedy unless the task asks to sample. They run on
+        one engine, `batch_size` at a time, each stopping as soon as its text holds a stop sequence; the text is
+        then decoded as the harness's HF model decodes it (the new tokens alone) and cut at the first stop."""
         eos = self.tok.decode([self.eot_token_id]) or None
-        groups: dict[str, list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
-        results: list[str | None] = [None] * len(requests)
-        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="minillama generate_until")
-        for indices in groups.values():
-            kwargs = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), self.max_gen_toks)
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+        engine = Engine(self.model, self.tok, rows=self.batch_size)
+        jobs = []
+        for request in requests:
+            kwargs = normalize_gen_kwargs(dict(request.args[1]), self.max_gen_toks)
+            until = tuple(stop for stop in handle_stop_sequences(kwargs.pop("until", None), eos=eos) if stop)
             max_gen_toks = min(kwargs.pop("max_gen_toks"), self.max_length - 1)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            for first in range(0, len(indices), self.batch_size):
-                chunk = indices[first : first + self.batch_size]
-                contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen_toks):] for i in chunk]
-                new = generate_tokens(self.model, contexts, max_gen_toks, temperature=temperature,
-                                      stop_ids=document_end_ids(self.tok))
-                for i, ids in zip(chunk, new):
-                    text = self.tok_decode(ids)
-                    for stop in until:
-                        if stop:
-                            text = text.split(stop)[0]
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                progress.update(len(chunk))
-        progress.close()
+            context = self.tok_encode(request.args[0])[-(self.max_length - max_gen_toks):]
+            [completion] = engine.submit(Request(context, max_gen_toks, SamplingParams(temperature), stop=until,
+                                                 stop_ids=frozenset(document_end_ids(self.tok))))
+            jobs.append((completion, until))
+        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="minillama generate_until") as progress:
+            for update in engine.run():
+                progress.update(update.finish_reason is not None)
+        results = []
+        for request, (completion, until) in zip(requests, jobs):
+            text = self.tok_decode(completion.tokens)
+            for stop in until:
+                text = text.split(stop)[0]
+            results.append(text)
+            self.cache_hook.add_partial("generate_until", request.args, text)
         return results
 
 

@@ -19,17 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from minillama.errors import MiniLlamaError
 from minillama.files import write_file_atomically
-from minillama.model import (
-    KVCache,
-    SharedPrefixes,
-    Transformer,
-    compute_dtype,
-    evaluating,
-)
+from minillama.inference.cache import CachedPass, KVCache, SharedPrefixes, right_padded
+from minillama.inference.scoring import score_targets
+from minillama.model import Transformer, compute_dtype, evaluating
 from minillama.tokenizer import Tokenizer
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -142,9 +137,6 @@ def candidates(example: Example, tokenizer: Tokenizer, max_len: int) -> tuple[li
     return out, truncated
 
 
-HEAD_ROWS = 512  # positions sent through the output head at once: its float32 logits are vocab_size wide each
-
-
 @torch.no_grad()
 def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32) -> tuple[list[Prediction], int]:
     """Predictions for `examples` (batch_size examples per pass), and how many had their context truncated.
@@ -176,7 +168,7 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
 
 
 def _ending_losses(model: Transformer, batch: list[list[Candidate]]) -> torch.Tensor:
-    """Summed cross-entropy of each ending (len(batch), 4): contexts left-padded through the model into a KV cache,
+    """Summed cross-entropy of each ending (len(batch), 4): contexts right-padded through the model into a KV cache,
     then the endings, right-padded, as continuations of their context's row."""
     device = model.tok_embeddings.weight.device
     contexts: list[list[int]] = []  # one per example, or one per ending where truncation made them differ
@@ -194,37 +186,25 @@ def _ending_losses(model: Transformer, batch: list[list[Candidate]]) -> torch.Te
     multiple = 16 if device.type == "cuda" else 1
     width, ending_width = (-(-max(map(len, seqs)) // multiple) * multiple for seqs in (contexts, endings))
 
-    tokens = torch.zeros(len(contexts), width, dtype=torch.long)
-    positions = torch.full((len(contexts), width), -1, dtype=torch.long)
-    for row, context in enumerate(contexts):
-        tokens[row, width - len(context):] = torch.tensor(context)
-        positions[row, width - len(context):] = torch.arange(len(context))
     cache = KVCache(model.config, len(contexts), width, device, compute_dtype(model))
-    cache.length, cache.dense = width, all(len(c) == width for c in contexts)
-    last_context_states = model.hidden_states(tokens.to(device), cache, positions.to(device), torch.arange(width, device=device))[:, -1]
+    context_states = model.hidden_states(right_padded(contexts, width).to(device),
+                                         CachedPass.starting_at(cache, slice(0, len(contexts)), [0] * len(contexts), width))
+    context_lengths = torch.tensor([len(c) for c in contexts], device=device)
+    owners = torch.tensor(context_of, device=device)
+    last_context_states = context_states[owners, context_lengths[owners] - 1]
 
-    index = torch.tensor(context_of, device=device)
-    continued = SharedPrefixes(cache, index)
-    tokens = torch.zeros(len(endings), ending_width, dtype=torch.long)
-    positions = torch.full((len(endings), ending_width), -1, dtype=torch.long)
-    rows, columns, targets = [], [], []
-    for row, (ending, context) in enumerate(zip(endings, context_of)):
-        tokens[row, : len(ending)] = torch.tensor(ending)
-        positions[row, : len(ending)] = len(contexts[context]) + torch.arange(len(ending))
-        rows += [row] * (len(ending) - 1)
-        columns += range(len(ending) - 1)  # ending token t predicts token t + 1
-        targets += ending[1:]
-    ending_states = model.hidden_states(tokens.to(device), continued, positions.to(device),
-                                        torch.arange(width, width + ending_width, device=device))
+    # An ending's padding sits past its own tokens; its positions are clamped to the rotary table, out of sight.
+    positions = (context_lengths[owners, None] + torch.arange(ending_width, device=device)).clamp(max=model.config.max_seq_len - 1)
+    continued = SharedPrefixes(cache, owners, context_lengths[owners], width, positions)
+    ending_states = model.hidden_states(right_padded(endings, ending_width).to(device), continued)
+    rows = [row for row, ending in enumerate(endings) for _ in ending[1:]]
+    columns = [column for ending in endings for column in range(len(ending) - 1)]  # ending token t predicts token t + 1
     # The context's last position predicts each ending's first token; the ending's own positions the rest.
-    states = torch.cat([last_context_states[index], ending_states[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]])
-    owners = torch.cat([torch.arange(len(endings), device=device), torch.tensor(rows, dtype=torch.long, device=device)])
-    targets = torch.tensor([ending[0] for ending in endings] + targets, device=device)
-    summed = torch.zeros(len(endings), dtype=torch.float64, device=device)
-    for start in range(0, len(states), HEAD_ROWS):
-        part = slice(start, start + HEAD_ROWS)
-        token_losses = F.cross_entropy(model.output(states[part]).float(), targets[part], reduction="none")
-        summed.index_add_(0, owners[part], token_losses.double())
+    states = torch.cat([last_context_states, ending_states[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]])
+    scored_by = torch.cat([torch.arange(len(endings), device=device), torch.tensor(rows, dtype=torch.long, device=device)])
+    targets = torch.tensor([ending[0] for ending in endings] + [t for ending in endings for t in ending[1:]], device=device)
+    log_probs = score_targets(model, states, targets).log_probs
+    summed = torch.zeros(len(endings), dtype=torch.float64, device=device).index_add_(0, scored_by, -log_probs.double())
     return summed.view(len(batch), 4)
 
 
