@@ -132,3 +132,44 @@ def test_registered_name_and_two_ranks_give_the_single_process_numbers(stories, 
     two = json.loads((tmp_path / "two.json").read_text())["results"]["hellaswag_local"]
     assert (two["acc,none"], two["acc_norm,none"], two["sample_len"]) == (single["acc,none"], single["acc_norm,none"], 10)
     assert result.stdout.count("hellaswag_local") == 1  # rank 0 alone prints the table
+
+
+def test_lm_evals_own_api_client_scores_through_the_server_as_the_adapter_does_in_process(stories, task_dir, tmp_path):
+    """`lm_eval --model local-completions` (token-id prompts, echo, logprobs, max_tokens 1 for log-likelihoods;
+    generation with stop sequences) against `minillama serve`, on a multiple-choice, a rolling-perplexity and a
+    generation task, gives the in-process adapter's numbers. The rolling texts fit in one window, since the
+    server needs one position more than in-process scoring for each window (the token it generates)."""
+    pytest.importorskip("aiohttp", reason="needs lm-eval's 'api' extra")
+    from conftest import serving
+
+    from minillama.checkpoint import load_for_inference
+    from minillama.serve.app import create_app
+
+    with open(task_dir / "short_passages.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": f"ROMEO: line {i}. " + "O speak again, bright angel! " * (i + 1)}) + "\n" for i in range(5))
+    (task_dir / "short_rolling.yaml").write_text(
+        "task: shakespeare_short_rolling\noutput_type: loglikelihood_rolling\ndataset_path: json\ndataset_name: null\n"
+        f"test_split: test\ndataset_kwargs:\n  data_files:\n    test: {task_dir / 'short_passages.jsonl'}\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n')
+    tasks = ["hellaswag_local", "shakespeare_short_rolling", "shakespeare_continue"]
+    manager = TaskManager(include_path=str(task_dir))
+    ours = simple_evaluate(model=MiniLlamaLM(str(stories), device="cpu", batch_size=8), tasks=tasks, task_manager=manager,
+                           log_samples=True, limit=6)
+    export_hf(stories, tmp_path / "hf")
+    model, tokenizer, _ = load_for_inference(stories, "cpu", "float32")
+    with serving(create_app(model, tokenizer, "stories260K")) as url:
+        theirs = simple_evaluate(model="local-completions", tasks=tasks, task_manager=manager, log_samples=True, limit=6,
+                                 model_args=f"base_url={url}/v1/completions,model=stories260K,tokenizer_backend=huggingface,"
+                                            f"tokenizer={tmp_path / 'hf'},add_bos_token=True,max_length=512,batch_size=4")
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours["results"]["hellaswag_local"][metric] == theirs["results"]["hellaswag_local"][metric]
+    for a, b in zip(ours["samples"]["hellaswag_local"], theirs["samples"]["hellaswag_local"]):
+        for (ll_a, greedy_a), (ll_b, greedy_b) in zip((r[0] for r in a["resps"]), (r[0] for r in b["resps"])):
+            assert abs(ll_a - ll_b) < 1e-4 * max(1.0, abs(ll_b) / 10) and greedy_a == greedy_b
+    rolling = "shakespeare_short_rolling"
+    assert theirs["results"][rolling]["bits_per_byte,none"] == pytest.approx(ours["results"][rolling]["bits_per_byte,none"], rel=1e-5)
+    # The server's text continues the prompt (a leading space included, as OpenAI's and vLLM's do); the HF-style
+    # adapter decodes the new tokens alone, which drops it. Otherwise the generations are the same.
+    generated = [[s["resps"][0][0] for s in run["samples"]["shakespeare_continue"]] for run in (ours, theirs)]
+    assert [g.lstrip() for g in generated[0]] == [g.lstrip() for g in generated[1]] and any(generated[0])
+    assert ours["results"]["shakespeare_continue"]["exact_match,none"] == theirs["results"]["shakespeare_continue"]["exact_match,none"]

@@ -3,7 +3,6 @@
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +11,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import byte_spelled_completions
+import torch
+from conftest import byte_spelled_completions, free_port, serving, wait_until_up
 
 from minillama.checkpoint import load_for_inference
 from minillama.generate import generate
@@ -37,41 +37,14 @@ def get(url: str) -> dict:
         return json.loads(response.read())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if get(f"{url}/health") == {"status": "ok"}:
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not come up")
-
-
 @pytest.fixture(scope="module")
 def served(stories):
     """The server in this process (uvicorn on a thread), with its loaded model for reference computations."""
-    import uvicorn
-
     from minillama.serve.app import create_app
 
     model, tokenizer, _ = load_for_inference(stories, "cpu", "float32")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, "stories260K", max_batch=8), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(url)
-    yield url, model, tokenizer
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(create_app(model, tokenizer, "stories260K", max_batch=8)) as url:
+        yield url, model, tokenizer
 
 
 @pytest.fixture
@@ -168,12 +141,28 @@ BAD_REQUESTS = [
     ({"prompt": "hi", "bogus": 1}, "bogus", "unknown field 'bogus'"),
     ({"prompt": "hi", "temperature": 5}, "temperature", "less than or equal to 2"),
     ({"prompt": "hi", "top_p": 0}, "top_p", "greater than 0"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens 0 returns nothing; set echo"),
+    ({"prompt": "hi", "max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
     ({"prompt": "hi", "n": 100}, "n", "less than or equal to 16"),
     ({"prompt": "hi " * 600, "max_tokens": 4}, "prompt", "exceeds the model's context of 512 tokens"),
     ({"prompt": "hi", "max_tokens": 600}, "max_tokens", "exceeds the model's context"),
     ({"prompt": [], "max_tokens": 4}, "prompt", "empty list"),
+    ({"prompt": [[]], "max_tokens": 4}, "prompt", "a token-id prompt is empty"),
+    ({"prompt": [1, 512], "max_tokens": 4}, "prompt", "token id 512 is outside the vocabulary (0 to 511)"),
+    ({"prompt": [1, -3], "max_tokens": 4}, "prompt", "token id -3 is outside the vocabulary"),
+    ({"prompt": [True, 5]}, "prompt", "Input should be"),
+    ({"prompt": "a\ud800b"}, "prompt", "lone surrogate ('\\ud800')"),
+    ({"prompt": "hi", "stop": ["\udfff"]}, "stop", "lone surrogate"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+    ({"prompt": "hi", "seed": 18446744073709551616}, "seed", "less than or equal to 9223372036854775807"),
+    ({"prompt": "hi", "seed": -1}, "seed", "greater than or equal to 0"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs", "less than or equal to 5"),
+    ({"prompt": "hi", "best_of": 3}, "best_of", "best_of 3 is not supported"),
+    ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", "not supported; leave it out or set it to 0"),
+    ({"prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias", "logit_bias is not supported"),
+    ({"prompt": "hi", "suffix": "end"}, "suffix", "suffix (insertion) is not supported"),
+    ({"prompt": ["hi"] * 200, "n": 16}, "prompt", "200 prompts x n=16 is 3,200 completions; this server queues at most 256"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True, "x": 1}}, "stream_options", "unknown field 'stream_options.x'"),
     ({"max_tokens": 4}, "prompt", "Field required"),
 ]
 
@@ -184,19 +173,71 @@ def test_a_bad_request_is_a_400_naming_the_field_and_the_server_keeps_serving(se
     status, answer = post(f"{url}/v1/completions", body)
     error = answer["error"]
     assert status == 400 and error["param"] == param and message in error["message"], error
+    assert error["type"] == "invalid_request_error"
     assert post(f"{url}/v1/completions", {"prompt": "ok", "max_tokens": 2})[0] == 200
 
 
-def test_malformed_oversized_and_chat_requests_are_400(served):
+def test_every_openai_field_at_its_no_op_value_is_accepted(served, client):
+    """What client libraries send by default (LangChain's OpenAI wrapper, SDKs) must not be refused."""
+    response = client.completions.create(model="stories260K", prompt="Tim", max_tokens=3, temperature=0, best_of=1, echo=False,
+                                         frequency_penalty=0, presence_penalty=0, logit_bias={}, logprobs=None, suffix=None,
+                                         user="someone", stop=None, stream=False, n=1, top_p=1, seed=None)
+    assert response.choices[0].finish_reason == "length"
+
+
+def test_tiny_temperatures_are_greedy(served, client):
+    _, model, tokenizer = served
+    greedy = client.completions.create(model="stories260K", prompt="Once upon", max_tokens=10, temperature=0).choices[0].text
+    assert post(f"{served[0]}/v1/completions", {"prompt": "Once upon", "max_tokens": 10, "temperature": 1e-45})[1]["choices"][0]["text"] == greedy
+
+
+def test_malformed_oversized_and_chat_requests_are_refused_in_openais_shape(served):
     url = served[0]
     status, answer = post(f"{url}/v1/completions", b'{"prompt": ')
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
     status, answer = post(f"{url}/v1/completions", {"prompt": "x" * 2_000_000})
-    assert status == 400 and "larger than" in answer["error"]["message"]
+    assert status == 413 and "larger than 1,048,576 bytes" in answer["error"]["message"]
     status, answer = post(f"{url}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
     assert status == 400 and "base model without a chat template" in answer["error"]["message"]
     assert [m["id"] for m in get(f"{url}/v1/models")["data"]] == ["stories260K"]
     assert post(f"{url}/v1/completions", {"prompt": "still here", "max_tokens": 2})[0] == 200
+
+
+def test_a_chunked_upload_cannot_pass_the_body_limit_or_block_the_server(served):
+    """A chunked body declares no length: it is counted while read, and the read stops at the limit."""
+    import http.client
+
+    host, port = served[0].removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/v1/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders()
+    chunk = b"x" * (1 << 20)
+    status = None
+    try:
+        for _ in range(32):  # 32 MB, unless the server answers (and closes) first
+            connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        connection.send(b"0\r\n\r\n")
+        status = connection.getresponse().status
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered 413 and closed while the client was still sending
+    finally:
+        connection.close()
+    assert status in (None, 413)
+    started = time.monotonic()
+    assert get(f"{served[0]}/health") == {"status": "ok"} and time.monotonic() - started < 2
+
+
+def test_a_host_header_that_is_not_allowed_is_refused(served):
+    """A page on another site that rebinds its name to 127.0.0.1 arrives with its own name as Host."""
+    request = urllib.request.Request(f"{served[0]}/v1/models", headers={"Host": "evil.example:8000"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=10)
+    answer = json.loads(error.value.read())
+    assert error.value.code == 400 and "'evil.example:8000' is not one this server answers to" in answer["error"]["message"]
+    for host in ("localhost:1234", "127.0.0.1", "[::1]:80"):
+        assert urllib.request.urlopen(urllib.request.Request(f"{served[0]}/health", headers={"Host": host}), timeout=10).status == 200
 
 
 def test_sigterm_finishes_the_stream_in_flight_then_exits(stories, tmp_path):
@@ -265,3 +306,161 @@ def test_characters_spelled_in_byte_tokens_arrive_whole_streamed_or_not_with_or_
             kwargs = dict(model="stories260K", prompt="Once upon a time", max_tokens=48, temperature=1, seed=seed, stop=stop)
             assert client.completions.create(**kwargs).choices[0].text == expected, (seed, stop)
             assert "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True)) == expected, (seed, stop)
+
+
+def reference_log_probs(model, tokens):
+    """log p(token t | tokens before it) for t >= 1, and the log-softmax rows, from the plain causal forward."""
+    with torch.no_grad():
+        log_softmax = torch.log_softmax(model(torch.tensor([tokens]))[0][0].float(), dim=-1)
+    return [float(log_softmax[t - 1, tokens[t]]) for t in range(1, len(tokens))], log_softmax
+
+
+def test_echo_and_logprobs_of_a_token_prompt_are_the_plain_forwards(served, client):
+    """What lm-evaluation-harness's API models ask for a log-likelihood: token ids, echo, logprobs, one token."""
+    _, model, tokenizer = served
+    prompt = tokenizer.encode("Once upon a time, there was a little girl named Lily.")
+    response = client.completions.create(model="stories260K", prompt=prompt, echo=True, logprobs=3, max_tokens=1, temperature=0)
+    logprobs = response.choices[0].logprobs
+    expected, log_softmax = reference_log_probs(model, prompt)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert max(abs(a - b) for a, b in zip(logprobs.token_logprobs[1 : len(prompt)], expected)) < 1e-4
+    generated = int(log_softmax[-1].argmax())
+    assert len(logprobs.tokens) == len(prompt) + 1 and abs(logprobs.token_logprobs[-1] - float(log_softmax[-1].max())) < 1e-4
+    top = log_softmax[-1].topk(3)
+    assert list(logprobs.top_logprobs[-1].values()) == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert response.choices[0].text == tokenizer.decode(prompt) + tokenizer.decode(prompt + [generated])[len(tokenizer.decode(prompt)):]
+    assert logprobs.text_offset[-1] == len(tokenizer.decode(prompt))
+    assert response.usage.prompt_tokens == len(prompt)  # token prompts get no BOS added
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_only_and_streams_the_same(served, client):
+    _, model, tokenizer = served
+    prompts = [tokenizer.encode("Tim had a dog."), tokenizer.encode("The sun was hot and bright")]
+    response = client.completions.create(model="stories260K", prompt=prompts, echo=True, logprobs=0, max_tokens=0)
+    for choice, prompt in zip(sorted(response.choices, key=lambda c: c.index), prompts):
+        assert choice.finish_reason == "length" and choice.text == tokenizer.decode(prompt)
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(reference_log_probs(model, prompt)[0], abs=1e-4)
+    streamed = list(client.completions.create(model="stories260K", prompt=prompts[0], echo=True, logprobs=0, max_tokens=0, stream=True))
+    assert [c.choices[0].text for c in streamed] == [tokenizer.decode(prompts[0])]
+    assert streamed[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(response.choices[0].logprobs.token_logprobs[1:], abs=1e-4)
+
+
+def test_streamed_logprobs_are_the_whole_responses(client):
+    kwargs = dict(model="stories260K", prompt="Lily saw a", max_tokens=12, temperature=0.8, seed=3, logprobs=2)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs)]
+    assert [t for c in chunks for t in c.tokens] == whole.tokens
+    assert [t for c in chunks for t in c.token_logprobs] == pytest.approx(whole.token_logprobs)
+    assert [t for c in chunks for t in c.text_offset] == whole.text_offset
+
+
+def test_tokenizer_endpoints_speak_vllms_shapes(served):
+    url, _, tokenizer = served
+    status, answer = post(f"{url}/tokenize", {"prompt": "Once upon a time"})
+    assert status == 200 and answer["tokens"] == tokenizer.encode("Once upon a time") and answer["max_model_len"] == 512
+    assert post(f"{url}/tokenize", {"prompt": "Once", "add_special_tokens": False})[1]["tokens"] == tokenizer.encode("Once", bos=False)
+    assert post(f"{url}/detokenize", {"tokens": answer["tokens"]})[1] == {"prompt": "Once upon a time"}
+    assert get(f"{url}/tokenizer_info")["vocab_size"] == 512
+    status, answer = post(f"{url}/detokenize", {"tokens": [1, 600]})
+    assert status == 400 and answer["error"]["param"] == "tokens"
+
+
+def test_metrics_count_requests_tokens_and_latency_in_prometheus_format(served, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples():
+        with urllib.request.urlopen(f"{served[0]}/metrics", timeout=10) as response:
+            return {s.name + str(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(response.read().decode())
+                    for s in f.samples}
+
+    before = samples()
+    client.completions.create(model="stories260K", prompt="Tim", max_tokens=5, temperature=0, n=2)
+    after = samples()
+    assert after["minillama_generation_tokens_total[]"] - before["minillama_generation_tokens_total[]"] == 10
+    assert after["minillama_time_to_first_token_seconds_count[]"] - before["minillama_time_to_first_token_seconds_count[]"] == 2
+    assert after["minillama_request_success_total[('finished_reason', 'length')]"] - \
+        before.get("minillama_request_success_total[('finished_reason', 'length')]", 0) == 2
+    assert after["minillama_num_requests_running[]"] == 0
+
+
+def test_a_full_queue_answers_429_and_takes_requests_again_once_it_drains(stories):
+    from minillama.serve.app import create_app
+
+    model, tokenizer, _ = load_for_inference(stories, "cpu", "float32")
+    with serving(create_app(model, tokenizer, "stories260K", max_batch=2, max_queued=2)) as url:
+        long = threading.Thread(target=post, args=(f"{url}/v1/completions", {"prompt": "Once", "max_tokens": 400, "temperature": 0}))
+        long.start()
+        time.sleep(0.5)
+        status, answer = post(f"{url}/v1/completions", {"prompt": "Tim", "max_tokens": 4, "n": 2})
+        assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded" and "retry later" in answer["error"]["message"]
+        assert post(f"{url}/v1/completions", {"prompt": "Tim", "max_tokens": 4})[0] == 200  # one more fits
+        long.join()
+        assert post(f"{url}/v1/completions", {"prompt": "Tim", "max_tokens": 4, "n": 2})[0] == 200
+
+
+def test_a_failing_step_fails_its_requests_with_500_and_the_engine_goes_on(stories, monkeypatch):
+    from minillama.inference.engine import Engine
+    from minillama.serve.app import create_app
+
+    model, tokenizer, _ = load_for_inference(stories, "cpu", "float32")
+    original, calls = Engine._decode, []
+
+    def fails_once(self, running):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(self, running)
+
+    monkeypatch.setattr(Engine, "_decode", fails_once)
+    with serving(create_app(model, tokenizer, "stories260K")) as url:
+        status, answer = post(f"{url}/v1/completions", {"prompt": "Once", "max_tokens": 8})
+        assert status == 500 and answer["error"]["type"] == "server_error" and "simulated" in answer["error"]["message"]
+        assert post(f"{url}/v1/completions", {"prompt": "Once", "max_tokens": 8})[0] == 200
+        assert get(f"{url}/health") == {"status": "ok"}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the point
+def test_if_the_engine_thread_dies_health_says_so_requests_get_503_and_the_server_is_told(stories, monkeypatch):
+    from minillama.serve.app import create_app
+    from minillama.serve.worker import EngineWorker
+
+    def dies(self, update):
+        raise SystemError("a bug in the worker (simulated)")
+
+    monkeypatch.setattr(EngineWorker, "_deliver", dies)
+    model, tokenizer, _ = load_for_inference(stories, "cpu", "float32")
+    stopped = []
+    with serving(create_app(model, tokenizer, "stories260K", on_stop=stopped.append)) as url:
+        status, answer = post(f"{url}/v1/completions", {"prompt": "Once", "max_tokens": 8})
+        assert status == 503 and "the engine stopped (SystemError: a bug in the worker (simulated))" in answer["error"]["message"]
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"{url}/health", timeout=10)
+        assert error.value.code == 503
+        assert post(f"{url}/v1/completions", {"prompt": "Once", "max_tokens": 8})[0] == 503
+    assert stopped == ["SystemError: a bug in the worker (simulated)"]
+
+
+def test_short_requests_do_not_wait_for_a_long_one(served):
+    """Continuous batching: 8 short requests sent while a 400-token one runs join at the next step and finish
+    long before it (a batch-at-a-time server made them wait for the whole long request)."""
+    url = served[0]
+
+    def timed(body):
+        started = time.monotonic()
+        assert post(f"{url}/v1/completions", body)[0] == 200
+        return time.monotonic() - started
+
+    long_body = {"prompt": "Once", "max_tokens": 400, "temperature": 0, "stop": None}
+    alone = timed(long_body)
+    durations = {}
+    long = threading.Thread(target=lambda: durations.setdefault("long", timed(long_body)))
+    long.start()
+    time.sleep(0.1 * alone)
+    shorts = [threading.Thread(target=lambda i=i: durations.setdefault(i, timed({"prompt": f"Tim {i}", "max_tokens": 8,
+                                                                               "temperature": 0}))) for i in range(8)]
+    for thread in shorts:
+        thread.start()
+    for thread in [long, *shorts]:
+        thread.join()
+    median_short = sorted(durations[i] for i in range(8))[4]
+    assert median_short < 0.5 * alone, (median_short, alone)
