@@ -10,8 +10,8 @@ Llama 2's, from $MINILLAMA_TEST_DATA), then each server started on a free port i
   checkpoint (needs its server extras: sse-starlette, starlette-context, pydantic-settings).
 Each gets the same requests at 1, 8 and 32 concurrent clients: greedy, varied prompts, max_tokens drawn from
 8..256 with a fixed seed, no stop; it prints completion tokens per second and p50/p99 latency per client count.
-Then head-of-line blocking: one 400-token request alone, and again with 8 short requests (8 tokens) sent 0.3 s
-after it: the median short latency as a share of the long request's time alone.
+Then head-of-line blocking: one 400-token request (or as long as the context allows) alone, and again with 8
+short requests (8 tokens) sent 0.3 s after it: the median short latency as a share of the long request's time alone.
 """
 
 import argparse
@@ -87,11 +87,11 @@ def load(url: str, model: str, work: list[tuple[str, int]], clients: int) -> dic
             "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3)}
 
 
-def head_of_line(url: str, model: str) -> dict:
-    """One 400-token request alone, then with 8 short requests sent 0.3 s after it."""
-    alone, _ = complete(url, model, "the king", 400)
+def head_of_line(url: str, model: str, long_tokens: int) -> dict:
+    """One long request alone, then with 8 short requests (8 tokens) sent 0.3 s after it."""
+    alone, _ = complete(url, model, "the king", long_tokens)
     shorts: list[float] = []
-    long = threading.Thread(target=complete, args=(url, model, "the king", 400))
+    long = threading.Thread(target=complete, args=(url, model, "the king", long_tokens))
     long.start()
     time.sleep(0.3)
     threads = [threading.Thread(target=lambda i=i: shorts.append(complete(url, model, f"the horse {i}", 8)[0])) for i in range(8)]
@@ -99,7 +99,7 @@ def head_of_line(url: str, model: str) -> dict:
         t.start()
     for t in [*threads, long]:
         t.join()
-    return {"long_alone_s": round(alone, 3), "short_median_s": round(statistics.median(shorts), 3),
+    return {"long_tokens": long_tokens, "long_alone_s": round(alone, 3), "short_median_s": round(statistics.median(shorts), 3),
             "short_over_long": round(statistics.median(shorts) / alone, 3), "goal": "< 0.35"}
 
 
@@ -135,7 +135,7 @@ def servers(args: argparse.Namespace, checkpoint: Path, folder: Path) -> dict[st
 
 
 def checkpoint_context(checkpoint: Path) -> int:
-    return json.loads((checkpoint / "config.json").read_text())["max_seq_len"]
+    return json.loads((checkpoint / "config.json").read_text())["model"]["max_seq_len"]
 
 
 def main() -> None:
@@ -172,7 +172,7 @@ def main() -> None:
                     for clients in args.clients:
                         print(json.dumps({"bench": "serve load", "server": server, "preset": name, "max_batch": args.max_batch,
                                           "max_tokens": "8..256", **load(url, "bench", work, clients)}), flush=True)
-                    print(json.dumps({"bench": "head of line", "server": server, "preset": name, **head_of_line(url, "bench")}),
+                    print(json.dumps({"bench": "head of line", "server": server, "preset": name, **head_of_line(url, "bench", min(400, config.max_seq_len - 16))}),
                           flush=True)
                 finally:
                     process.terminate()

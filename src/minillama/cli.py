@@ -221,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise MiniLlamaError("serve needs FastAPI and uvicorn: pip install 'minillama[serve]'") from None
     allowed = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()] if args.allowed_hosts else None
     serve(args.checkpoint, args.host, args.port, args.max_batch, args.device, args.dtype, args.tokenizer, args.model_name,
-          allowed, args.max_queue)
+          allowed, args.max_queue, args.threads)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -417,6 +417,8 @@ def _add_serve(commands: Subparsers) -> None:
     p.add_argument("--allowed-hosts", help="comma-separated Host header names to answer (default: 127.0.0.1,localhost,::1 "
                    "when --host is a loopback address, any otherwise); others get 400, which stops DNS rebinding")
     p.add_argument("--model-name", help="the model id the API reports (default: the preset, or the checkpoint's name)")
+    p.add_argument("--threads", type=int, help="PyTorch's threads on a CPU (default: all cores but one, which the "
+                   "server's event loop needs)")
 
 
 def _add_results(commands: Subparsers) -> None:

@@ -21,6 +21,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
         self.tokenizer, self.prompt_ids, self.stop = tokenizer, list(prompt_ids), list(stop)
+        self.prompt_text = tokenizer.decode(self.prompt_ids)
         self.tokens: list[int] = []
         self.sent = 0  # characters already released
         self.stopped = False  # a stop sequence was found; the text ends before it
@@ -32,7 +33,7 @@ class TextStream:
             return ""
         self.tokens.append(token_id)
         settled = len(self.tokens) - self._pending_bytes()
-        text = completion_text(self.tokenizer, self.prompt_ids, self.tokens[:settled])
+        text = self._decode(self.tokens[:settled])
         cut = self._first_stop(text)
         if cut is not None:
             self.stopped = True
@@ -43,7 +44,7 @@ class TextStream:
         """The rest of the text once no token follows: held-back bytes (as U+FFFD) and a tail that was not a stop."""
         if self.stopped:
             return ""
-        text = completion_text(self.tokenizer, self.prompt_ids, self.tokens)
+        text = self._decode(self.tokens)
         cut = self._first_stop(text)
         self.stopped = cut is not None
         return self._release(text if cut is None else text[:cut])
@@ -53,6 +54,9 @@ class TextStream:
         self.sent = max(self.sent, len(text))
         self.text += new
         return new
+
+    def _decode(self, tokens: list[int]) -> str:
+        return completion_text(self.tokenizer, self.prompt_ids, tokens, self.prompt_text)
 
     def _pending_bytes(self) -> int:
         """How many of the last tokens are byte tokens that start a UTF-8 character still missing bytes."""
@@ -74,9 +78,9 @@ class TextStream:
         return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
 
-def completion_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
-    """The text the new tokens add to the prompt. Decoded together with the prompt, because SentencePiece drops a
-    leading space when a piece like '▁word' is decoded on its own."""
-    prompt_text = tokenizer.decode(prompt_ids)
+def completion_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int], prompt_text: str | None = None) -> str:
+    """The text the new tokens add to the prompt (whose decoded text may be passed if known). Decoded together
+    with the prompt, because SentencePiece drops a leading space when a piece like '▁word' is decoded on its own."""
+    prompt_text = tokenizer.decode(prompt_ids) if prompt_text is None else prompt_text
     full = tokenizer.decode([*prompt_ids, *new_ids])
     return full[len(prompt_text) :] if full.startswith(prompt_text) else tokenizer.decode(new_ids)

@@ -51,6 +51,21 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+def send_all(outbox: list[tuple[Job, tuple]]) -> None:
+    """Hand a step's events to their jobs' queues with one wake-up of each event loop, not one per token: with
+    many requests running, per-token wake-ups kept the loop and the engine thread fighting over the GIL."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple]]] = {}
+    for job, event in outbox:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, events in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, events)
+
+
+def _put_all(events: list[tuple[Job, tuple]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)
+
+
 class EngineWorker:
     """Runs `engine` on a thread of its own; at most `max_queued` completions and `max_queued_tokens` tokens
     (prompt plus max_tokens) are waiting or running at once."""
@@ -65,6 +80,7 @@ class EngineWorker:
         self.jobs: set[Job] = set()
         self.owner: dict[Completion, tuple[Job, int]] = {}
         self.last_token: dict[Completion, float] = {}
+        self.outbox: list[tuple[Job, tuple]] = []  # this step's updates, sent together
         self.error: str | None = None  # why the thread stopped, once it has
         self.thread = threading.Thread(target=self._run, name="minillama-engine", daemon=True)
         self.thread.start()
@@ -122,6 +138,8 @@ class EngineWorker:
                 updates = []
             for update in updates:
                 self._deliver(update)
+            send_all(self.outbox)
+            self.outbox = []
             self.metrics.running.set(len(self.engine.running))
             self.metrics.waiting.set(sum(len(group) for group in self.engine.waiting))
 
@@ -158,7 +176,7 @@ class EngineWorker:
             job.finished += 1
             if job.finished == len(job.completions):
                 self._end(job)
-        job.send("update", index, update)
+        self.outbox.append((job, ("update", index, update)))  # sent when the step's updates are all taken
 
     def _fail(self, completion: Completion, message: str) -> None:
         if completion in self.owner:
