@@ -3,7 +3,7 @@
 # in the budget are skipped and reported as such); ends with one table (bench/gpu_report.py).
 # Needs PyTorch with CUDA, transformers, sentencepiece, safetensors, numpy, tqdm; no network, no `datasets`.
 #
-#   mkdir -p .gpu_data && cp ../shared/data/{tinyshakespeare.txt,llama2_tokenizer.model,hellaswag_val_head10.jsonl} .gpu_data/
+#   mkdir -p .gpu_data && cp ../shared/data/{tinyshakespeare.txt,llama2_tokenizer.model,tok512.model,hellaswag_val_head10.jsonl} .gpu_data/
 #   bash bench/gpu_check.sh [.gpu_data]          # log and table go to $OUT (a temporary folder if unset)
 #   DRY_RUN=1 bash bench/gpu_check.sh .gpu_data  # the same commands on the CPU at toy sizes, to rehearse
 #   ONLY="train_eager_64 train_compiled_64" bash bench/gpu_check.sh .gpu_data  # just these parts (a rerun)
@@ -20,6 +20,8 @@
 # 7. Muon's optimizer step beside AdamW's on mini-llama-109M (issue 15; past the budget of a full run: run it with ONLY)
 # 8. FSDP2 and activation checkpointing: peak memory vs the README's estimate, a sharded run resumed, sampled
 #    (issue 17; ONLY="prepare fsdp_train_32 ac_full_train_32 fsdp_run_first_half fsdp_run_resumed fsdp_generate")
+# 9. the server on the inference engine (continuous batching, CUDA-graph decode over 32 rows): tokens/s and
+#    p50/p99 at 1, 8 and 32 clients, and head-of-line blocking (issue 24; ONLY=serve)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -134,6 +136,9 @@ part fsdp_run_resumed 60 "${FSDP_TRAIN[@]}"
 summarize_run "$WORK/fsdp_run" "short fsdp run (selective checkpointing, sharded checkpoints, resumed)"
 part fsdp_generate 30 python -m minillama generate "$WORK/fsdp_run" "To stay healthy, I have to" --device "$DEVICE" \
     --num-samples 1 --max-new-tokens 30 --seed 0
+
+# The server on the inference engine (issue 24): 32 requests of 8..256 new tokens at 1, 8 and 32 clients, head of line.
+part serve 90 env MINILLAMA_TEST_DATA="$DATA" python bench/serve_load.py --presets "$PRESET" --device "$DEVICE" --requests 32
 
 }
 

@@ -68,6 +68,13 @@ def main() -> None:
         rows.append(("Muon's optimizer step vs AdamW's", "a small fraction of a 524,288-token step",
                      f"{r['muon_step_s']} s vs {r['adamw_step_s']} s; {r['muon_overhead_fraction']:.2%} of a {r['training_step_s']} s step",
                      verdict(r["muon_overhead_fraction"] < 0.05)))
+    for r in (r for r in found if r.get("bench") == "serve load"):
+        rows.append((f"server, {r['clients']} clients, {r['requests']} requests of {r['max_tokens']} tokens", "",
+                     f"{r['completion_tokens_per_s']:,} tokens/s, p50 {r['p50_latency_s']} s, p99 {r['p99_latency_s']} s, "
+                     f"{r['failures']} failures", verdict(r["failures"] == 0)))
+    for r in (r for r in found if r.get("bench") == "head of line"):
+        rows.append(("server, 8 short requests beside a long one", "< 0.35 of the long one's time alone",
+                     f"{r['short_over_long']} ({r['short_median_s']} s vs {r['long_alone_s']} s)", verdict(r["short_over_long"] < 0.35)))
     for r in (r for r in found if "part" in r and (r.get("exit_code") or "skipped" in r)):
         rows.append((f"part {r['part']}", "exit 0", r.get("skipped") or f"exit code {r['exit_code']} after {r['seconds']} s", "MISSED"))
 

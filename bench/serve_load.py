@@ -1,6 +1,6 @@
 """Load on `minillama serve`, side by side with other servers on the same weights, on localhost.
 
-usage: python bench/serve_load.py [--presets tiny] [--clients 1 8 32] [--requests 64] [--max-batch 32]
+usage: python bench/serve_load.py [--presets tiny] [--clients 1 8 32] [--requests 64] [--max-batch 32] [--device cpu]
                                   [--baseline-src OTHER_CHECKOUT/src] [--llama-cpp] [--threads 2]
 For each preset: random weights saved as a checkpoint (tiny with llama2.c's tok512 vocabulary, the others with
 Llama 2's, from $MINILLAMA_TEST_DATA), then each server started on a free port in turn:
@@ -118,7 +118,7 @@ def wait_up(url: str, process: subprocess.Popen, seconds: float = 600) -> None:
 
 def servers(args: argparse.Namespace, checkpoint: Path, folder: Path) -> dict[str, tuple[list[str], dict]]:
     """name -> (command with {port}, extra environment)."""
-    ours = ["serve", str(checkpoint), "--port", "{port}", "--device", "cpu", "--max-batch", str(args.max_batch),
+    ours = ["serve", str(checkpoint), "--port", "{port}", "--device", args.device, "--max-batch", str(args.max_batch),
             "--model-name", "bench", "--max-queue", str(max(256, 4 * args.max_batch))]
     found = {"minillama": ([sys.executable, "-m", "minillama", *ours], {})}
     if args.baseline_src:
@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--baseline-src", help="another checkout's src folder, served the same way, for a before/after")
     parser.add_argument("--llama-cpp", action="store_true", help="also llama-cpp-python's server on the GGUF export")
+    parser.add_argument("--device", default="cpu", help="where the minillama servers run (default cpu)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's threads (default: all cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
