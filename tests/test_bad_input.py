@@ -58,6 +58,21 @@ def workspace(tmp_path_factory, corpus_file, tokenizer):
     (root / "empty.txt").touch()
     (root / "bad.toml").write_text("x = = 1\n")
     (root / "notes").mkdir()
+    # Where --force must not take what its command did not make (issue 25's data-loss cases).
+    from minillama.interop.hf import export_hf
+
+    export_hf(root / "ckpt", root / "hf_export")
+    export_hf(root / "ckpt", root / "hf_plus")
+    (root / "hf_plus" / "README.md").write_text("my notes on this model")
+    (root / "hf_plus" / "my_eval_results.txt").write_text("acc 0.31")
+    save_checkpoint(root / "train_run" / "checkpoints" / "step_0000004", Transformer(config), tokenizer, metadata={"step": 4},
+                    training_state={"step": 4})
+    (root / "train_run" / "checkpoints" / "step_0000004" / "my_eval.json").write_text("{}")
+    (root / "link_out").symlink_to(root / "hf_export", target_is_directory=True)
+    (root / "fake.gguf").write_text("GGUF is where I keep my notes\n")
+    (root / "four.bin").write_bytes(b"abcd")
+    (root / "zeros.bin").write_bytes(bytes(1024))
+    (root / "notes" / "summary_curves.png").write_bytes(b"my own picture")
     (root / "notes" / "todo.txt").write_text("the user's own notes")
     write_sharded_checkpoints(root, config, tokenizer)
     return root
@@ -102,6 +117,15 @@ def write_sharded_checkpoints(root, config, tokenizer):
 
 
 CASES = [
+    (["export", "hf", "{w}/ckpt", "{w}/hf_plus", "--force"],
+     "hf_plus holds files that a Hugging Face export does not (README.md, my_eval_results.txt); --force replaces only"),
+    (["import", "hf", "{w}/hf_export", "{w}/train_run/checkpoints/step_0000004", "--force"],
+     "step_0000004 holds files that a checkpoint does not (my_eval.json, training_state.pt); --force replaces only"),
+    (["export", "hf", "{w}/ckpt", "{w}/link_out", "--force"], "link_out is a symbolic link (to {w}/hf_export); give the path it points to"),
+    (["export", "gguf", "{w}/ckpt", "{w}/fake.gguf", "--force"], "fake.gguf exists and is not a GGUF file (--force replaces only"),
+    (["export", "llama2c-tokenizer", "{w}/ckpt/tokenizer.model", "{w}/four.bin", "--force"], "four.bin exists and is not a run.c tokenizer file"),
+    (["export", "llama2c-tokenizer", "{w}/ckpt/tokenizer.model", "{w}/zeros.bin", "--force"], "zeros.bin exists and is not a run.c tokenizer file"),
+    (["report", "{w}/run", "-o", "{w}/notes/summary.md"], "summary_curves.png exists and no earlier report at {w}/notes/summary.md made it"),
     (["generate", "{w}/no_shard", "hi"], "no_shard/sharded cannot be read"),
     (["generate", "{w}/hostile_index", "hi"], "hostile_index/sharded/.metadata is not a checkpoint index (builtins.print has no place in a checkpoint index)"),
     (["export", "hf", "{w}/no_index", "{w}/hf_out"], "no_index/sharded has no .metadata; the sharded checkpoint is incomplete"),

@@ -372,9 +372,38 @@ def test_overwrite_removes_only_shards_and_a_second_prepare_is_refused(tmp_path,
     with DirectoryLock(out, "prepare command"):
         with pytest.raises(MiniLlamaError, match=rf"{out} is in use by another prepare command \(process {os.getpid()}\)"):
             prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
+    # A shard-named file that no earlier manifest lists is not ours to replace, even with --overwrite.
+    with pytest.raises(MiniLlamaError, match=r"holds shard-named files that no manifest of an earlier prepare lists "
+                                             r"\(train_000001.bin\); --overwrite replaces only what an earlier prepare made"):
+        prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
+    assert (out / "train_000001.bin").read_bytes() == b"\0\0"
+    (out / "train_000001.bin").rename(tmp_path / "moved.bin")
     manifest = prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
     assert (out / "weights.bin").read_bytes() == b"not a shard"
     assert sorted(p.name for p in out.glob("*.bin")) == sorted([s["file"] for s in manifest["shards"]] + ["weights.bin"])
+
+
+def test_overwrite_with_bad_input_leaves_the_earlier_data_whole(tmp_path, corpus_file, tokenizer):
+    """The new data is built beside the old: an input that fails halfway (a bad record on line 51, a byte that is
+    not UTF-8) changes nothing; a good one replaces exactly the files the earlier manifest listed."""
+    out = tmp_path / "out"
+    source = LocalFiles([str(corpus_file)], split_paragraphs=True)
+    prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, progress=False)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps({"text": f"line {i} of text"}) + "\n" for i in range(50)) + '{"txet": "typo"}\n')
+    broken = tmp_path / "broken.txt"
+    broken.write_bytes(b"good text\n" * 3000 + b"\xff bad byte\n")
+    for bad in (LocalFiles([str(records)]), LocalFiles([str(broken)])):
+        with pytest.raises(MiniLlamaError):
+            prepare(bad, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    manifest = prepare(LocalFiles([str(corpus_file)]), out, tokenizer, shard_tokens=30_000, val_tokens=3_000, overwrite=True,
+                       progress=False)
+    after = sorted(p.name for p in out.iterdir())
+    assert after == sorted([s["file"] for s in manifest["shards"]] + ["manifest.json", "notes.txt", ".lock"])
+    assert (out / "notes.txt").read_text() == "mine" and manifest["shard_tokens"] == 30_000
 
 
 def test_written_files_follow_the_umask(tmp_path, corpus_file, tokenizer):

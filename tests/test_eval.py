@@ -203,9 +203,14 @@ def test_plot_and_report(tiny_run_dir, tmp_path):
     report = write_report(tiny_run_dir, tmp_path / "report.md").read_text()
     records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
     min_val = min(r["val_loss"] for r in records if r["kind"] == "eval")
-    assert f"min val loss: {min_val:.4f}" in report and "![training curves](curves.png)" in report
+    assert f"min val loss: {min_val:.4f}" in report and "![training curves](report_curves.png)" in report
     assert "completion-style" in report and "## Samples at step 30" in report
-    assert (tmp_path / "curves.png").is_file()
+    assert (tmp_path / "report_curves.png").is_file() and (tmp_path / "curves.png").read_bytes() == image.read_bytes()
+    write_report(tiny_run_dir, tmp_path / "report.md")  # again: its own image is replaced
+    (tmp_path / "summary_curves.png").write_bytes(b"the user's")
+    with pytest.raises(MiniLlamaError, match="summary_curves.png exists and no earlier report at .*summary.md made it"):
+        write_report(tiny_run_dir, tmp_path / "summary.md")
+    assert (tmp_path / "summary_curves.png").read_bytes() == b"the user's" and not (tmp_path / "summary.md").exists()
 
 
 def test_curves_draw_the_reference_loss_only_for_runs_like_it(tiny_run_dir):

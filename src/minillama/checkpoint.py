@@ -32,6 +32,8 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TRAINING_STATE_FILE = (
     "config.json", "model.safetensors", "tokenizer.model", "training_state.pt",
 )
 SHARDED_DIR = "sharded"  # an FSDP run's weights and optimizer state, in place of model.safetensors
+# What an import writes: --force replaces a folder holding these and nothing else (never a training checkpoint).
+IMPORTED_CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 
 
 @dataclass

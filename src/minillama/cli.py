@@ -231,9 +231,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from minillama.eval.report import write_report
+    from minillama.eval.report import curves_path, write_report
 
-    print(f"wrote {write_report(Path(args.run_dir), Path(args.out) if args.out else None)}")
+    report = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"wrote {report} and {curves_path(report).name} beside it")
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
@@ -428,7 +429,7 @@ def _add_results(commands: Subparsers) -> None:
     p.add_argument("--smoothing", type=float, default=0.9, help="EMA weight for the smoothed train loss (default 0.9)")
     p = _command(commands, "report", "Write a Markdown report of a run (key numbers, samples) with its curves beside it.", cmd_report)
     p.add_argument("run_dir", help="training run directory")
-    p.add_argument("-o", "--out", help="output .md (default RUN_DIR/report.md; curves.png goes beside it)")
+    p.add_argument("-o", "--out", help="output .md (default RUN_DIR/report.md; its curves go beside it as NAME_curves.png)")
 
 
 def _force_option(p: argparse.ArgumentParser, what: str) -> None:

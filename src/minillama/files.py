@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from minillama.errors import MiniLlamaError
@@ -125,18 +125,26 @@ def commit_directory(tmp: Path, path: Path) -> None:
 
 
 def claim_output(out: Path, sources: list[Path], what: str, force: bool, is_earlier_output: Callable[[Path], bool],
-                 directory: bool) -> None:
+                 directory: bool, owned: Collection[str] = ()) -> None:
     """Refuse to write `what` (a directory, or a file) at `out` where that would lose something the user did not
-    ask to lose: `out` is one of the `sources` or inside or around one; or `out` exists (a non-empty directory,
-    or a file) and is not an earlier output of the same kind being replaced with `force`. Then clear what an
-    interrupted earlier write of `out` left beside it."""
-    out = Path(out).resolve()
-    _check_output(out, sources, what, force, is_earlier_output, directory)
+    ask to lose: `out` is a symbolic link, or one of the `sources` or inside or around one; or `out` exists (a
+    non-empty directory, or a file) and is not an earlier output of the same kind being replaced with `force`,
+    or (a directory) holds anything besides the `owned` names its writer writes. Then clear what an interrupted
+    earlier write of `out` left beside it."""
+    given = Path(out)
+    if given.is_symlink():
+        raise MiniLlamaError(f"{given} is a symbolic link (to {os.readlink(given)}); give the path it points to, or a new "
+                             f"path for the {what}")
+    try:
+        out = given.resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop above it
+        raise MiniLlamaError(f"{given} cannot be resolved ({exc}); give another path for the {what}") from None
+    _check_output(out, sources, what, force, is_earlier_output, directory, owned)
     remove_leftovers_of(out)
 
 
 def _check_output(out: Path, sources: list[Path], what: str, force: bool, is_earlier_output: Callable[[Path], bool],
-                  directory: bool) -> None:
+                  directory: bool, owned: Collection[str]) -> None:
     for source in (Path(s).resolve() for s in sources):
         if out == source or source in out.parents or out in source.parents:
             raise MiniLlamaError(f"{out} is or holds the source {source}; write the {what} somewhere else")
@@ -152,6 +160,11 @@ def _check_output(out: Path, sources: list[Path], what: str, force: bool, is_ear
                              f"earlier {what} there")
     if not is_earlier_output(out):
         raise MiniLlamaError(f"{out} exists and is not a {what} (--force replaces only an earlier {what}); choose a new path")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in owned and not LEFTOVER.fullmatch(p.name)) if directory else []
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise MiniLlamaError(f"{out} holds files that a {what} does not ({listed}); --force replaces only an earlier {what} "
+                             "and nothing else: move them away, or choose a new path")
 
 
 class DirectoryLock:

@@ -9,7 +9,9 @@ and produces the same bytes an uninterrupted run would.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
+import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from minillama.data.shards import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    VERIFIED,
     read_manifest,
     token_dtype,
     write_manifest,
@@ -31,7 +34,7 @@ from minillama.data.shards import (
 )
 from minillama.data.sources import SkipCounter
 from minillama.errors import MiniLlamaError
-from minillama.files import DirectoryLock, remove_leftovers
+from minillama.files import DirectoryLock, remove_leftovers, temporary_directory
 from minillama.tokenizer import Tokenizer
 
 SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")  # the names `ShardStream` gives its shards
@@ -213,9 +216,9 @@ def _settings(source: Source, tokenizer: Tokenizer, shard_tokens: int, val_token
     }
 
 
-def _start_or_resume(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-    """The manifest to continue from: the existing one if it was made with the same settings, else a new one."""
-    existing = None if overwrite else read_manifest(out_dir)
+def _start_or_resume(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The manifest to continue: an unfinished one made with the same settings, or a new one."""
+    existing = read_manifest(out_dir)
     if existing is not None:
         if existing["tokenizer"]["fingerprint"] != settings["tokenizer"]["fingerprint"]:
             raise MiniLlamaError(
@@ -230,14 +233,39 @@ def _start_or_resume(out_dir: Path, settings: dict[str, Any], overwrite: bool) -
                 )
         return existing
     shards = sorted(p for p in out_dir.glob("*.bin") if SHARD_NAME.fullmatch(p.name)) if out_dir.is_dir() else []
-    if shards and not overwrite:
+    if shards:
         raise MiniLlamaError(f"{out_dir} already holds {len(shards)} shard files ({shards[0].name}, ...) but no {MANIFEST}; "
                              "choose another --out, or pass --overwrite to replace them")
-    if overwrite:  # only what is ours: shards by their names, and the manifest; any other file stays
-        for path in [*shards, out_dir / MANIFEST]:
-            path.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     return {**settings, "shards": [], "complete": False}
+
+
+def _replaceable(out_dir: Path) -> list[Path]:
+    """What --overwrite may replace in `out_dir`: the files an earlier prepare made there, as its manifest lists
+    them. A shard-named file it does not list was not made by it, and is refused rather than taken."""
+    try:
+        earlier = read_manifest(out_dir)
+    except MiniLlamaError:
+        earlier = None  # unreadable: it lists nothing
+    listed = {entry.get("file") for entry in earlier.get("shards", []) if isinstance(entry, dict)} if isinstance(earlier, dict) else set()
+    foreign = sorted(p.name for p in out_dir.glob("*.bin") if SHARD_NAME.fullmatch(p.name) and p.name not in listed) if out_dir.is_dir() else []
+    if foreign:
+        raise MiniLlamaError(f"{out_dir} holds shard-named files that no manifest of an earlier prepare lists ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only what an earlier prepare made: "
+                             "move them away, or choose another --out")
+    return [out_dir / name for name in sorted(listed) if (out_dir / name).is_file()] + \
+        [out_dir / name for name in (MANIFEST, VERIFIED) if (out_dir / name).is_file()]
+
+
+def _swap_in(stage: Path, out_dir: Path, replaced: list[Path]) -> None:
+    """Replace the earlier data with the new, built complete in `stage`: the new manifest comes last, so that a
+    crash in between leaves a folder that a re-run with --overwrite rebuilds, never a manifest over other data."""
+    for path in [p for p in replaced if p.name == MANIFEST] + [p for p in replaced if p.name != MANIFEST]:
+        path.unlink()
+    for shard in sorted(stage.glob("*.bin")):
+        os.replace(shard, out_dir / shard.name)
+    os.replace(stage / MANIFEST, out_dir / MANIFEST)
+    stage.rmdir()
 
 
 def prepare(
@@ -259,59 +287,77 @@ def prepare(
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     with DirectoryLock(out_dir, "prepare command"):  # one writer per folder
         remove_leftovers(out_dir)  # of a run killed mid-write
-        manifest = _start_or_resume(out_dir, _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens), overwrite)
-        if manifest["complete"]:
-            print(f"{out_dir} is already complete: {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards")
-            return manifest
+        settings = _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens)
+        if not overwrite:
+            manifest = _start_or_resume(out_dir, settings)
+            if manifest["complete"]:
+                print(f"{out_dir} is already complete: {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards")
+                return manifest
+            return _tokenize(source, out_dir, out_dir, tokenizer, manifest, workers, max_tokens, progress)
+        # The new data is built beside the old, which stays whole until the new is complete and good.
+        replaced = _replaceable(out_dir)
+        stage = temporary_directory(out_dir / "overwrite")
+        try:
+            manifest = _tokenize(source, stage, out_dir, tokenizer, {**settings, "shards": [], "complete": False}, workers,
+                                 max_tokens, progress)
+            _swap_in(stage, out_dir, replaced)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return manifest
 
-        last = manifest["shards"][-1] if manifest["shards"] else None
-        start = StreamPosition(last["end_record"], last["end_offset"]) if last else StreamPosition()
-        stream = ShardStream(out_dir, manifest)
-        skipped = SkipCounter()
-        budget = (max_tokens or float("inf")) - stream.tokens_done
-        began, tokens_this_run = time.monotonic(), 0
-        bar = tqdm(total=source.total_records, initial=start.record, unit="doc",
-                   disable=None if progress else True, dynamic_ncols=True)  # None: a bar on terminals only
 
-        record, end = start.record, start
-        for finished in encode_in_order(source.records(start.record, skipped), tokenizer, workers):
-            for tokens in finished:
-                length = len(tokens)
-                if length == 0:
-                    stream.skipped_records += 1
-                offset = start.offset if record == start.record else 0
-                while offset < length and budget > 0:
-                    piece = tokens[offset : offset + int(min(length - offset, budget))]
-                    taken = stream.add(piece, StreamPosition(record, offset), starts_document=offset == 0)
-                    offset += taken
-                    budget -= taken
-                    tokens_this_run += taken
-                end = StreamPosition(record + 1, 0) if offset >= length else StreamPosition(record, offset)
-                record += 1
-                if budget <= 0:
-                    break
-            bar.update(len(finished))
-            bar.set_postfix(tokens=f"{stream.tokens_done + stream.filled:,}", tok_per_s=f"{tokens_this_run / max(time.monotonic() - began, 1e-9):,.0f}")
+def _tokenize(source: Source, work_dir: Path, out_dir: Path, tokenizer: Tokenizer, manifest: dict[str, Any], workers: int,
+              max_tokens: int | None, progress: bool) -> dict[str, Any]:
+    """Tokenize into shards in `work_dir` (where `out_dir`'s data is being built), continuing `manifest`."""
+    last = manifest["shards"][-1] if manifest["shards"] else None
+    start = StreamPosition(last["end_record"], last["end_offset"]) if last else StreamPosition()
+    stream = ShardStream(work_dir, manifest)
+    skipped = SkipCounter()
+    budget = (max_tokens or float("inf")) - stream.tokens_done
+    began, tokens_this_run = time.monotonic(), 0
+    bar = tqdm(total=source.total_records, initial=start.record, unit="doc",
+               disable=None if progress else True, dynamic_ncols=True)  # None: a bar on terminals only
+
+    record, end = start.record, start
+    for finished in encode_in_order(source.records(start.record, skipped), tokenizer, workers):
+        for tokens in finished:
+            length = len(tokens)
+            if length == 0:
+                stream.skipped_records += 1
+            offset = start.offset if record == start.record else 0
+            while offset < length and budget > 0:
+                piece = tokens[offset : offset + int(min(length - offset, budget))]
+                taken = stream.add(piece, StreamPosition(record, offset), starts_document=offset == 0)
+                offset += taken
+                budget -= taken
+                tokens_this_run += taken
+            end = StreamPosition(record + 1, 0) if offset >= length else StreamPosition(record, offset)
+            record += 1
             if budget <= 0:
                 break
-        bar.close()
-        stream.flush(end)
+        bar.update(len(finished))
+        bar.set_postfix(tokens=f"{stream.tokens_done + stream.filled:,}", tok_per_s=f"{tokens_this_run / max(time.monotonic() - began, 1e-9):,.0f}")
+        if budget <= 0:
+            break
+    bar.close()
+    stream.flush(end)
 
-        manifest["complete"] = True
-        manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
-        manifest["documents"] = sum(s["documents"] for s in manifest["shards"])
-        manifest["skipped_records"] = stream.skipped_records
-        _check_splits(out_dir, manifest)
-        write_manifest(out_dir, manifest)
-        elapsed = time.monotonic() - began
-        n_train = sum(s["split"] == "train" for s in manifest["shards"])
-        print(
-            f"prepared {manifest['tokens']:,} tokens from {manifest['documents']:,} documents into {len(manifest['shards'])} shards "
-            f"({len(manifest['shards']) - n_train} val, {n_train} train) in {out_dir}; this run: {tokens_this_run:,} tokens in "
-            f"{elapsed:.1f}s ({tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s); skipped {manifest['skipped_records']:,} records"
-            + (f" (this run: {', '.join(f'{n:,} {reason}' for reason, n in skipped.counts.items())})" if skipped.counts else "")
-        )
-        return manifest
+    manifest["complete"] = True
+    manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+    manifest["documents"] = sum(s["documents"] for s in manifest["shards"])
+    manifest["skipped_records"] = stream.skipped_records
+    _check_splits(out_dir, manifest)
+    write_manifest(work_dir, manifest)
+    elapsed = time.monotonic() - began
+    n_train = sum(s["split"] == "train" for s in manifest["shards"])
+    print(
+        f"prepared {manifest['tokens']:,} tokens from {manifest['documents']:,} documents into {len(manifest['shards'])} shards "
+        f"({len(manifest['shards']) - n_train} val, {n_train} train) in {out_dir}; this run: {tokens_this_run:,} tokens in "
+        f"{elapsed:.1f}s ({tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s); skipped {manifest['skipped_records']:,} records"
+        + (f" (this run: {', '.join(f'{n:,} {reason}' for reason, n in skipped.counts.items())})" if skipped.counts else "")
+    )
+    return manifest
 
 
 def _check_splits(out_dir: Path, manifest: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+from minillama.errors import MiniLlamaError
 from minillama.eval.plot import (
     REFERENCE_HELLASWAG,
     REFERENCE_VAL_LOSS,
@@ -15,11 +16,12 @@ from minillama.eval.plot import (
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """RUN_DIR/report.md (or `out`) with the run's key numbers and curves.png beside it."""
+    """RUN_DIR/report.md (or `out`) with the run's key numbers, and its curves beside it as NAME_curves.png (see
+    `curves_path`)."""
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     out = Path(out) if out else run_dir / "report.md"
-    curves = plot_runs([run_dir], out.parent / "curves.png")
+    curves = plot_runs([run_dir], curves_path(out))
 
     lines = [f"# Run report: {run.name}", ""]
     info = run.run
@@ -61,6 +63,17 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         lines += [f"{i}. {text!r}" for i, text in enumerate(last_samples["samples"])] + [""]
     out.write_text("\n".join(lines))
     return out
+
+
+def curves_path(report: Path) -> Path:
+    """Where a report's image goes: REPORT_curves.png beside it. An image there is replaced only when an earlier
+    report at the same path made it (it links to it); any other file of that name is the user's and stays."""
+    image = report.with_name(f"{report.stem}_curves.png")
+    made_by_earlier_report = report.is_file() and f"]({image.name})" in report.read_text(errors="replace")
+    if image.exists() and not made_by_earlier_report:
+        raise MiniLlamaError(f"{image} exists and no earlier report at {report} made it; move it away, or write the report "
+                             "under another name (-o)")
+    return image
 
 
 def harness_section(run_dir: Path) -> list[str]:

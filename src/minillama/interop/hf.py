@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minillama.checkpoint import (
+    IMPORTED_CHECKPOINT_FILES,
     is_checkpoint,
     load_checkpoint,
     load_checkpoint_tokenizer,
@@ -171,13 +172,22 @@ def write_fast_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
+# What `export hf` writes; --force replaces a folder that holds these and nothing else.
+HF_EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "tokenizer.json")
+
+
 def is_hf_export(path: Path) -> bool:
-    """A directory an earlier `export hf` wrote: a Llama config.json beside model.safetensors."""
+    """A directory an earlier `export hf` wrote: a Llama config.json beside a model.safetensors that reads."""
+    from safetensors import SafetensorError, safe_open
+
     try:
         config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+        with safe_open(str(Path(path) / "model.safetensors"), "pt") as weights:
+            weights.keys()
+    except (OSError, ValueError, SafetensorError):
         return False
-    return isinstance(config, dict) and config.get("architectures") == ["LlamaForCausalLM"] and (Path(path) / "model.safetensors").is_file()
+    return isinstance(config, dict) and config.get("architectures") == ["LlamaForCausalLM"]
 
 
 def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer_path: Path | None = None,
@@ -186,7 +196,7 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer
     only with `force`, and only when it is an earlier export."""
     if dtype not in DTYPES:
         raise MiniLlamaError(f"--dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
-    claim_output(out_dir, [checkpoint], "Hugging Face export", force, is_hf_export, directory=True)
+    claim_output(out_dir, [checkpoint], "Hugging Face export", force, is_hf_export, directory=True, owned=HF_EXPORT_FILES)
     model, info = load_checkpoint(checkpoint)
     tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
     config = info.config
@@ -281,7 +291,7 @@ def import_hf(model_dir: Path, out_checkpoint: Path, tokenizer_path: Path | None
     model_dir = Path(model_dir)
     if is_checkpoint(model_dir):
         raise MiniLlamaError(f"{model_dir} is a Mini Llama checkpoint already; every command takes it as it is")
-    claim_output(out_checkpoint, [model_dir], "checkpoint", force, is_checkpoint, directory=True)
+    claim_output(out_checkpoint, [model_dir], "checkpoint", force, is_checkpoint, directory=True, owned=IMPORTED_CHECKPOINT_FILES)
     try:
         hf = json.loads((model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -14,6 +14,7 @@ Both assume rotary theta 10000 and RMSNorm eps 1e-5, and rotate adjacent pairs a
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from minillama.checkpoint import (
+    IMPORTED_CHECKPOINT_FILES,
     is_checkpoint,
     load_checkpoint,
     model_state_dict,
@@ -84,15 +86,22 @@ def is_llama2c_model(path: Path) -> bool:
 
 
 def is_llama2c_tokenizer(path: Path) -> bool:
-    """A run.c tokenizer file: a uint32, then records of float32 score, uint32 length and that many bytes, to the end."""
+    """A run.c tokenizer file, read whole: a uint32 max token length, then at least the three special tokens' records
+    of finite float32 score, uint32 length (at most the max, which one token reaches) and that many bytes, to the end."""
     try:
         data = Path(path).read_bytes()
     except OSError:
         return False
-    offset = 4
+    if len(data) < 4:
+        return False
+    max_length, offset, lengths = struct.unpack_from("I", data)[0], 4, []
     while offset + 8 <= len(data):
-        offset += 8 + struct.unpack_from("I", data, offset + 4)[0]
-    return len(data) >= 4 and offset == len(data)
+        score, length = struct.unpack_from("fI", data, offset)
+        if not math.isfinite(score) or length > max_length:
+            return False
+        lengths.append(length)
+        offset += 8 + length
+    return offset == len(data) and len(lengths) >= 3 and max_length >= 1 and max(lengths) == max_length
 
 
 def export_llama2c(checkpoint: Path, out: Path, version: int = 0, force: bool = False) -> Path:
@@ -173,7 +182,8 @@ def read_llama2c(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def import_llama2c(path: Path, out_checkpoint: Path, tokenizer_path: Path, force: bool = False) -> Path:
-    claim_output(out_checkpoint, [path, tokenizer_path], "checkpoint", force, is_checkpoint, directory=True)
+    claim_output(out_checkpoint, [path, tokenizer_path], "checkpoint", force, is_checkpoint, directory=True,
+                 owned=IMPORTED_CHECKPOINT_FILES)
     config, state = read_llama2c(path)
     tokenizer = Tokenizer(tokenizer_path)
     check_vocab(tokenizer, config.vocab_size, str(path), "pass the tokenizer the model was trained with")

@@ -8,6 +8,7 @@ A tied output head is stored once, as the token embedding, which llama.cpp then 
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,14 @@ def gguf_name(name: str) -> str:
 
 
 def is_gguf_file(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    """A GGUF file, read whole by the gguf package (header, metadata, tensor table and data), not by its magic alone."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        return len(reader.tensors) > 0
+    except (OSError, ValueError, KeyError, IndexError, struct.error):
+        return False
 
 
 def export_gguf(checkpoint: Path, out: Path, dtype: str = "f16", force: bool = False,
