@@ -73,6 +73,41 @@ def workspace(tmp_path_factory, corpus_file, tokenizer):
     (root / "four.bin").write_bytes(b"abcd")
     (root / "zeros.bin").write_bytes(bytes(1024))
     (root / "notes" / "summary_curves.png").write_bytes(b"my own picture")
+    # Shapes and values nobody listed before (issue 25's traceback categories).
+    (root / "model_string.toml").write_text('model = "tiny"\n')
+    (root / "model_number.toml").write_text("model = 5\n")
+    (root / "preset_list.toml").write_text('[model]\npreset = ["tiny"]\n')
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), root / "ints.parquet")
+    pq.write_table(pa.table({"text": [["a"], ["b"]]}), root / "lists.parquet")
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    for name, change in {"no_tokens": lambda m: m.pop("tokens"), "no_sha": lambda m: m["shards"][0].pop("sha256"),
+                         "no_end": lambda m: m["shards"][0].pop("end_record")}.items():
+        broken_manifest = json.loads(json.dumps(manifest))
+        change(broken_manifest)
+        (root / f"manifest_{name}").mkdir()
+        (root / f"manifest_{name}" / "manifest.json").write_text(json.dumps(broken_manifest))
+    empty_ending = json.loads((root / "hs.jsonl").read_text().splitlines()[0])
+    empty_ending["endings"][2] = " "
+    (root / "empty_ending.jsonl").write_text(json.dumps(empty_ending) + "\n")
+    (root / "partial_run").mkdir()
+    (root / "partial_run" / "metrics.jsonl").write_text('{"kind": "train", "step": 0, "tokens_seen": 8}\n'
+                                                        '{"kind": "eval", "step": 0, "val_loss": 3.0}\n')
+    (root / "step_text_ckpt").mkdir()
+    for name in ("model.safetensors", "tokenizer.model"):
+        (root / "step_text_ckpt" / name).write_bytes((root / "ckpt" / name).read_bytes())
+    step_text = json.loads((root / "ckpt" / "config.json").read_text())
+    (root / "step_text_ckpt" / "config.json").write_text(json.dumps({**step_text, "metadata": {"step": "five"}}))
+    hf_base = json.loads((root / "hf_export" / "config.json").read_text())
+    for name, change in {"half_positions": {"max_position_embeddings": 2048.5}, "eps_text": {"rms_norm_eps": "tiny"},
+                         "scaling_text": {"rope_scaling": "yes"}, "theta_text": {"rope_theta": "big"},
+                         "kv_text": {"num_key_value_heads": "2"}}.items():
+        (root / f"hf_{name}").mkdir()
+        for file in (root / "hf_export").iterdir():
+            (root / f"hf_{name}" / file.name).write_bytes(file.read_bytes())
+        (root / f"hf_{name}" / "config.json").write_text(json.dumps({**hf_base, **change}))
     (root / "notes" / "todo.txt").write_text("the user's own notes")
     write_sharded_checkpoints(root, config, tokenizer)
     return root
@@ -117,6 +152,33 @@ def write_sharded_checkpoints(root, config, tokenizer):
 
 
 CASES = [
+    (["train", "--config", "{w}/model_string.toml"], "model_string.toml: 'model' is \"tiny\"; expected a [model] table"),
+    (["train", "--config", "{w}/model_number.toml"], "model_number.toml: 'model' is 5; expected a [model] table"),
+    (["train", "--config", "{w}/preset_list.toml"], "field 'model.preset' is [\"tiny\"]; expected a preset name (one of: mini-llama-109M, tiny"),
+    (["train", "--set", "seed=18446744073709551616"], "run config field 'seed' is 18446744073709551616; expected an integer in [0, 9,223,372,036,854,775,807]"),
+    (["generate", "{w}/ckpt", "hi", "--seed", "18446744073709551616"], "seed is 18446744073709551616; expected an integer from 0 to"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--shard-tokens", "1000000000000000"],
+     "--shard-tokens is 1,000,000,000,000,000; expected at most 2,147,483,648"),
+    (["train", "--set", "model.dim=120000000", "--set", "model.n_heads=1", "--set", "model.n_kv_heads=1", "--set", "device=cpu",
+      "--set", "data.dir={w}/data", "--set", "data.tokenizer={w}/ckpt/tokenizer.model", "--set", "model.vocab_size=320",
+      "--set", "run_dir={w}/huge_run", "--set", "batch.seq_len=64", "--set", "model.max_seq_len=64", "--set", "eval.val_tokens=64",
+      "--set", "batch.total_tokens=512", "--set", "batch.micro_batch=8"], "per rank for its float32 weights, gradients and AdamW moments alone"),
+    (["train", "--set", "device=meta", "--set", "data.dir={w}/data", "--set", "data.tokenizer={w}/ckpt/tokenizer.model",
+      "--set", "run_dir={w}/meta_run"], "device 'meta' is not one Mini Llama runs on; use auto, cpu, cuda, cuda:N or mps"),
+    (["generate", "{w}/ckpt", "hi", "--device", "xpu"], "device 'xpu' is not one Mini Llama runs on"),
+    (["prepare", "text", "{w}/ints.parquet", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model"],
+     "ints.parquet: column 'text' holds int64, not text; name the text column with --text-field"),
+    (["prepare", "text", "{w}/lists.parquet", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model"], "lists.parquet: column 'text' holds list<"),
+    (["prepare", "check", "{w}/manifest_no_tokens"], "a complete manifest needs its total of tokens"),
+    (["prepare", "check", "{w}/manifest_no_sha"], "shard entry 0 needs a file name, a split (train or val), a token count and a sha256"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/manifest_no_end", "--tokenizer", "{w}/ckpt/tokenizer.model"], "shard entry 0 needs whole numbers for end_record"),
+    (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/empty_ending.jsonl"], "empty_ending.jsonl:1: ending 2 is empty; every ending needs text"),
+    (["generate", "{w}/step_text_ckpt", "hi"], "'metadata.step' is \"five\"; expected a whole number of steps"),
+    (["import", "hf", "{w}/hf_half_positions", "{w}/out"], "field 'max_seq_len' is 2048.5; expected an integer"),
+    (["import", "hf", "{w}/hf_eps_text", "{w}/out"], "field 'norm_eps' is 'tiny'; expected a number"),
+    (["import", "hf", "{w}/hf_scaling_text", "{w}/out"], "'rope_scaling' is \"yes\"; expected a JSON object (or null)"),
+    (["import", "hf", "{w}/hf_theta_text", "{w}/out"], "'rope_theta' is \"big\"; expected a number"),
+    (["import", "hf", "{w}/hf_kv_text", "{w}/out"], "field 'n_kv_heads' is '2'; expected an integer or null"),
     (["export", "hf", "{w}/ckpt", "{w}/hf_plus", "--force"],
      "hf_plus holds files that a Hugging Face export does not (README.md, my_eval_results.txt); --force replaces only"),
     (["import", "hf", "{w}/hf_export", "{w}/train_run/checkpoints/step_0000004", "--force"],
@@ -147,7 +209,7 @@ CASES = [
     (["generate", "{w}/ckpt", "hi", "--temperature", "nan"], "temperature is nan; expected 0 (greedy) or a positive number"),
     (["generate", "{w}/ckpt", "hi", "--top-k", "-1"], "top_k is -1"),
     (["generate", "{w}/ckpt", "hi", "--max-new-tokens", "500"], "exceeds the model's max_seq_len of 128"),
-    (["train", "--set", "seed=-1"], "run config field 'seed' is -1; expected an integer >= 0"),
+    (["train", "--set", "seed=-1"], "run config field 'seed' is -1; expected an integer in [0, 9,223,372,036,854,775,807]"),
     (["train", "--set", "optim.lr=NaN"], "run config field 'optim.lr' is nan; expected a number > 0"),
     (["train", "--set", "data.source=fineweb"], "run config field 'data.source' is \"fineweb\""),
     (["train", "--set", "eval.top_k=0"], "run config field 'eval.top_k' is 0; expected a positive integer"),
@@ -356,3 +418,37 @@ def test_a_missing_optional_package_is_one_line_naming_the_extra(workspace, argv
     assert main([a.format(w=workspace) for a in argv]) == 2
     assert capsys.readouterr().err == f"minillama: error: {message}\n"
     assert tree(workspace) == before
+
+
+@pytest.mark.parametrize("command", ["export hf", "export gguf", "export llama2c", "prepare"])
+def test_a_file_size_limit_or_full_disk_mid_write_is_one_line_and_leaves_nothing(workspace, tmp_path, command):
+    """Under `ulimit -f` (EFBIG; a full disk takes the same paths as ENOSPC) each writer stops with one line, and
+    neither a partial output nor a temporary file stays; libraries that report it their own way (safetensors'
+    'os error N', numpy's short write under gguf) are understood too."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "out"
+    argv = {"export hf": ["export", "hf", str(workspace / "ckpt"), str(out)],
+            "export gguf": ["export", "gguf", str(workspace / "ckpt"), str(out), "--dtype", "f32"],
+            "export llama2c": ["export", "llama2c", str(workspace / "ckpt"), str(out)],
+            "prepare": ["prepare", "text", str(workspace / "notes" / "big.txt"), "--out", str(out), "--tokenizer",
+                        str(workspace / "ckpt" / "tokenizer.model"), "--shard-tokens", "20000"]}[command]
+    (workspace / "notes" / "big.txt").write_text("the cat sees the moon again and again.\n" * 3000)
+    result = subprocess.run([sys.executable, "-m", "minillama", *argv], capture_output=True, text=True, preexec_fn=limited)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("minillama: error: ") and "File too large" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_records_without_the_fields_a_curve_needs_are_passed_over(workspace, tmp_path, capsys):
+    """plot and report read what a run wrote; a record without its numbers (hand-written, another tool) is skipped."""
+    assert main(["plot", str(workspace / "partial_run"), "-o", str(tmp_path / "c.png")]) == 0
+    assert main(["report", str(workspace / "partial_run"), "-o", str(tmp_path / "r.md")]) == 0
+    assert (tmp_path / "c.png").is_file() and "Run report" in (tmp_path / "r.md").read_text()

@@ -66,7 +66,7 @@ def test_override_values_parse_as_json_or_string():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("seed=-1", "'seed' is -1; expected an integer >= 0"),
+        ("seed=-1", "'seed' is -1; expected an integer in [0, 9,223,372,036,854,775,807]"),
         ("optim.lr=NaN", "'optim.lr' is nan; expected a number > 0"),
         ("optim.lr=-0.1", "'optim.lr' is -0.1; expected a number > 0"),
         ("optim.beta2=1", "'optim.beta2' is 1.0; expected a number in [0, 1)"),

@@ -272,7 +272,8 @@ def numbered_tokens(tmp_path, train_sizes, val=(40,)):
             shards.append({"file": name, "split": split, "tokens": size, "documents": 1, "sha256": sha})
             start, index = start + size, index + 1
     write_manifest(data_dir, {"format": "minillama-shards", "format_version": 1, "dtype": "uint16", "complete": True,
-                              "tokenizer": {"fingerprint": "x", "vocab_size": 65536}, "shards": shards})
+                              "tokens": sum(s["tokens"] for s in shards), "tokenizer": {"fingerprint": "x", "vocab_size": 65536},
+                              "shards": shards})
     return data_dir
 
 
@@ -369,15 +370,15 @@ def test_overwrite_removes_only_shards_and_a_second_prepare_is_refused(tmp_path,
     source = LocalFiles([str(corpus_file)], split_paragraphs=True)
     with pytest.raises(MiniLlamaError, match=r"already holds 1 shard files \(train_000001.bin, ...\) but no manifest.json; .* --overwrite"):
         prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, progress=False)
-    with DirectoryLock(out, "prepare command"):
-        with pytest.raises(MiniLlamaError, match=rf"{out} is in use by another prepare command \(process {os.getpid()}\)"):
-            prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
     # A shard-named file that no earlier manifest lists is not ours to replace, even with --overwrite.
     with pytest.raises(MiniLlamaError, match=r"holds shard-named files that no manifest of an earlier prepare lists "
                                              r"\(train_000001.bin\); --overwrite replaces only what an earlier prepare made"):
         prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
     assert (out / "train_000001.bin").read_bytes() == b"\0\0"
     (out / "train_000001.bin").rename(tmp_path / "moved.bin")
+    with DirectoryLock(out, "prepare command"):
+        with pytest.raises(MiniLlamaError, match=rf"{out} is in use by another prepare command \(process {os.getpid()}\)"):
+            prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
     manifest = prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, overwrite=True, progress=False)
     assert (out / "weights.bin").read_bytes() == b"not a shard"
     assert sorted(p.name for p in out.glob("*.bin")) == sorted([s["file"] for s in manifest["shards"]] + ["weights.bin"])

@@ -129,6 +129,10 @@ def read_checkpoint_info(path: Path) -> Checkpoint:
     tokenizer, metadata = data.get("tokenizer") or {}, data.get("metadata") or {}
     if not isinstance(tokenizer, dict) or not isinstance(metadata, dict):
         raise MiniLlamaError(f"{config_path}: 'tokenizer' and 'metadata' must be JSON objects; the checkpoint is damaged")
+    step = metadata.get("step")
+    if step is not None and (type(step) is not int or step < 0):
+        raise MiniLlamaError(f"{config_path}: 'metadata.step' is {json.dumps(step)}; expected a whole number of steps "
+                             "(the checkpoint is damaged)")
     return Checkpoint(
         path=path,
         config=from_dict(ModelConfig, data.get("model"), str(config_path)),

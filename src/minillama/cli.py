@@ -20,6 +20,7 @@ OS_ERROR_FIXES = {
     errno.EROFS: "the file system is read-only; choose a writable path",
     errno.ENOSPC: "free some space and run the same command again (finished files, checkpoints included, are intact)",
     errno.EDQUOT: "the disk quota is used up; free some space and run the same command again",
+    errno.EFBIG: "the file would pass the largest size this system (or `ulimit -f`) allows; write it elsewhere or raise the limit",
     errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
     errno.EISDIR: "this is a directory where a file is expected; give a file path",
     errno.EEXIST: "a file is where a folder is needed, or an earlier output is there; choose another path",

@@ -4,6 +4,7 @@ training and inference."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -29,6 +30,8 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise MiniLlamaError(f"device '{name}' is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise MiniLlamaError(f"device '{name}' is not one Mini Llama runs on; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MiniLlamaError(f"device '{name}' was asked for, but this PyTorch sees no CUDA GPU; use the cpu device "
                              "(--device cpu, or --set device=cpu for train)")
@@ -80,3 +83,14 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """What the device can hold: a GPU's free memory, or the machine's physical memory for the CPU (None where
+    it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

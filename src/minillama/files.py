@@ -7,6 +7,7 @@ would give them (tempfile alone would make them private).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import os
@@ -81,9 +82,9 @@ def fill_file_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        raise _as_os_error(exc, path) or exc
     return path
 
 
@@ -93,10 +94,28 @@ def write_directory_atomically(path: Path, fill: Callable[[Path], None]) -> Path
     try:
         fill(tmp)
         commit_directory(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise _as_os_error(exc, path) or exc
     return path
+
+
+def _as_os_error(exc: BaseException, path: Path) -> OSError | None:
+    """The OSError that a library reported in its own way while writing `path`, or None: safetensors says
+    'os error 28' inside a SafetensorError; numpy (which gguf writes with) raises 'N requested and M written'
+    without an errno, for a full disk or a file over the size limit."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None and not exc.filename:  # say which file
+        return OSError(exc.errno, exc.strerror, str(path))
+    if (found := re.search(r"os error (\d+)", text)) and not isinstance(exc, OSError):
+        code = int(found.group(1))
+    elif isinstance(exc, OSError) and exc.errno is None and re.search(r"\d+ requested and \d+ written", text):
+        code = errno.ENOSPC if shutil.disk_usage(Path(path).parent).free == 0 else errno.EFBIG
+    else:
+        return None
+    error = OSError(code, os.strerror(code), str(path))
+    error.__cause__ = exc if isinstance(exc, Exception) else None
+    return error
 
 
 def temporary_directory(path: Path) -> Path:

@@ -28,6 +28,7 @@ from minillama.data.shards import (
     MANIFEST,
     VERIFIED,
     read_manifest,
+    resume_problem,
     token_dtype,
     write_manifest,
     write_shard,
@@ -37,6 +38,7 @@ from minillama.errors import MiniLlamaError
 from minillama.files import DirectoryLock, remove_leftovers, temporary_directory
 from minillama.tokenizer import Tokenizer
 
+MAX_SHARD_TOKENS = 1 << 31  # 4 GiB of uint16 tokens in memory at once
 SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")  # the names `ShardStream` gives its shards
 
 # Text sent to a worker at once, by size (documents range from a line to a whole book): large enough to amortise
@@ -216,10 +218,14 @@ def _settings(source: Source, tokenizer: Tokenizer, shard_tokens: int, val_token
     }
 
 
-def _start_or_resume(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The manifest to continue: an unfinished one made with the same settings, or a new one."""
+def _resumable(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of an earlier prepare in `out_dir` to continue (made with the same settings), or None for a
+    new start; anything else in the way is refused. Reads only."""
     existing = read_manifest(out_dir)
     if existing is not None:
+        problem = resume_problem(existing)
+        if problem:
+            raise MiniLlamaError(f"{out_dir / MANIFEST}: {problem}; the manifest is damaged: re-run with --overwrite")
         if existing["tokenizer"]["fingerprint"] != settings["tokenizer"]["fingerprint"]:
             raise MiniLlamaError(
                 f"{out_dir} holds shards made with another tokenizer (sha256 {existing['tokenizer']['fingerprint'][:12]}…); "
@@ -236,8 +242,7 @@ def _start_or_resume(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     if shards:
         raise MiniLlamaError(f"{out_dir} already holds {len(shards)} shard files ({shards[0].name}, ...) but no {MANIFEST}; "
                              "choose another --out, or pass --overwrite to replace them")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return {**settings, "shards": [], "complete": False}
+    return None
 
 
 def _replaceable(out_dir: Path) -> list[Path]:
@@ -284,12 +289,17 @@ def prepare(
     for name, value in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens), ("--max-tokens", max_tokens), ("--workers", workers)):
         if value is not None and value < 1:
             raise MiniLlamaError(f"{name} is {value}; expected a positive integer")
+    if shard_tokens > MAX_SHARD_TOKENS:  # a shard fills in memory before it is written
+        raise MiniLlamaError(f"--shard-tokens is {shard_tokens:,}; expected at most {MAX_SHARD_TOKENS:,} (a shard is held in "
+                             "memory while it fills)")
     val_tokens = shard_tokens if val_tokens is None else val_tokens
+    settings = _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens)
+    # What can be refused from reading alone is refused before the lock, which leaves its .lock file in the folder.
+    _replaceable(out_dir) if overwrite else _resumable(out_dir, settings)
     with DirectoryLock(out_dir, "prepare command"):  # one writer per folder
         remove_leftovers(out_dir)  # of a run killed mid-write
-        settings = _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens)
         if not overwrite:
-            manifest = _start_or_resume(out_dir, settings)
+            manifest = _resumable(out_dir, settings) or {**settings, "shards": [], "complete": False}
             if manifest["complete"]:
                 print(f"{out_dir} is already complete: {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards")
                 return manifest

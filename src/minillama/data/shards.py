@@ -63,10 +63,23 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
         return f"'shards' is {shards!r}; expected a list"
     for i, shard in enumerate(shards):
         if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and shard.get("split") in ("train", "val")
-                and type(shard.get("tokens")) is int and shard["tokens"] >= 0):
-            return f"shard entry {i} needs a file name, a split (train or val) and a token count"
+                and type(shard.get("tokens")) is int and shard["tokens"] >= 0 and isinstance(shard.get("sha256"), str)):
+            return f"shard entry {i} needs a file name, a split (train or val), a token count and a sha256"
     if not isinstance(manifest.get("complete"), bool):
         return "'complete' must be true or false"
+    if manifest["complete"] and type(manifest.get("tokens")) is not int:
+        return "a complete manifest needs its total of tokens"
+    return None
+
+
+def resume_problem(manifest: dict[str, Any]) -> str | None:
+    """What keeps `prepare` from continuing a manifest, or None: where each shard ended in the input, and sizes."""
+    for i, shard in enumerate(manifest["shards"]):
+        if not all(type(shard.get(key)) is int for key in ("end_record", "end_offset", "documents", "skipped_records")):
+            return f"shard entry {i} needs whole numbers for end_record, end_offset, documents and skipped_records"
+    for key in ("shard_tokens", "val_tokens"):
+        if type(manifest.get(key)) is not int or manifest[key] < 1:
+            return f"'{key}' is {manifest.get(key)!r}; expected a positive whole number"
     return None
 
 

@@ -144,6 +144,7 @@ class LocalFiles:
                 yield _nonempty(text, skipped)
 
     def _parquet(self, path: Path, skipped: SkipCounter) -> Iterator[str | None]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
@@ -154,6 +155,10 @@ class LocalFiles:
             raise MiniLlamaError(
                 f"{path}: no column '{self.text_field}' (columns: {', '.join(parquet.schema_arrow.names)}); use --text-field"
             )
+        column_type = parquet.schema_arrow.field(self.text_field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise MiniLlamaError(f"{path}: column '{self.text_field}' holds {column_type}, not text; name the text column "
+                                 "with --text-field")
         for batch in parquet.iter_batches(columns=[self.text_field], batch_size=4096):
             for text in batch.column(0).to_pylist():
                 yield _nonempty(text, skipped)

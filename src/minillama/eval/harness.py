@@ -234,8 +234,10 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    if limit is not None and limit <= 0:
+    if limit is not None and not limit > 0:  # NaN too
         raise MiniLlamaError(f"the example limit is {limit}; expected a positive number (or no limit)")
+    if not tasks:
+        raise MiniLlamaError("no task names were given; pass --tasks NAME[,NAME...], e.g. --tasks hellaswag,arc_easy")
     if log_samples and output is None:
         raise MiniLlamaError("per-sample logs go beside the results file: give an output path for them (the CLI's --output)")
     manager = TaskManager(include_path=str(include_path) if include_path else None)
@@ -247,8 +249,12 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
     try:
         model = MiniLlamaLM(str(checkpoint), device=str(pick_device(device, ctx.local_rank)), dtype=dtype,
                             batch_size=batch_size, tokenizer=str(tokenizer) if tokenizer else None)
-        results = simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
-                                  log_samples=log_samples)
+        try:
+            results = simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+                                      log_samples=log_samples)
+        except ConnectionError as exc:  # a task's dataset is on the hub, and the hub is out of reach
+            raise MiniLlamaError(f"cannot download the data of {', '.join(tasks)} ({type(exc).__name__}: {str(exc)[:160]}); "
+                                 "offline, pass --include-path DIR holding task YAMLs over local files") from None
     finally:
         close_distributed(ctx)
     if results is not None and output is not None:

@@ -94,6 +94,9 @@ def load_examples(path: Path, limit: int | None = None) -> list[Example]:
             raise MiniLlamaError(f"{where}: 'ctx' is {context!r}; expected a string")
         if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
             raise MiniLlamaError(f"{where}: 'endings' must be a list of 4 strings")
+        if not all(e.strip() for e in endings):
+            empty = next(i for i, e in enumerate(endings) if not e.strip())
+            raise MiniLlamaError(f"{where}: ending {empty} is empty; every ending needs text to be scored")
         if isinstance(label, str) and label.isdigit():
             label = int(label)
         if type(label) is not int or label not in (0, 1, 2, 3):  # not bool: true is no label

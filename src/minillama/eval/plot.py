@@ -45,17 +45,35 @@ class RunCurves:
         return self.run.get("tokenizer_sha256") == LLAMA2_TOKENIZER_SHA256 and self.run.get("data_source") == REFERENCE_DATA
 
 
+# The fields each kind of record must hold, as numbers, to be drawn; a record without them (written by hand, or
+# by another tool) is passed over like a garbage line.
+REQUIRED_NUMBERS = {"train": ("loss", "tokens_seen"), "eval": ("val_loss", "val_bits_per_byte")}
+
+
 def load_run(run_dir: Path) -> RunCurves:
     records = read_metrics(run_dir)
     if not records:
         raise MiniLlamaError(f"{run_dir}/metrics.jsonl holds no records yet")
-    run = next((r for r in records if r["kind"] == "run"), {})
+    usable = [r for r in records if all(_is_number(r.get(name)) for name in REQUIRED_NUMBERS.get(r["kind"], ()))]
+    run = next((r for r in usable if r["kind"] == "run"), {})
     tokenizer = f"{run.get('tokenizer', 'unknown tokenizer')}, vocab {run.get('vocab_size', '?')}"
     return RunCurves(
         name=Path(run_dir).resolve().name, tokenizer=tokenizer, tokens_per_step=run.get("tokens_per_step"),
-        train=[r for r in records if r["kind"] == "train"], evals=[r for r in records if r["kind"] == "eval"],
-        samples=[r for r in records if r["kind"] == "samples"], run=run,
+        train=[r for r in usable if r["kind"] == "train"],
+        evals=[_without_partial_hellaswag(r) for r in usable if r["kind"] == "eval"],
+        samples=[r for r in usable if r["kind"] == "samples" and isinstance(r.get("samples"), list)], run=run,
     )
+
+
+def _without_partial_hellaswag(record: dict) -> dict:
+    """An eval record's HellaSwag figures are kept only whole: accuracy and example count, both numbers."""
+    if all(_is_number(record.get(name)) for name in ("hellaswag_acc_norm", "hellaswag_examples")):
+        return record
+    return {key: value for key, value in record.items() if not key.startswith("hellaswag_")}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:

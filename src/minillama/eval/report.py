@@ -31,15 +31,18 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
                   f"- hardware: {info.get('world_size')} x {info.get('device')}, {info.get('tokens_per_step', 0):,} tokens per step"]
     if run.train:
         last = run.train[-1]
-        step_times = [r["step_time_s"] for r in run.train]
-        lines += [
-            f"- steps: {last['step'] + 1:,}; tokens seen: {last['tokens_seen']:,}",
-            f"- min train loss: {min(r['loss'] for r in run.train):.4f}",
-            f"- throughput: {statistics.median(r['tokens_per_s'] for r in run.train):,.0f} tokens/s (median over steps)"
-            + (f", MFU {statistics.median(r['mfu'] for r in run.train if 'mfu' in r):.1%}" if any("mfu" in r for r in run.train) else ""),
-            f"- training time: {sum(step_times) / 3600:.2f} h in optimizer steps"
-            + (f"; wall time {(last['time'] - run.train[0]['time']) / 3600:.2f} h" if "time" in last else ""),
-        ]
+        timed = [r for r in run.train if all(isinstance(r.get(k), (int, float)) for k in ("step_time_s", "tokens_per_s"))]
+        lines += [f"- steps: {last['step'] + 1:,}; tokens seen: {last['tokens_seen']:,}",
+                  f"- min train loss: {min(r['loss'] for r in run.train):.4f}"]
+        if timed:
+            mfu = [r["mfu"] for r in timed if isinstance(r.get("mfu"), (int, float))]
+            lines += [
+                f"- throughput: {statistics.median(r['tokens_per_s'] for r in timed):,.0f} tokens/s (median over steps)"
+                + (f", MFU {statistics.median(mfu):.1%}" if mfu else ""),
+                f"- training time: {sum(r['step_time_s'] for r in timed) / 3600:.2f} h in optimizer steps"
+                + (f"; wall time {(last['time'] - run.train[0]['time']) / 3600:.2f} h"
+                   if all(isinstance(r.get("time"), (int, float)) for r in (last, run.train[0])) else ""),
+            ]
     if run.evals:
         best = min(run.evals, key=lambda r: r["val_loss"])
         lines.append(f"- min val loss: {best['val_loss']:.4f} at step {best['step']:,} "

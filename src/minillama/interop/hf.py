@@ -19,7 +19,7 @@ from minillama.checkpoint import (
     model_state_dict,
     save_checkpoint,
 )
-from minillama.config import ModelConfig
+from minillama.config import ModelConfig, from_dict
 from minillama.device import DTYPES
 from minillama.errors import MiniLlamaError
 from minillama.files import claim_output, write_directory_atomically
@@ -229,6 +229,11 @@ def config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
         raise MiniLlamaError(
             f"{where}: model_type {hf.get('model_type')!r} / architectures {architectures} is not supported; only LlamaForCausalLM is"
         )
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise MiniLlamaError(f"{where}: '{key}' is {json.dumps(hf[key])}; expected a JSON object (or null)")
+    if "rope_theta" in hf and (not isinstance(hf["rope_theta"], (int, float)) or isinstance(hf["rope_theta"], bool)):
+        raise MiniLlamaError(f"{where}: 'rope_theta' is {json.dumps(hf['rope_theta'])}; expected a number")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -241,17 +246,15 @@ def config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     heads = hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
         raise MiniLlamaError(f"{where}: head_dim {hf['head_dim']} differs from hidden_size/num_attention_heads; not supported")
-    try:
-        return ModelConfig(
-            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=hf.get("num_key_value_heads") or heads, vocab_size=hf["vocab_size"],
-            hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        )
-    except KeyError as exc:
-        raise MiniLlamaError(f"{where}: missing field {exc}") from None
+    # Through from_dict, so that every value is checked for its type and range before anything is written.
+    return from_dict(ModelConfig, {
+        "dim": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": heads,
+        "n_kv_heads": hf.get("num_key_value_heads") or heads, "vocab_size": hf["vocab_size"],
+        "hidden_dim": hf["intermediate_size"], "norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "max_seq_len": hf.get("max_position_embeddings", 2048),
+        "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }, f"{where} (as Mini Llama's model config)")
 
 
 def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from minillama.config import (
     ABOVE_ZERO,
     NON_NEGATIVE,
     ModelConfig,
+    PRESETS,
     PositiveInt,
     Range,
     check_fields,
@@ -134,7 +135,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    seed: Annotated[int, NON_NEGATIVE] = 1337  # initial weights, data order and sampling all follow it
+    seed: Annotated[int, Range(min=0, max=2**63 - 1)] = 1337  # initial weights, data order and sampling all follow it
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device string
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 autocast where native, fp16 + grad scaler on older GPUs, fp32 on CPU
     compile: Literal["auto", True, False] = "auto"  # torch.compile the model: "auto" (on for CUDA), true or false
@@ -164,8 +165,15 @@ def _resolve_model(raw: dict[str, Any], where: str) -> dict[str, Any]:
     """Replace the [model] table by the full ModelConfig it describes: the fields of its `preset` (without one,
     the defaults, which are mini-llama-109M's), overridden by the fields it sets."""
     raw = dict(raw)
-    table = dict(raw.get("model", {}))
+    table = raw.get("model", {})
+    if not isinstance(table, dict):
+        raise MiniLlamaError(f"{where}: 'model' is {json.dumps(table)}; expected a [model] table, e.g. [model] then "
+                             "preset = \"tiny\" on the next line")
+    table = dict(table)
     if "preset" in table:
+        if not isinstance(table["preset"], str):
+            raise MiniLlamaError(f"{where}: field 'model.preset' is {json.dumps(table['preset'])}; expected a preset name "
+                                 f"(one of: {', '.join(PRESETS)})")
         raw["model_preset"] = table.pop("preset")
         base = to_dict(preset(raw["model_preset"]))
     else:

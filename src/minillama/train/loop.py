@@ -36,6 +36,7 @@ from minillama.train.distributed import (
     gather_objects,
     init_distributed,
 )
+from minillama.train.memory import check_model_fits
 from minillama.train.metrics import MetricsLogger, truncate_metrics
 from minillama.train.optim import MuonWithAdamW, build_optimizer, set_learning_rates
 from minillama.train.parallel import clip_gradients, gradient_sync, is_sharded, parallelize
@@ -233,6 +234,7 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     data_dir = _data(config, tokenizer, ctx, device)
     accumulation = gradient_accumulation_steps(config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size)
 
+    check_model_fits(config.model, config.parallel, device, ctx.world_size)
     torch.manual_seed(config.seed)  # identical initial weights on every rank (FSDP then keeps each rank's slice)
     model = Transformer(config.model).to(device)
     compile_model = config.compile is True or (config.compile == "auto" and device.type == "cuda")

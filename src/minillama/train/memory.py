@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from minillama.config import ModelConfig
+from minillama.device import memory_bytes
+from minillama.errors import MiniLlamaError
 
 FLOAT32, BFLOAT16 = 4, 2  # bytes per element
 
@@ -81,3 +85,15 @@ def training_bytes_per_rank(config: ModelConfig, parallel: str, ranks: int, micr
     parts["activations"] = micro_batch * seq_len * activation_bytes_per_token(config, activation_checkpointing)
     parts["total"] = sum(parts.values())
     return parts
+
+
+def check_model_fits(model: ModelConfig, parallel: str, device: torch.device, ranks: int) -> None:
+    """Refuse, before allocating anything, a model whose weights, gradients and optimizer moments alone do not
+    fit in what the device holds (an allocation that large fails deep inside PyTorch, or swaps for minutes)."""
+    states = sum(model_state_bytes(model, parallel, ranks).values())
+    available = memory_bytes(device)
+    if available is not None and states > available:
+        parameters = sum(math.prod(shape) for shape in parameter_shapes(model).values())
+        raise MiniLlamaError(f"the model ({parameters:,} parameters) needs {states / 2**30:,.1f} GiB per rank for its float32 "
+                             f"weights, gradients and AdamW moments alone, more than the {available / 2**30:,.1f} GiB of "
+                             f"{device}; choose a smaller model, or shard it over more GPUs with parallel = fsdp")
