@@ -143,11 +143,21 @@ def write_sharded_checkpoints(root, config, tokenizer):
     finally:
         close_distributed(ctx)
     saved = root / "fsdp" / "checkpoints" / "step_0000001"
-    for name in ("no_shard", "hostile_index", "no_index"):
+    for name in ("no_shard", "hostile_index", "no_index", "zero_shard", "bent_index", "bad_args_index"):
         shutil.copytree(saved, root / name)
     (root / "no_shard" / "sharded" / "__0_0.distcp").unlink()
     (root / "hostile_index" / "sharded" / ".metadata").write_bytes(pickle.dumps(RunsCode()))
     (root / "no_index" / "sharded" / ".metadata").unlink()
+    shard = root / "zero_shard" / "sharded" / "__0_0.distcp"
+    shard.write_bytes(bytes(shard.stat().st_size))
+    # Only allowed classes, with fields of the wrong kinds: no code runs, and nothing may trip over them.
+    with open(saved / "sharded" / ".metadata", "rb") as f:
+        index = pickle.load(f)
+    entry = next(iter(index.state_dict_metadata.values()))
+    entry.size = "not a size"
+    (root / "bent_index" / "sharded" / ".metadata").write_bytes(pickle.dumps(index))
+    index.state_dict_metadata = ["a", "list"]
+    (root / "bad_args_index" / "sharded" / ".metadata").write_bytes(pickle.dumps(index))
     return saved
 
 
@@ -189,6 +199,9 @@ CASES = [
     (["export", "llama2c-tokenizer", "{w}/ckpt/tokenizer.model", "{w}/zeros.bin", "--force"], "zeros.bin exists and is not a run.c tokenizer file"),
     (["report", "{w}/run", "-o", "{w}/notes/summary.md"], "summary_curves.png exists and no earlier report at {w}/notes/summary.md made it"),
     (["generate", "{w}/no_shard", "hi"], "no_shard/sharded cannot be read"),
+    (["generate", "{w}/zero_shard", "hi"], "zero_shard/sharded cannot be read ("),
+    (["generate", "{w}/bent_index", "hi"], "bent_index/sharded/.metadata is not a checkpoint index (its entry"),
+    (["generate", "{w}/bad_args_index", "hi"], "bad_args_index/sharded/.metadata is not a checkpoint index (its table of tensors is not a mapping"),
     (["generate", "{w}/hostile_index", "hi"], "hostile_index/sharded/.metadata is not a checkpoint index (builtins.print has no place in a checkpoint index)"),
     (["export", "hf", "{w}/no_index", "{w}/hf_out"], "no_index/sharded has no .metadata; the sharded checkpoint is incomplete"),
     (["train", "--set", "parallel=fsdp", "--set", "dtype=float16", "--set", "device=cpu", "--set", "run_dir={w}/fp16_run"],

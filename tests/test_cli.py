@@ -43,3 +43,29 @@ def test_each_export_and_import_format_has_its_own_help(capsys):
     assert "--version" in help_of("export", "llama2c") and "--dtype" not in help_of("export", "llama2c")
     assert "run.c's tokenizer file" in help_of("export", "llama2c-tokenizer")
     assert "--tokenizer TOKENIZER" in help_of("import", "llama2c")
+
+
+def test_sigterm_while_a_command_works_is_one_line_and_exit_143(tmp_path, tokenizer):
+    """Outside training (which saves a step first), SIGTERM ends a command with a line saying so, not silently, and
+    what it wrote is whole: no temporary file is left, and the manifest lists only finished shards."""
+    import json
+    import signal
+    import time
+
+    text = tmp_path / "big.txt"
+    text.write_text("the cat sees the moon again and again in the quiet town at night.\n" * 400_000)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "minillama", "prepare", "text", str(text), "--out", str(out), "--tokenizer",
+                                str(tokenizer.path), "--shard-tokens", "100000", "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out / "manifest.json").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("minillama: prepare stopped by SIGTERM before it finished")
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    listed = [s["file"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
+    written = sorted(p.name for p in out.glob("*.bin"))
+    # Every listed shard is there; at most the one being listed when the signal came is not yet (a resume rewrites it).
+    assert set(listed) <= set(written) and len(written) - len(listed) <= 1

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -491,8 +493,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(Exception):
+    """SIGTERM arrived while a command worked (outside training, which has its own handler that saves a step)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.handler(args)
     except MiniLlamaError as exc:
@@ -510,4 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("minillama: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"minillama: {args.command} stopped by SIGTERM before it finished; every file it wrote is whole (writes are "
+              "atomic), and running the same command again continues or redoes it", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0

@@ -59,9 +59,39 @@ def read_index(folder: Path) -> Metadata:
         raise MiniLlamaError(f"{folder} has no {INDEX_FILE}; the sharded checkpoint is incomplete") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
         raise MiniLlamaError(f"{path} is not a checkpoint index ({exc}); the checkpoint is damaged") from None
-    if not isinstance(index, Metadata):
-        raise MiniLlamaError(f"{path} is not a checkpoint index; the checkpoint is damaged")
+    problem = "it is not DCP's Metadata" if not isinstance(index, Metadata) else _index_problem(index)
+    if problem:
+        raise MiniLlamaError(f"{path} is not a checkpoint index ({problem}); the checkpoint is damaged")
     return index
+
+
+def _index_problem(index: Metadata) -> str | None:
+    """What is malformed in an index whose classes were all allowed (their fields can still hold anything), or None."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex
+
+    def sizes(value: Any) -> bool:
+        return isinstance(value, torch.Size) and all(type(n) is int and n >= 0 for n in value)
+
+    entries = getattr(index, "state_dict_metadata", None)
+    if not isinstance(entries, dict) or not all(isinstance(key, str) for key in entries):
+        return "its table of tensors is not a mapping of names"
+    for key, entry in entries.items():
+        if isinstance(entry, BytesStorageMetadata):
+            continue
+        if not (isinstance(entry, TensorStorageMetadata) and sizes(getattr(entry, "size", None))
+                and isinstance(getattr(getattr(entry, "properties", None), "dtype", None), torch.dtype)
+                and isinstance(getattr(entry, "chunks", None), list)
+                and all(isinstance(c, ChunkStorageMetadata) and sizes(getattr(c, "offsets", None)) and sizes(getattr(c, "sizes", None))
+                        for c in entry.chunks)):
+            return f"its entry '{key}' is not a well-formed tensor record"
+    storage = getattr(index, "storage_data", None)
+    if not isinstance(storage, dict) or not all(
+            isinstance(where, MetadataIndex) and isinstance(info, _StorageInfo) and isinstance(getattr(info, "relative_path", None), str)
+            and type(getattr(info, "offset", None)) is int and type(getattr(info, "length", None)) is int
+            for where, info in storage.items()):
+        return "its table of where each slice is stored is malformed"
+    return None
 
 
 def check_tensors(folder: Path, expected: dict[str, torch.Tensor], prefix: str) -> dict[str, TensorStorageMetadata]:
@@ -98,7 +128,8 @@ def read_weights(folder: Path, expected: dict[str, torch.Tensor], device: str | 
             dcp.load({"model": state}, storage_reader=SafeReader(str(folder)), no_dist=True)
     except (OSError, CheckpointException) as exc:
         cause = first_failure(exc) if isinstance(exc, CheckpointException) else exc
-        detail = f"{cause.strerror}: {Path(cause.filename).name}" if isinstance(cause, OSError) and cause.filename else cause
+        detail = (f"{cause.strerror}: {Path(cause.filename).name}" if isinstance(cause, OSError) and cause.filename
+                  else (str(cause).strip().splitlines() or [type(cause).__name__])[0])  # torch's messages run to several lines
         raise MiniLlamaError(f"{folder} cannot be read ({detail}); the sharded checkpoint is incomplete") from None
     return state
 

@@ -253,6 +253,8 @@ def _replaceable(out_dir: Path) -> list[Path]:
     except MiniLlamaError:
         earlier = None  # unreadable: it lists nothing
     listed = {entry.get("file") for entry in earlier.get("shards", []) if isinstance(entry, dict)} if isinstance(earlier, dict) else set()
+    # A prepare killed between renaming a finished shard into place and listing it left that one shard unlisted.
+    listed |= {f"{split}_{len(listed):06d}.bin" for split in ("train", "val")} if earlier is not None else set()
     foreign = sorted(p.name for p in out_dir.glob("*.bin") if SHARD_NAME.fullmatch(p.name) and p.name not in listed) if out_dir.is_dir() else []
     if foreign:
         raise MiniLlamaError(f"{out_dir} holds shard-named files that no manifest of an earlier prepare lists ({', '.join(foreign[:3])}"

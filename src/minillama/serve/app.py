@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -448,6 +449,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
         shown = f"[{host}]" if ":" in host else host
         print(f"using {info.path}; serving {name} on http://{shown}:{listening.getsockname()[1]} (playground at /, API at "
               "/v1/completions, metrics at /metrics)", file=sys.stderr)
+        # SIGTERM is how a server is stopped: uvicorn drains the requests in flight, then lets the signal end the process.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         server.run(sockets=[listening])
     finally:
         listening.close()
