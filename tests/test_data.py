@@ -403,7 +403,7 @@ def test_overwrite_with_bad_input_leaves_the_earlier_data_whole(tmp_path, corpus
     manifest = prepare(LocalFiles([str(corpus_file)]), out, tokenizer, shard_tokens=30_000, val_tokens=3_000, overwrite=True,
                        progress=False)
     after = sorted(p.name for p in out.iterdir())
-    assert after == sorted([s["file"] for s in manifest["shards"]] + ["manifest.json", "notes.txt", ".lock"])
+    assert after == sorted([s["file"] for s in manifest["shards"]] + ["manifest.json", "notes.txt"])
     assert (out / "notes.txt").read_text() == "mine" and manifest["shard_tokens"] == 30_000
 
 
@@ -452,4 +452,4 @@ def test_leftovers_of_an_interrupted_write_are_removed_by_the_next_prepare(tmp_p
     (out / ".manifest.json.x9y8.tmp").write_text("{")
     (out / ".notes").write_text("a user's hidden file")
     prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, progress=False)
-    assert sorted(p.name for p in out.glob(".*")) == [".lock", ".notes"]
+    assert sorted(p.name for p in out.glob(".*")) == [".notes"]  # the .lock it made is gone too

@@ -189,14 +189,15 @@ def _check_output(out: Path, sources: list[Path], what: str, force: bool, is_ear
 class DirectoryLock:
     """An OS lock (flock) on DIR/.lock, held while one command owns DIR: a second command on the same folder is
     refused, naming the process that holds it. The OS drops the lock when the holder dies, even by kill -9, so a
-    lock is never stale; the empty .lock file stays behind and means nothing by itself. A folder the lock had to
-    create is removed again if the command left nothing else in it (it failed before writing)."""
+    lock is never stale; a .lock file left by a killed holder means nothing by itself. A .lock file the lock
+    created is removed on release, and a folder it had to create too if the command left nothing in it."""
 
     fd: int | None
 
     def __init__(self, folder: Path, what: str):
         self.folder = folder = Path(folder)
         self.created = not folder.exists()
+        self.created_file = not (folder / ".lock").exists()
         folder.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
@@ -212,9 +213,10 @@ class DirectoryLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        if self.created and [p.name for p in self.folder.iterdir()] == [".lock"]:
-            os.unlink(self.folder / ".lock")  # while still held, so no other command is using it
-            self.folder.rmdir()
+        if self.created_file:  # the folder is left as it was found (removed while held: no other command uses it)
+            os.unlink(self.folder / ".lock")
+            if self.created and not any(self.folder.iterdir()):
+                self.folder.rmdir()
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None

@@ -14,6 +14,8 @@ from minillama.inference.sampling import SamplingParams
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 
+MAX_SAMPLES = 1024  # completions of one prompt decoded together
+
 
 def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -32,8 +34,9 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, num_samples:
              stop_at_eos: bool = True, cuda_graph: bool | None = None, compile: bool = False) -> list[str]:
     """`num_samples` completions of `prompt` (the new text only); sample i uses seed + i. An empty prompt starts
     from BOS alone. A sample ends where the model ends a document (BOS or EOS) unless `stop_at_eos` is False."""
-    if num_samples < 1:
-        raise MiniLlamaError(f"num_samples is {num_samples}; expected at least 1")
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise MiniLlamaError(f"num_samples is {num_samples}; expected from 1 to {MAX_SAMPLES} (each holds a KV cache row; "
+                             "draw more in several calls)")
     stop_ids = document_end_ids(tokenizer) if stop_at_eos else ()
     engine, completions = _start(model, tokenizer, [(tokenizer.encode(prompt, bos=True), num_samples)], max_new_tokens,
                                  temperature, top_k, top_p, seed, stop_ids, cuda_graph, compile)

@@ -359,7 +359,13 @@ def _tokenize(source: Source, work_dir: Path, out_dir: Path, tokenizer: Tokenize
     manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
     manifest["documents"] = sum(s["documents"] for s in manifest["shards"])
     manifest["skipped_records"] = stream.skipped_records
-    _check_splits(out_dir, manifest)
+    try:
+        _check_splits(out_dir, manifest)
+    except MiniLlamaError:  # the shards can never be trained on: take back what prepare wrote, and nothing else
+        for shard in manifest["shards"]:
+            (work_dir / shard["file"]).unlink(missing_ok=True)
+        (work_dir / MANIFEST).unlink(missing_ok=True)
+        raise
     write_manifest(work_dir, manifest)
     elapsed = time.monotonic() - began
     n_train = sum(s["split"] == "train" for s in manifest["shards"])
@@ -380,7 +386,7 @@ def _check_splits(out_dir: Path, manifest: dict[str, Any]) -> None:
                              "check the files (and --text-field for .jsonl and .parquet)")
     if train == 0:
         raise MiniLlamaError(
-            f"all {val:,} tokens went to the validation split of {out_dir}; re-run with --overwrite and a smaller "
-            f"--val-tokens (for example {max(val // 10, 1):,})"
+            f"all {val:,} tokens went to the validation split of {out_dir}; re-run with a smaller --val-tokens (for "
+            f"example {max(val // 10, 1):,})"
         )
 
