@@ -74,6 +74,18 @@ def workspace(tmp_path_factory, corpus_file, tokenizer):
     (root / "zeros.bin").write_bytes(bytes(1024))
     (root / "notes" / "summary_curves.png").write_bytes(b"my own picture")
     # Shapes and values nobody listed before (issue 25's traceback categories).
+    import numpy as np
+
+    from minillama.data.shards import write_manifest, write_shard
+
+    (root / "oov_target").mkdir()
+    val = np.arange(1, 41, dtype=np.uint16)
+    val[8] = 9999  # beyond the vocabulary, where the first 8-token window has only its target
+    shards = [{"file": name, "split": split, "tokens": 40, "documents": 1, "sha256": write_shard(root / "oov_target" / name, tokens)}
+              for name, split, tokens in (("val_000000.bin", "val", val), ("train_000001.bin", "train", np.arange(1, 41, dtype=np.uint16)))]
+    write_manifest(root / "oov_target", {"format": "minillama-shards", "format_version": 1, "dtype": "uint16", "complete": True,
+                                         "tokens": 80, "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": 320},
+                                         "shards": shards})
     (root / "model_string.toml").write_text('model = "tiny"\n')
     (root / "model_number.toml").write_text("model = 5\n")
     (root / "preset_list.toml").write_text('[model]\npreset = ["tiny"]\n')
@@ -162,6 +174,8 @@ def write_sharded_checkpoints(root, config, tokenizer):
 
 
 CASES = [
+    (["eval", "loss", "{w}/ckpt", "--data", "{w}/oov_target", "--seq-len", "8", "--tokens", "8"],
+     "the val split of {w}/oov_target holds token id 9999, beyond the vocabulary of 320"),
     (["train", "--config", "{w}/model_string.toml"], "model_string.toml: 'model' is \"tiny\"; expected a [model] table"),
     (["train", "--config", "{w}/model_number.toml"], "model_number.toml: 'model' is 5; expected a [model] table"),
     (["train", "--config", "{w}/preset_list.toml"], "field 'model.preset' is [\"tiny\"]; expected a preset name (one of: mini-llama-109M, tiny"),

@@ -7,14 +7,16 @@ would give them (tempfile alone would make them private).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
 import os
 import re
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from minillama.errors import MiniLlamaError
@@ -73,17 +75,20 @@ def fill_file_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
     """Let `fill` write the file at a temporary path beside `path` (for writers that open files themselves), then
     fsync it and rename it over `path`."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        with _termination_deferred():  # a SIGTERM handler that raises must not strike between creating and naming it
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
         fill(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise _as_os_error(exc, path) or exc
     return path
 
@@ -123,6 +128,17 @@ def temporary_directory(path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+
+
+@contextlib.contextmanager
+def _termination_deferred() -> Iterator[None]:
+    """Hold SIGTERM back inside the block; it arrives as the block ends, which must be inside the `try` that
+    cleans up what the block made (a temporary file a handler that raises would otherwise leave unnamed)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def commit_directory(tmp: Path, path: Path) -> None:

@@ -65,8 +65,9 @@ def evaluate_loss(
     with evaluating(model):
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
         for x, y in validation_batches(Path(data_dir), batch_size, seq_len, total_tokens, rank, world_size):
-            if int(x.max()) >= tokenizer.vocab_size:  # checked on the CPU, before an index error deep in torch
-                raise MiniLlamaError(f"the val split of {data_dir} holds token id {int(x.max())}, beyond the vocabulary of "
+            largest = max(int(x.max()), int(y.max()))  # targets too: the last of a window is only ever a target
+            if largest >= tokenizer.vocab_size:  # checked on the CPU, before an index error deep in torch
+                raise MiniLlamaError(f"the val split of {data_dir} holds token id {largest}, beyond the vocabulary of "
                                      f"{tokenizer.vocab_size}; check it with: minillama prepare check {data_dir}")
             x, y = x.to(device), y.to(device)
             logits, _ = model(x)
