@@ -464,3 +464,19 @@ def test_short_requests_do_not_wait_for_a_long_one(served):
         thread.join()
     median_short = sorted(durations[i] for i in range(8))[4]
     assert median_short < 0.5 * alone, (median_short, alone)
+
+
+def test_a_port_in_use_or_a_host_that_does_not_resolve_is_one_line_before_anything_loads(stories, capsys):
+    import socket
+
+    from minillama.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", str(stories), "--port", str(port), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"minillama: error: cannot listen on 127.0.0.1:{port} (Address already in use)") and "serving" not in err
+    assert main(["serve", str(stories), "--host", "no.such.host.invalid"]) == 2
+    assert "--host 'no.such.host.invalid' does not resolve" in capsys.readouterr().err
