@@ -212,7 +212,7 @@ def cmd_eval_harness(args: argparse.Namespace) -> None:
         print(f"using {checkpoint}", file=sys.stderr)
         print(make_table(results))
         if output:
-            print(f"wrote {output}" + (f" and samples_TASK_DATE.jsonl per task beside it" if args.log_samples else ""))
+            print(f"wrote {output}" + (" and samples_TASK_DATE.jsonl per task beside it" if args.log_samples else ""))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

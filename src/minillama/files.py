@@ -118,9 +118,7 @@ def _as_os_error(exc: BaseException, path: Path) -> OSError | None:
         code = errno.ENOSPC if shutil.disk_usage(Path(path).parent).free == 0 else errno.EFBIG
     else:
         return None
-    error = OSError(code, os.strerror(code), str(path))
-    error.__cause__ = exc if isinstance(exc, Exception) else None
-    return error
+    return OSError(code, os.strerror(code), str(path))  # raised inside the handler: the original stays its context
 
 
 def temporary_directory(path: Path) -> Path:

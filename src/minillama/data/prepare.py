@@ -297,7 +297,10 @@ def prepare(
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     settings = _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens)
     # What can be refused from reading alone is refused before the lock, which leaves its .lock file in the folder.
-    _replaceable(out_dir) if overwrite else _resumable(out_dir, settings)
+    if overwrite:
+        _replaceable(out_dir)
+    else:
+        _resumable(out_dir, settings)
     with DirectoryLock(out_dir, "prepare command"):  # one writer per folder
         remove_leftovers(out_dir)  # of a run killed mid-write
         if not overwrite:

@@ -143,8 +143,8 @@ class Engine:
         vocab = self.model.config.vocab_size
         if not request.prompt:
             raise MiniLlamaError("a prompt has no tokens; start it with BOS at least")
-        if any(not 0 <= t < vocab for t in request.prompt):
-            bad = next(t for t in request.prompt if not 0 <= t < vocab)
+        bad = outside_vocabulary(request.prompt, vocab)
+        if bad is not None:
             raise MiniLlamaError(f"the prompt holds token id {bad}; expected ids from 0 to {vocab - 1}")
         check_length(self.max_len, len(request.prompt), request.max_tokens)
         if request.n < 1:
@@ -289,6 +289,11 @@ class Engine:
         dropped = self.running + [c for group in self.joining for c in group]
         self.running, self.joining = [], []
         return dropped
+
+
+def outside_vocabulary(ids: Sequence[int], vocab_size: int) -> int | None:
+    """The first id that names no token of a `vocab_size` vocabulary, or None."""
+    return next((t for t in ids if not 0 <= t < vocab_size), None)
 
 
 def check_length(limit: int, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minillama.errors import MiniLlamaError
 from minillama.generate import document_end_ids
-from minillama.inference.engine import Engine, Update
+from minillama.inference.engine import Engine, Update, outside_vocabulary
 from minillama.inference.engine import Request as EngineRequest
 from minillama.inference.sampling import SamplingParams
 from minillama.model import Transformer
@@ -312,7 +312,7 @@ def _prompts(serving: Serving, body: CompletionRequest) -> tuple[list[list[int]]
 
 def _check_token_ids(serving: Serving, ids: list[int], field: str) -> None:
     vocab = serving.tokenizer.vocab_size
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    bad = outside_vocabulary(ids, vocab)
     if bad is not None:
         raise ServerError(f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", field)
 
