@@ -16,7 +16,8 @@ from functools import partial
 
 import torch
 
-from minillama.checkpoint import find_checkpoint, load_checkpoint, model_state_dict
+from minillama.checkpoint import load_checkpoint, model_state_dict
+from minillama.layout import find_checkpoint
 from minillama.config import preset
 from minillama.generate import generate_tokens
 from minillama.interop.hf import hf_config, to_hf_state_dict

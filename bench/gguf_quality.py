@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minillama.checkpoint import find_checkpoint, load_checkpoint, load_checkpoint_tokenizer
+from minillama.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+from minillama.layout import find_checkpoint
 from minillama.interop.llama2c import import_llama2c
 from minillama.interop.llamacpp import DTYPES, export_gguf
 

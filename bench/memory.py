@@ -36,7 +36,7 @@ def held_bytes(tensors) -> int:
 def worker(preset_name: str, parallel: str, out: Path) -> None:
     from minillama.model import Transformer
     from minillama.train.config import OptimConfig
-    from minillama.train.distributed import close_distributed, init_distributed
+    from minillama.distributed import close_distributed, init_distributed
     from minillama.train.optim import build_optimizer
     from minillama.train.parallel import clip_gradients, gradient_sync, parallelize
 

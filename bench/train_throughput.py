@@ -20,7 +20,7 @@ from minillama.model import Transformer
 from minillama.summary import training_flops_per_token
 from minillama.train.config import OptimConfig
 from minillama.device import autocast, autocast_dtype, peak_flops, pick_device
-from minillama.train.distributed import close_distributed, init_distributed
+from minillama.distributed import close_distributed, init_distributed
 from minillama.train.memory import training_bytes_per_rank
 from minillama.train.optim import build_optimizer
 from minillama.train.parallel import clip_gradients, parallelize

@@ -140,21 +140,21 @@ def write_sharded_checkpoints(root, config, tokenizer):
 
     import torch
 
+    from minillama.distributed import close_distributed, init_distributed
     from minillama.train.config import OptimConfig
-    from minillama.train.distributed import close_distributed, init_distributed
     from minillama.train.optim import build_optimizer
     from minillama.train.parallel import parallelize
-    from minillama.train.resume import save_sharded_training_checkpoint
+    from minillama.train.resume import save_sharded_checkpoint
 
     ctx = init_distributed("cpu", alone_as_group=True)
     try:
         model = Transformer(config)
         parallelize(model, "fsdp", "none", False, None, torch.device("cpu"), ctx)
-        save_sharded_training_checkpoint(root / "fsdp", 1, model, build_optimizer(model, OptimConfig(), torch.device("cpu")),
-                                         tokenizer, {}, {}, keep_last=1, ctx=ctx)
+        saved = root / "fsdp" / "checkpoints" / "step_0000001"
+        save_sharded_checkpoint(saved, model, build_optimizer(model, OptimConfig(), torch.device("cpu")), tokenizer,
+                                {"step": 1}, {"step": 1}, ctx)
     finally:
         close_distributed(ctx)
-    saved = root / "fsdp" / "checkpoints" / "step_0000001"
     for name in ("no_shard", "hostile_index", "no_index", "zero_shard", "bent_index", "bad_args_index"):
         shutil.copytree(saved, root / name)
     (root / "no_shard" / "sharded" / "__0_0.distcp").unlink()
@@ -241,14 +241,14 @@ CASES = [
     (["train", "--set", "data.source=fineweb"], "run config field 'data.source' is \"fineweb\""),
     (["train", "--set", "eval.top_k=0"], "run config field 'eval.top_k' is 0; expected a positive integer"),
     (["train", "--set", "data.prepare_workers=-3"], "run config field 'data.prepare_workers' is -3"),
-    (["train", "--set", "model=tiny"], "--set model=tiny: 'model' is a table"),
+    (["train", "--set", "model=tiny"], "--set model=tiny: 'model' is a table; set one of its fields, e.g. --set model.preset="),
     (["train", "--set", "model.max_seq_len=1000000000000"], "model config field 'max_seq_len' is 1000000000000"),
     (["train", "--set", "optim.lrr=1"], "--set optim.lrr=1: the [optim] table has no field 'lrr'"),
     (["train", "--config", "{w}/plots"], "config file {w}/plots is a directory; pass a .toml file"),
     (["train", "--config", "{w}/latin1.jsonl"], "is not UTF-8 text; pass a .toml file"),
     (["prepare", "check", "{w}/plots"], "has no manifest.json"),
-    (["inspect", "{w}/plots"], "plots is neither a checkpoint directory nor a run directory"),
-    (["inspect", "{w}/missing"], "missing is neither a checkpoint directory nor a run directory"),
+    (["inspect", "{w}/plots"], "plots is neither a checkpoint directory (no config.json) nor a training run directory"),
+    (["inspect", "{w}/missing"], "missing does not exist; pass a checkpoint directory or a training run directory"),
     (["generate", "{w}/nan_ckpt", "hi"], "nan_ckpt has NaN or infinite weights (first in 'layers.1.attention.wq.weight')"),
     (["eval", "hellaswag", "{w}/nan_ckpt", "--data", "{w}/hs.jsonl"], "has NaN or infinite weights"),
     (["generate", "{w}/bad_tok_ckpt", "hi"], "'tokenizer' and 'metadata' must be JSON objects"),
@@ -266,14 +266,14 @@ CASES = [
     (["prepare", "text", "{w}/notes/todo.txt", "--out", "{w}/ckpt", "--tokenizer", "{w}/ckpt/tokenizer.model"], "went to the validation split of {w}/ckpt; re-run with a smaller --val-tokens"),
     (["generate", "{w}/ckpt", "hi", "--temperature", "-1"], "temperature is -1.0; expected 0 (greedy) or a positive number"),
     (["generate", "{w}/ckpt", "caf\udce9"], "the prompt is not UTF-8 text (byte 0xe9 at character 3)"),
-    (["generate", "{w}/missing", "hi"], "missing is neither a checkpoint directory nor a run directory with checkpoints/step_*"),
-    (["generate", "{w}/hs.jsonl", "hi"], "hs.jsonl is neither a checkpoint directory nor a run directory"),
-    (["generate", "{w}/run", "hi"], "run is neither a checkpoint directory nor a run directory"),
+    (["generate", "{w}/missing", "hi"], "missing does not exist; pass a checkpoint directory or a training run directory"),
+    (["generate", "{w}/hs.jsonl", "hi"], "hs.jsonl is neither a checkpoint directory (no config.json) nor a training run directory"),
+    (["generate", "{w}/run", "hi"], "run is a training run with no checkpoint yet: the first is written at the run's first checkpoint.interval step"),
     (["generate", "{w}/ckpt", "hi", "--tokenizer", "{w}/hs.jsonl"], "hs.jsonl is not a SentencePiece model"),
     (["eval", "loss", "{w}/ckpt", "--data", "{w}/missing"], "missing has no manifest.json; make it with `minillama prepare`"),
     (["eval", "loss", "{w}/ckpt", "--data", "{w}/plots"], "plots has no manifest.json"),
     (["eval", "loss", "{w}/ckpt", "--data", "{w}/data", "--seq-len", "-5"], "the sequence length is -5; expected a positive integer"),
-    (["eval", "loss", "{w}/missing", "--data", "{w}/data"], "missing is neither a checkpoint directory"),
+    (["eval", "loss", "{w}/missing", "--data", "{w}/data"], "missing does not exist"),
     (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/missing.jsonl"], "missing.jsonl: no such HellaSwag file"),
     (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/plots"], "plots: no such HellaSwag file"),
     (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/empty.txt"], "empty.txt holds no HellaSwag examples"),
@@ -286,13 +286,13 @@ CASES = [
     (["report", "{w}/missing"], "missing has no metrics.jsonl; is it a training run directory?"),
     (["report", "{w}/ckpt"], "ckpt has no metrics.jsonl"),
     (["inspect", "nonpreset"], "unknown model preset 'nonpreset'; choose one of: mini-llama-109M, tiny"),
-    (["inspect", "{w}/hs.jsonl"], "hs.jsonl is neither a checkpoint directory nor a run directory"),
+    (["inspect", "{w}/hs.jsonl"], "hs.jsonl is neither a checkpoint directory (no config.json) nor a training run directory"),
     (["export", "hf", "{w}/ckpt", "{w}/notes"], "notes already exists; choose a new path for the Hugging Face export, or pass --force"),
     (["export", "hf", "{w}/ckpt", "{w}/notes", "--force"], "notes exists and is not a Hugging Face export (--force replaces only an earlier"),
     (["export", "hf", "{w}/ckpt", "{w}/ckpt"], "ckpt is or holds the source {w}/ckpt; write the Hugging Face export somewhere else"),
     (["export", "hf", "{w}/ckpt", "{w}/ckpt/hf"], "is or holds the source {w}/ckpt"),
     (["export", "hf", "{w}/ckpt", "{w}/hs.jsonl"], "hs.jsonl is a file; give a new directory path for the Hugging Face export"),
-    (["export", "hf", "{w}/missing", "{w}/out"], "missing is neither a checkpoint directory"),
+    (["export", "hf", "{w}/missing", "{w}/out"], "missing does not exist"),
     (["export", "llama2c", "{w}/ckpt", "{w}/plots"], "plots is a directory; give a new file path for the llama2.c model file"),
     (["export", "llama2c", "{w}/ckpt", "{w}/hs.jsonl"], "hs.jsonl already exists; choose a new path for the llama2.c model file"),
     (["export", "llama2c", "{w}/ckpt", "{w}/hs.jsonl", "--force"], "hs.jsonl exists and is not a llama2.c model file"),
@@ -319,7 +319,7 @@ CASES = [
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/missing.model"], "tokenizer file {w}/missing.model does not exist; pass --tokenizer PATH"),
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/hs.jsonl"], "hs.jsonl is not a SentencePiece model"),
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/data", "--tokenizer", "{w}/ckpt/tokenizer.model"], "holds shards made with different settings"),
-    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--text-field", "nope"], "hs.jsonl:1: no string field 'nope' (use --text-field to name another)"),
+    (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--text-field", "nope"], "hs.jsonl:1: no string field 'nope' (name another with --text-field)"),
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--workers", "0"], "--workers is 0; expected a positive integer"),
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--shard-tokens", "0"], "--shard-tokens is 0; expected a positive integer"),
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--val-tokens", "-1"], "--val-tokens is -1; expected a positive integer"),
@@ -368,7 +368,7 @@ def test_a_mistake_is_one_line_and_changes_nothing(workspace, argv, message, cap
 
 
 def test_garbage_lines_in_metrics_are_skipped_not_fatal(tmp_path):
-    from minillama.train.metrics import read_metrics, truncate_metrics
+    from minillama.metrics import read_metrics, truncate_metrics
 
     run = tmp_path / "run"
     run.mkdir()
@@ -449,6 +449,7 @@ def test_a_missing_optional_package_is_one_line_naming_the_extra(workspace, argv
     assert tree(workspace) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["export hf", "export gguf", "export llama2c", "prepare"])
 def test_a_file_size_limit_or_full_disk_mid_write_is_one_line_and_leaves_nothing(workspace, tmp_path, command):
     """Under `ulimit -f` (EFBIG; a full disk takes the same paths as ENOSPC) each writer stops with one line, and

@@ -5,13 +5,13 @@ import torch
 from safetensors.torch import load_file
 
 from minillama.checkpoint import (
-    find_checkpoint,
     load_checkpoint,
     load_checkpoint_tokenizer,
     save_checkpoint,
 )
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
+from minillama.layout import find_checkpoint
 from minillama.model import Transformer
 
 
@@ -87,5 +87,6 @@ def test_failed_save_leaves_no_checkpoint(tmp_path, small_config, monkeypatch):
 def test_run_directory_resolves_to_newest_checkpoint(tmp_path, small_config):
     model = Transformer(small_config)
     for step in (100, 2000, 300):
-        save_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{step:07d}", model)
+        save_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{step:07d}", model, training_state={"step": step})
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "step_0009000", model)  # damaged: its training state is gone
     assert find_checkpoint(tmp_path / "run").name == "step_0002000"

@@ -10,6 +10,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "minillama", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_help_lists_every_subcommand():
     out = run_cli("--help").stdout
     for command in ("inspect", "tokenizer", "prepare", "train", "generate", "eval", "plot", "report", "export", "import"):
@@ -21,6 +22,7 @@ def test_inspect_reference_preset(capsys):
     assert "109,529,856" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_user_error_is_one_line_and_exit_code_2():
     result = run_cli("inspect", "no-such-preset")
     assert result.returncode == 2
@@ -45,6 +47,7 @@ def test_each_export_and_import_format_has_its_own_help(capsys):
     assert "--tokenizer TOKENIZER" in help_of("import", "llama2c")
 
 
+@pytest.mark.slow
 def test_sigterm_while_a_command_works_is_one_line_and_exit_143(tmp_path, tokenizer):
     """Outside training (which saves a step first), SIGTERM ends a command with a line saying so, not silently, and
     what it wrote is whole: no temporary file is left, and the manifest lists only finished shards."""
@@ -69,3 +72,21 @@ def test_sigterm_while_a_command_works_is_one_line_and_exit_143(tmp_path, tokeni
     written = sorted(p.name for p in out.glob("*.bin"))
     # Every listed shard is there; at most the one being listed when the signal came is not yet (a resume rewrites it).
     assert set(listed) <= set(written) and len(written) - len(listed) <= 1
+
+
+def test_library_errors_name_parameters_and_the_cli_names_its_flags(tmp_path, corpus_file, tokenizer, capsys):
+    from minillama.data.prepare import prepare
+    from minillama.data.sources import LocalFiles
+    from minillama.errors import MiniLlamaError
+
+    with pytest.raises(MiniLlamaError, match=r"^shard_tokens is 0; expected a positive integer$"):
+        prepare(LocalFiles([str(corpus_file)]), tmp_path / "out", tokenizer, shard_tokens=0)
+    assert main(["prepare", "text", str(corpus_file), "--out", str(tmp_path / "out"), "--tokenizer", str(tokenizer.path),
+                 "--shard-tokens", "0"]) == 2
+    assert capsys.readouterr().err == "minillama: error: --shard-tokens is 0; expected a positive integer\n"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train_000000.bin").write_bytes(b"")
+    with pytest.raises(MiniLlamaError, match=r"choose another out_dir, or pass overwrite to replace them$"):
+        prepare(LocalFiles([str(corpus_file)]), tmp_path / "data", tokenizer)
+    assert main(["prepare", "text", str(corpus_file), "--out", str(tmp_path / "data"), "--tokenizer", str(tokenizer.path)]) == 2
+    assert "choose another --out, or pass --overwrite to replace them" in capsys.readouterr().err

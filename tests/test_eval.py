@@ -122,6 +122,7 @@ def test_bad_hellaswag_files(tmp_path):
         load_examples(bad)
 
 
+@pytest.mark.slow
 def test_cli_hellaswag_json_and_exit_codes(tmp_path, tokenizer, small_config):
     model = Transformer(small_config)
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
@@ -184,6 +185,7 @@ def tiny_run_dir(tmp_path_factory, corpus_file, tokenizer):
     return base / "run"
 
 
+@pytest.mark.slow
 def test_training_logs_hellaswag_bits_per_byte_and_samples(tiny_run_dir):
     records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -197,6 +199,7 @@ def test_training_logs_hellaswag_bits_per_byte_and_samples(tiny_run_dir):
     assert len([r for r in records if r["kind"] == "samples"][-1]["samples"]) == 2  # 2 prompts x 1 sample (tiny.toml)
 
 
+@pytest.mark.slow
 def test_plot_and_report(tiny_run_dir, tmp_path):
     image = plot_runs([tiny_run_dir, tiny_run_dir], tmp_path / "curves.png")
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -234,6 +237,7 @@ def test_curves_draw_the_reference_loss_only_for_runs_like_it(tiny_run_dir):
     assert "no HellaSwag evaluations" in " ".join(text.get_text() for text in hella_ax.texts)
 
 
+@pytest.mark.slow
 def test_plot_of_a_run_in_progress_and_of_no_run(tmp_path, tiny_run_dir):
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -245,6 +249,7 @@ def test_plot_of_a_run_in_progress_and_of_no_run(tmp_path, tiny_run_dir):
     assert result.returncode == 2 and "has no metrics.jsonl" in result.stderr
 
 
+@pytest.mark.slow
 def test_notebooks_run_where_jupyter_starts_them(tiny_run_dir, tmp_path, monkeypatch):
     """As a user runs them: from examples/ of a checkout whose runs/tiny holds the README's run, no variables set.
     Outputs land in runs/, which git ignores, not beside the notebooks."""
@@ -267,6 +272,7 @@ def test_notebooks_run_where_jupyter_starts_them(tiny_run_dir, tmp_path, monkeyp
     assert "/runs/" in Path(".gitignore").read_text().split()
 
 
+@pytest.mark.slow
 def test_eval_loss_command_reproduces_the_logged_val_loss(tiny_run_dir):
     """The final evaluation runs after the last update, on the weights the final checkpoint holds."""
     records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]

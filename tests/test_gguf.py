@@ -42,6 +42,7 @@ def rounded_to_f16(model):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["stories", "tiny"])
 def test_llama_cpp_tokenizes_as_sentencepiece_and_decodes_greedily_as_mini_llama(which, request, tmp_path):
     checkpoint = request.getfixturevalue(which)
@@ -80,6 +81,7 @@ def test_f32_logits_of_a_64_token_sequence_agree(stories, tmp_path):
     assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(ours).max() / 10)
 
 
+@pytest.mark.slow
 def test_q8_0_keeps_top1_and_perplexity_and_names_what_it_cannot_quantize(stories, tiny, test_data, tmp_path, capsys):
     assert main(["export", "gguf", str(stories), str(tmp_path / "s.gguf"), "--dtype", "q8_0"]) == 0
     note = capsys.readouterr().err

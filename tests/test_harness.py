@@ -71,6 +71,7 @@ def evaluate_both(checkpoint, task_dir, tmp_path, limit=None):
     return ours, theirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["stories", "tiny"])
 def test_adapter_gives_the_harness_hf_numbers(which, request, task_dir, tmp_path):
     checkpoint = request.getfixturevalue(which)
@@ -91,6 +92,7 @@ def test_adapter_gives_the_harness_hf_numbers(which, request, task_dir, tmp_path
     assert all("\n" not in text for text in generated) and any(text for text in generated)
 
 
+@pytest.mark.slow
 def test_cli_runs_tasks_writes_results_into_the_run_and_report_shows_them(tiny, task_dir, capsys):
     run_dir = tiny.parent.parent
     assert main(["eval", "harness", str(run_dir), "--tasks", "hellaswag_local,shakespeare_rolling", "--limit", "4",
@@ -111,6 +113,7 @@ def test_cli_runs_tasks_writes_results_into_the_run_and_report_shows_them(tiny, 
     assert "normalises by the ending's length in bytes" in report
 
 
+@pytest.mark.slow
 def test_cli_refuses_unknown_tasks_and_bad_limits_in_one_line(stories, task_dir, capsys):
     assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_locale", "--include-path", str(task_dir)]) == 2
     assert capsys.readouterr().err.startswith("minillama: error: unknown harness task 'hellaswag_locale'; list them with")
@@ -118,6 +121,7 @@ def test_cli_refuses_unknown_tasks_and_bad_limits_in_one_line(stories, task_dir,
     assert capsys.readouterr().err == "minillama: error: the example limit is 0.0; expected a positive number (or no limit)\n"
 
 
+@pytest.mark.slow
 def test_registered_name_and_two_ranks_give_the_single_process_numbers(stories, task_dir, tmp_path):
     import subprocess
     import sys
@@ -134,6 +138,7 @@ def test_registered_name_and_two_ranks_give_the_single_process_numbers(stories, 
     assert result.stdout.count("hellaswag_local") == 1  # rank 0 alone prints the table
 
 
+@pytest.mark.slow
 def test_lm_evals_own_api_client_scores_through_the_server_as_the_adapter_does_in_process(stories, task_dir, tmp_path):
     """`lm_eval --model local-completions` (token-id prompts, echo, logprobs, max_tokens 1 for log-likelihoods;
     generation with stop sequences) against `minillama serve`, on a multiple-choice, a rolling-perplexity and a

@@ -16,6 +16,7 @@ def alone(model, request):
     return [c.tokens for c in completions]
 
 
+@pytest.mark.slow
 def test_a_request_joining_mid_run_gets_the_tokens_it_gets_alone_and_leaves_its_row_at_once(model):
     first = Request([1, 5, 6, 7], 30, SamplingParams(0))
     short = Request([1, 44, 45], 3, SamplingParams(0))

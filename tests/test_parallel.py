@@ -15,8 +15,8 @@ from minillama.checkpoint import SHARDED_DIR, WEIGHTS_FILE, load_checkpoint, mod
 from minillama.errors import MiniLlamaError
 from minillama.cli import main
 from minillama.train.config import load_train_config
-from minillama.train.distributed import close_distributed, init_distributed
-from minillama.train.loop import setup, train
+from minillama.distributed import close_distributed, init_distributed
+from minillama.train.loop import open_run, train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is not set up on Windows runners")
 
@@ -41,6 +41,7 @@ def two_rank_fsdp(tmp_path_factory, data_dir, tokenizer):
     return folder, overrides
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_matches_one_process_with_double_accumulation(tmp_path, data_dir, tokenizer, two_rank_fsdp):
     folder, _ = two_rank_fsdp
     train(load_train_config("configs/tiny.toml", fsdp_run(tmp_path, data_dir, tokenizer)))
@@ -61,6 +62,7 @@ def test_two_rank_fsdp_matches_one_process_with_double_accumulation(tmp_path, da
     assert len(samples[1]) == 4 and all(len(s) == 2 for s in samples[1])  # rank 0 samples alone, on gathered weights
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_samples_on_rank_0_alone_without_hellaswag_and_matches_one_process(tmp_path, data_dir, tokenizer):
     """Rank 0 samples while rank 1 goes straight on to the next step (no HellaSwag to keep them together): the
     sampling must not touch FSDP's state, or the next step's gathers differ across ranks (gloo aborts)."""
@@ -77,6 +79,7 @@ def test_two_rank_fsdp_samples_on_rank_0_alone_without_hellaswag_and_matches_one
     assert len(samples[1]) == 4 and samples[0] == samples[1]  # steps 0, 2, 4, 6: the same text from gathered weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir, tokenizer, mode):
     """Recomputed activations replay the forward's dropout masks, so the gradients are the same."""
@@ -90,6 +93,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir, toke
     assert max(abs(a - b) for a, b in zip(losses["none"], losses[mode])) < 1e-6
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_reads_as_a_whole_model(two_rank_fsdp, capsys):
     """generate, eval, export and inspect load any checkpoint through load_checkpoint: an fsdp run's reads whole."""
     folder, _ = two_rank_fsdp
@@ -118,6 +122,7 @@ def kill_group(process):
     process.wait()
 
 
+@pytest.mark.slow
 def test_fsdp_resume_after_kill_on_two_ranks_equals_uninterrupted_and_reshards_to_one_and_back(tmp_path, data_dir, tokenizer, two_rank_fsdp):
     straight_folder, overrides = two_rank_fsdp
     straight, _ = train_losses(straight_folder / "run")
@@ -139,10 +144,9 @@ def test_fsdp_resume_after_kill_on_two_ranks_equals_uninterrupted_and_reshards_t
     one_config = load_train_config("configs/tiny.toml", one_overrides)
     ctx = init_distributed(one_config.device, alone_as_group=True)
     try:
-        run = setup(one_config, "always", ctx)
-        run.lock.release()
-        assert run.state.step == 8
-        resumed = {key: value.full_tensor() for key, value in model_state_dict(run.model).items()}
+        with open_run(one_config, "always", ctx) as run:
+            assert run.state.step == 8
+            resumed = {key: value.full_tensor() for key, value in model_state_dict(run.model).items()}
     finally:
         close_distributed(ctx)
     consolidated = model_state_dict(load_checkpoint(step_8)[0])
@@ -161,6 +165,7 @@ def test_fsdp_resume_after_kill_on_two_ranks_equals_uninterrupted_and_reshards_t
     assert max(abs(a - b) for a, b in zip(both[12:], straight[12:16])) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_one_rank_fsdp_equals_the_plain_run_with_a_tied_or_untied_head(tmp_path, data_dir, tokenizer, tie):
     """A tied head is one parameter sharded once (the root holds both names); an untied one is its own parameter."""
@@ -178,6 +183,7 @@ def test_one_rank_fsdp_equals_the_plain_run_with_a_tied_or_untied_head(tmp_path,
     assert all(torch.allclose(weights["ddp"][k], weights["fsdp"][k], atol=1e-6) for k in weights["ddp"])
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_with_muon_matches_one_process(tmp_path, data_dir, tokenizer):
     """Muon orthogonalises whole matrices; under FSDP each rank holds a slice of each, and the Newton-Schulz
     iteration on those sharded tensors must still act on the whole matrix."""
@@ -193,6 +199,7 @@ def test_two_rank_fsdp_with_muon_matches_one_process(tmp_path, data_dir, tokeniz
     assert max(abs(a - b) for a, b in zip(single, double)) < 1e-4  # bf16 Newton-Schulz, as the DDP test allows
 
 
+@pytest.mark.slow
 def test_fsdp_compiles_each_block_and_gives_the_eager_losses(tmp_path, data_dir, tokenizer):
     """torch.compile per block (inductor on the CPU), under FSDP and selective checkpointing; evaluation and
     sampling in between run the compiled blocks eagerly, at other shapes."""

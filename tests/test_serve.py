@@ -121,10 +121,31 @@ def test_models_are_named_as_openai_names_them_and_unknown_routes_answer_in_its_
         assert error.value.code == status and answer["error"]["type"] == "invalid_request_error" and path in answer["error"]["message"]
 
 
-def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(served, client):
+def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(served, client, monkeypatch):
+    from minillama.inference.engine import Engine
+    from minillama.serve.worker import EngineWorker
+
     _, model, tokenizer = served
     prompts = [f"Tim had {i} red" for i in range(8)]
     answers = [None] * len(prompts)
+    # The engine's first decode waits until every request has arrived, so that how many rows decode together
+    # depends on the batching alone, not on how fast the threads start.
+    jobs, all_arrived, rows_decoded = [], threading.Event(), []
+    submit, decode = EngineWorker.submit, Engine._decode
+
+    def counted_submit(self, job):
+        submit(self, job)
+        jobs.append(job)
+        if len(jobs) == len(prompts):
+            all_arrived.set()
+
+    def recorded_decode(self, running):
+        all_arrived.wait(timeout=60)
+        rows_decoded.append(len(running))
+        return decode(self, running)
+
+    monkeypatch.setattr(EngineWorker, "submit", counted_submit)
+    monkeypatch.setattr(Engine, "_decode", recorded_decode)
 
     def ask(i):
         answers[i] = client.completions.create(model="stories260K", prompt=prompts[i], max_tokens=10, temperature=0).choices[0].text
@@ -134,6 +155,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(served, 
         t.start()
     for t in threads:
         t.join()
+    assert max(rows_decoded) == len(prompts)  # all eight decode as one batch
     assert answers == [generate(model, tokenizer, p, num_samples=1, max_new_tokens=10, temperature=0, top_k=None)[0] for p in prompts]
 
 
@@ -240,6 +262,7 @@ def test_a_host_header_that_is_not_allowed_is_refused(served):
         assert urllib.request.urlopen(urllib.request.Request(f"{served[0]}/health", headers={"Host": host}), timeout=10).status == 200
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_stream_in_flight_then_exits(stories, tmp_path):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "minillama", "serve", str(stories), "--port", str(port), "--device", "cpu"],
@@ -266,6 +289,7 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits(stories, tmp_path):
         process.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs Debian's chromium and chromium-driver")
 def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
     """Headless Chromium opens the page, types a prompt, presses Generate, and the streamed text appears."""
@@ -295,6 +319,7 @@ def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
     assert shown == expected.strip() and status == "finished: length"
 
 
+@pytest.mark.slow
 def test_characters_spelled_in_byte_tokens_arrive_whole_streamed_or_not_with_or_without_stop(served, client):
     """stories260K's tok512 spells most characters in bytes; a text must equal the decode of its tokens, however
     it is delivered, and an unrelated stop sequence must not change it."""
@@ -383,6 +408,7 @@ def test_metrics_count_requests_tokens_and_latency_in_prometheus_format(served, 
     assert after["minillama_num_requests_running[]"] == 0
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429_and_takes_requests_again_once_it_drains(stories):
     from minillama.serve.app import create_app
 
@@ -440,6 +466,7 @@ def test_if_the_engine_thread_dies_health_says_so_requests_get_503_and_the_serve
     assert stopped == ["SystemError: a bug in the worker (simulated)"]
 
 
+@pytest.mark.slow
 def test_short_requests_do_not_wait_for_a_long_one(served):
     """Continuous batching: 8 short requests sent while a 400-token one runs join at the next step and finish
     long before it (a batch-at-a-time server made them wait for the whole long request)."""

@@ -16,7 +16,7 @@ from minillama.errors import MiniLlamaError
 from minillama.files import DirectoryLock
 from minillama.config import ModelConfig
 from minillama.model import Transformer
-from minillama.train.config import OptimConfig, config_to_toml, load_train_config
+from minillama.train.config import OptimConfig, load_train_config
 from minillama.train.loop import gradient_accumulation_steps, train
 from minillama.train.optim import build_optimizer, learning_rate
 
@@ -29,6 +29,7 @@ def unigram_entropy(data_dir):
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow
 def test_loss_falls_well_below_unigram_entropy(tmp_path, data_dir, tokenizer):
     """A model that learned nothing beyond token frequencies scores the unigram entropy; the grammar of the
     corpus makes much lower loss reachable, and 150 steps of the tiny model must get a good part of the way."""
@@ -41,6 +42,7 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path, data_dir, tokenizer):
     assert final_val["val_loss"] < 0.6 * entropy, (final_val["val_loss"], entropy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd", "optim.decay_fraction=0.5"]], ids=["adamw", "muon"])
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer, recipe):
     overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=14", "model.dropout=0.1", *recipe)
@@ -59,6 +61,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer,
     assert kept == ["step_0000012", "step_0000014"]  # keep_last=2, the final step always saved
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_last_finished_step_and_the_resume_equals_an_uninterrupted_run(tmp_path, data_dir, tokenizer):
     """What SLURM preemption sends: the run stops after the step in flight with a checkpoint of it (not the last
     interval's), says so in one line, exits 143, and resuming loses nothing."""
@@ -78,6 +81,7 @@ def test_sigterm_saves_the_last_finished_step_and_the_resume_equals_an_uninterru
     assert train_losses(stopped / "run")[0] == expected
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is not set up on Windows runners")
 @pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd"]], ids=["adamw", "muon"])
 def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, data_dir, tokenizer, recipe):
@@ -128,6 +132,7 @@ def test_tokenizer_vocab_must_match_model(tmp_path, data_dir, tokenizer):
         train(config)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_or_is_skipped(tmp_path, data_dir, tokenizer):
     explode = tiny_run(tmp_path, data_dir, tokenizer, "optim.lr=1e30", "optim.warmup_steps=0", "stop_at_step=6", "checkpoint.interval=1")
     with pytest.raises(MiniLlamaError, match=r"step \d+: loss .* is not finite; stopped \(the last good checkpoint is .*step_"):
@@ -135,13 +140,6 @@ def test_nonfinite_loss_stops_with_step_or_is_skipped(tmp_path, data_dir, tokeni
     skipped = load_train_config("configs/tiny.toml", explode + [f"run_dir={tmp_path / 'skip'}", "on_nonfinite=skip"])
     train(skipped)
     assert len(train_losses(tmp_path / "skip")[0]) == 6
-
-
-def test_config_round_trips_through_saved_toml(tmp_path):
-    config = load_train_config("configs/tiny.toml", ["optim.lr=1e-3", "model.dropout=0.1", "eval.prompts=[\"a\", \"b\"]"])
-    path = tmp_path / "saved.toml"
-    path.write_text(config_to_toml(config))
-    assert load_train_config(path) == config
 
 
 def test_reference_config_is_the_reference_recipe():
@@ -161,8 +159,6 @@ def test_bad_config_fields(tmp_path):
         load_train_config("configs/tiny.toml", ["optim.lrate=1"])
     with pytest.raises(MiniLlamaError, match=r"^--set model.width=1: the \[model\] table has no field 'width'"):
         load_train_config("configs/tiny.toml", ["model.width=1"])
-    with pytest.raises(MiniLlamaError, match=r"^--set model=tiny: 'model' is a table; set one of its fields, e.g. --set model.preset="):
-        load_train_config("configs/tiny.toml", ["model=tiny"])
     (tmp_path / "typo.toml").write_text("[optim]\nlrate = 1\n")
     with pytest.raises(MiniLlamaError, match=r"typo.toml: field 'optim': unknown field 'lrate'"):
         load_train_config(tmp_path / "typo.toml")
@@ -251,9 +247,13 @@ def test_wsd_schedule_at_its_boundaries():
     from minillama.train.optim import set_learning_rates
 
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16))
-    optimizer = build_optimizer(model, OptimConfig(name="muon", schedule="wsd", muon_lr=0.05, lr=1e-3, warmup_steps=10), torch.device("cpu"))
-    assert set_learning_rates(optimizer, 4, optimizer_config := OptimConfig(name="muon", muon_lr=0.05, lr=1e-3, warmup_steps=10)) == pytest.approx(5e-4)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.025, 5e-4, 5e-4]) and optimizer_config.name == "muon"
+    muon = OptimConfig(name="muon", schedule="wsd", muon_lr=0.05, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    optimizer = build_optimizer(model, muon, torch.device("cpu"))
+    # Muon's group first, then AdamW's two; Muon's rate follows the same schedule, scaled to muon_lr.
+    assert set_learning_rates(optimizer, 4, muon) == pytest.approx(5e-4)  # warmup: 5 of 10 steps
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.025, 5e-4, 5e-4])
+    assert set_learning_rates(optimizer, 90, muon) == pytest.approx(5.5e-4)  # wsd: halfway down its last fifth
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.0275, 5.5e-4, 5.5e-4])
 
 
 def three_step_losses(tmp_path, data_dir, tokenizer, *extra):
@@ -269,6 +269,7 @@ def float32_losses(tmp_path_factory, data_dir, tokenizer):
     return three_step_losses(tmp_path_factory.mktemp("fp32"), data_dir, tokenizer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, overrides, tolerance",
     [
@@ -284,6 +285,7 @@ def test_precision_and_compilation_follow_the_float32_run(tmp_path, data_dir, to
     assert len(losses) == 3 and np.all(np.abs(losses - float32_losses) <= tolerance * float32_losses), (name, losses, float32_losses)
 
 
+@pytest.mark.slow
 def test_grad_clip_zero_never_clips(tmp_path, data_dir, tokenizer):
     unclipped = three_step_losses(tmp_path / "huge", data_dir, tokenizer, "optim.grad_clip=1e9")
     assert np.array_equal(three_step_losses(tmp_path / "zero", data_dir, tokenizer, "optim.grad_clip=0"), unclipped)
@@ -294,6 +296,7 @@ def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_run_says_what_it_did_keeps_config_history_and_refuses_a_meaningless_resume(tmp_path, data_dir, tokenizer, capsys):
     run_dir = tmp_path / "run"
     short = ["optim.max_steps=8", "optim.warmup_steps=1", "stop_at_step=4"]
@@ -322,6 +325,7 @@ def test_a_run_says_what_it_did_keeps_config_history_and_refuses_a_meaningless_r
     assert load_train_config(run_dir / "config.toml").optim.lr == 0.001
 
 
+@pytest.mark.slow
 def test_training_its_own_tokenizer_says_so(tmp_path, corpus_file, capsys):
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}", f"data.tokenizer={tmp_path / 'tok.model'}",
                  f"data.files=[\"{corpus_file}\"]", "model.vocab_size=320", "data.val_tokens=2048", "eval.val_tokens=1024",
@@ -354,6 +358,7 @@ def test_resuming_in_another_precision_says_so_and_goes_on(tmp_path, data_dir, t
     assert len(train_losses(tmp_path / "run")[0]) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_full_disk_at_a_save_is_one_line_and_the_last_checkpoint_stays_loadable(tmp_path, data_dir, tokenizer, parallel):
     """A file-size limit stands in for a full disk: the first run saves step 2; the resumed run cannot write

@@ -58,7 +58,11 @@ def start_run_until_step(folder, overrides, step, nproc=None, env_extra=None, **
     args = ["train", "--config", str(config_file(folder, overrides)), "--set", f"run_dir={folder / 'run'}"]
     command = torchrun(nproc, *args) if nproc else [sys.executable, "-m", "minillama", *args]
     process = subprocess.Popen(command, env={**os.environ, **(env_extra or {})}, **popen)
-    metrics, deadline = folder / "run" / "metrics.jsonl", time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and f'"kind": "train", "step": {step},' in metrics.read_text()):
+    metrics, deadline = folder / "run" / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and f'"kind": "train", "step": {step},' in metrics.read_text()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the run {'ended (exit ' + str(process.returncode) + ')' if process.returncode is not None else 'took over 300 s'} "
+                                 f"before logging step {step}: {command}")
         time.sleep(0.05)
     return process, command

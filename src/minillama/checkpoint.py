@@ -23,15 +23,13 @@ from safetensors.torch import load_file, save_file
 from minillama.config import ModelConfig, from_dict, to_dict
 from minillama.errors import MiniLlamaError
 from minillama.files import write_directory_atomically
+from minillama.layout import CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, find_checkpoint
 from minillama.model import Transformer, meta_model, rotary_tables
+from minillama.tensors import check_stored_tensors
 from minillama.tokenizer import Tokenizer, check_vocab
 
 FORMAT = "minillama-checkpoint"
 FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TRAINING_STATE_FILE = (
-    "config.json", "model.safetensors", "tokenizer.model", "training_state.pt",
-)
-SHARDED_DIR = "sharded"  # an FSDP run's weights and optimizer state, in place of model.safetensors
 # What an import writes: --force replaces a folder holding these and nothing else (never a training checkpoint).
 IMPORTED_CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 
@@ -166,17 +164,7 @@ def _read_checked_weights(path: Path, model: Transformer, device: str | torch.de
         raise MiniLlamaError(f"{weights_path} cannot be read ({exc.strerror}); check that it is a file you may read") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise MiniLlamaError(f"{weights_path} cannot be read ({exc}); the file is truncated or not safetensors") from None
-    for key in expected.keys() - state.keys():
-        raise MiniLlamaError(f"{weights_path} lacks tensor '{key}'; it does not match its config.json")
-    for key in state.keys() - expected.keys():
-        raise MiniLlamaError(f"{weights_path} has unexpected tensor '{key}'; it does not match its config.json")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise MiniLlamaError(
-                f"{weights_path}: tensor '{key}' has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}"
-            )
-        if not tensor.dtype.is_floating_point:
-            raise MiniLlamaError(f"{weights_path}: tensor '{key}' has dtype {tensor.dtype}; expected a floating-point type")
+    check_stored_tensors(weights_path, {key: (tensor.shape, tensor.dtype) for key, tensor in state.items()}, expected)
     return state
 
 
@@ -229,17 +217,3 @@ def is_checkpoint(path: Path) -> bool:
     except MiniLlamaError:
         return False
     return True
-
-
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory as given, or the newest complete checkpoint inside a training run directory."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        return path
-    candidates = sorted(
-        (p for p in (path / "checkpoints").glob("step_*") if (p / CONFIG_FILE).is_file()),
-        key=lambda p: p.name,
-    )
-    if not candidates:
-        raise MiniLlamaError(f"{path} is neither a checkpoint directory nor a run directory with checkpoints/step_*")
-    return candidates[-1]

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from minillama.errors import MiniLlamaError, TrainingStopped
+from minillama.errors import ArgumentError, MiniLlamaError, TrainingStopped
 
 Handler = Callable[[argparse.Namespace], None]
 
@@ -36,7 +36,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.target in PRESETS or not (Path(args.target).exists() or "/" in args.target):
         config = preset(args.target)  # arithmetic only: no torch import
     else:
-        from minillama.checkpoint import find_checkpoint, read_checkpoint_info
+        from minillama.checkpoint import read_checkpoint_info
+        from minillama.layout import find_checkpoint
 
         info = read_checkpoint_info(find_checkpoint(Path(args.target)))
         _say_which(info)
@@ -57,7 +58,7 @@ def _prepare(args: argparse.Namespace, source) -> None:
     from minillama.tokenizer import load_tokenizer
 
     prepare(
-        source, Path(args.out), load_tokenizer(args.tokenizer), shard_tokens=args.shard_tokens, val_tokens=args.val_tokens,
+        source, Path(args.out_dir), load_tokenizer(args.tokenizer), shard_tokens=args.shard_tokens, val_tokens=args.val_tokens,
         max_tokens=args.max_tokens, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
     )
 
@@ -193,18 +194,18 @@ def cmd_eval_loss(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_harness(args: argparse.Namespace) -> None:
-    from minillama.checkpoint import find_checkpoint
+    from minillama.layout import find_checkpoint, harness_output
 
     try:
         from lm_eval.utils import make_table
 
-        from minillama.eval.harness import default_output, run_harness
+        from minillama.eval.harness import run_harness
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("lm_eval"):
             raise
         raise MiniLlamaError("eval harness needs EleutherAI's lm-evaluation-harness: pip install 'minillama[harness]'") from None
     checkpoint = find_checkpoint(Path(args.checkpoint))
-    output = Path(args.output) if args.output else default_output(checkpoint)
+    output = Path(args.output) if args.output else harness_output(checkpoint)
     results = run_harness(checkpoint, [t.strip() for t in args.tasks.split(",") if t.strip()], args.limit, args.batch_size,
                           args.device, args.dtype, Path(args.tokenizer) if args.tokenizer else None,
                           Path(args.include_path) if args.include_path else None, args.num_fewshot, output, args.log_samples)
@@ -241,14 +242,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
-    from minillama.checkpoint import find_checkpoint
+    from minillama.layout import find_checkpoint
     from minillama.interop.hf import export_hf
 
     print(f"wrote {export_hf(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.dtype, force=args.force)}")
 
 
 def cmd_export_llama2c(args: argparse.Namespace) -> None:
-    from minillama.checkpoint import find_checkpoint
+    from minillama.layout import find_checkpoint
     from minillama.interop.llama2c import export_llama2c
 
     print(f"wrote {export_llama2c(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.version, force=args.force)}")
@@ -261,11 +262,11 @@ def cmd_export_llama2c_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
-    from minillama.checkpoint import find_checkpoint
+    from minillama.layout import find_checkpoint
     from minillama.interop.llamacpp import export_gguf
 
     out, fell_back = export_gguf(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.dtype, force=args.force,
-                                 tokenizer_path=Path(args.tokenizer) if args.tokenizer else None)
+                                 tokenizer_path=Path(args.tokenizer_path) if args.tokenizer_path else None)
     if fell_back:
         print(f"note: {len(fell_back)} matrices have rows that are not a multiple of 32, which q8_0 needs; they are "
               f"stored as f16: {', '.join(fell_back)}", file=sys.stderr)
@@ -289,7 +290,7 @@ Subparsers = argparse._SubParsersAction
 
 def _command(parent: Subparsers, name: str, help: str, handler: Handler, **kwargs) -> argparse.ArgumentParser:
     sub = parent.add_parser(name, help=help, description=help, **kwargs)
-    sub.set_defaults(handler=handler)
+    sub.set_defaults(handler=handler, parser=sub)
     return sub
 
 
@@ -307,7 +308,7 @@ def _checkpoint_options(p: argparse.ArgumentParser) -> None:
 
 
 def _shard_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
+    p.add_argument("--out", dest="out_dir", required=True, help="output directory for the shards and manifest.json")
     p.add_argument("--tokenizer", help="SentencePiece .model (default: $MINILLAMA_TOKENIZER, else Llama 2's from the hub)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 100,000,000)")
     p.add_argument("--val-tokens", type=int, help="tokens in the validation split, taken first (default: one shard)")
@@ -348,10 +349,15 @@ def _add_prepare(commands: Subparsers) -> None:
 
 
 def _add_train(commands: Subparsers) -> None:
+    from minillama.train.config import field_reference
+
+    fields = "\n".join(f"  {key} = {default}\n      {note}" for key, default, note in field_reference())
     p = _command(commands, "train", "Train a model as a run config says (one process, or one per GPU under torchrun), resuming automatically.",
-                 cmd_train, epilog="Multi-GPU: torchrun --nproc_per_node=8 -m minillama train --config configs/mini-llama-109M.toml. "
-                         "A model that does not fit: --set parallel=fsdp (shards weights, gradients and optimizer "
-                         "state over the ranks) and --set activation_checkpointing=full (or selective).")
+                 cmd_train, formatter_class=argparse.RawDescriptionHelpFormatter,
+                 epilog="Multi-GPU: torchrun --nproc_per_node=8 -m minillama train --config configs/mini-llama-109M.toml.\n"
+                        "A model that does not fit: --set parallel=fsdp (shards weights, gradients and optimizer state over the\n"
+                        "ranks) and --set activation_checkpointing=full (or selective).\n\n"
+                        "Run config fields (TOML tables, or --set table.field=value), with their defaults:\n" + fields)
     p.add_argument("--config", help="run config TOML (see configs/); without it, the reference mini-llama-109M run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 --set model.dropout=0.1 (repeatable)")
@@ -459,7 +465,7 @@ def _add_interop(commands: Subparsers) -> None:
     p.add_argument("--dtype", default="f16", help="matrices' type (norms stay f32): "
                    "f16 (default), f32, bf16, or q8_0 (8-bit blocks of 32; a matrix whose rows are not a multiple of 32 "
                    "is stored as f16, and named)")
-    p.add_argument("--tokenizer", help="SentencePiece .model (default: the checkpoint's own)")
+    p.add_argument("--tokenizer", dest="tokenizer_path", help="SentencePiece .model (default: the checkpoint's own)")
     _force_option(p, "GGUF file")
     p = _command(export, "llama2c-tokenizer", "Write a SentencePiece model as run.c's tokenizer file (its -z option).", cmd_export_llama2c_tokenizer)
     p.add_argument("tokenizer", help="a SentencePiece .model")
@@ -512,9 +518,17 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """{parameter: flag} for a command: the library's parameters carry the names of the flags' destinations."""
+    return {action.dest: max(action.option_strings, key=len) for action in parser._actions if action.option_strings}
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         args.handler(args)
+    except ArgumentError as exc:
+        print(f"minillama: error: {exc.naming(_flags(args.parser))}", file=sys.stderr)
+        return 2
     except MiniLlamaError as exc:
         print(f"minillama: error: {exc}", file=sys.stderr)
         return 2

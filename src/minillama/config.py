@@ -8,7 +8,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from minillama.errors import MiniLlamaError
 
@@ -241,3 +241,12 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise MiniLlamaError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+class ConfigSection:
+    """A table of the run config; its fields are checked against their annotations whenever it is built."""
+
+    table: ClassVar[str]  # its [name] in the TOML file
+
+    def __post_init__(self) -> None:
+        check_fields(self, f"run config field '{self.table}.{{}}'")

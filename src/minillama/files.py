@@ -19,13 +19,18 @@ import tempfile
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 
 
-def _umask() -> int:
+def _read_umask() -> int:
+    """The process's umask, read once at import: reading it means setting it, which would race with threads (the
+    server's) creating files in between."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()
 
 
 LEFTOVER = re.compile(r"\..+\.(tmp-[^/]+|old-\d+|[^.]+\.tmp)")  # what the two writers below leave if killed mid-write
@@ -84,7 +89,7 @@ def fill_file_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
         fill(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
@@ -143,11 +148,11 @@ def commit_directory(tmp: Path, path: Path) -> None:
     """Flush every file under `tmp` to disk, then rename `tmp` to `path`, replacing an old `path` whole."""
     for item in [*tmp.rglob("*"), tmp]:
         if item.is_dir():
-            os.chmod(item, 0o777 & ~_umask())
+            os.chmod(item, 0o777 & ~UMASK)
             continue
         with open(item, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(item, 0o666 & ~_umask())
+        os.chmod(item, 0o666 & ~UMASK)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -189,15 +194,16 @@ def _check_output(out: Path, sources: list[Path], what: str, force: bool, is_ear
     if directory and not any(out.iterdir()):
         return
     if not force:
-        raise MiniLlamaError(f"{out} already exists; choose a new path for the {what}, or pass --force to replace an "
-                             f"earlier {what} there")
+        raise ArgumentError("{path} already exists; choose a new path for the {what}, or pass {force} to replace an earlier "
+                            "{what} there", path=out, what=what)
     if not is_earlier_output(out):
-        raise MiniLlamaError(f"{out} exists and is not a {what} (--force replaces only an earlier {what}); choose a new path")
+        raise ArgumentError("{path} exists and is not a {what} ({force} replaces only an earlier {what}); choose a new path",
+                            path=out, what=what)
     foreign = sorted(p.name for p in out.iterdir() if p.name not in owned and not LEFTOVER.fullmatch(p.name)) if directory else []
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise MiniLlamaError(f"{out} holds files that a {what} does not ({listed}); --force replaces only an earlier {what} "
-                             "and nothing else: move them away, or choose a new path")
+        raise ArgumentError("{path} holds files that a {what} does not ({listed}); {force} replaces only an earlier {what} and "
+                            "nothing else: move them away, or choose a new path", path=out, what=what, listed=listed)
 
 
 class DirectoryLock:
@@ -213,7 +219,7 @@ class DirectoryLock:
         self.created = not folder.exists()
         self.created_file = not (folder / ".lock").exists()
         folder.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        self.fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

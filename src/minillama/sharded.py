@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from minillama.errors import MiniLlamaError
+from minillama.tensors import check_stored_tensors
 
 INDEX_FILE = ".metadata"  # DCP's name for the index
 
@@ -100,18 +101,10 @@ def check_tensors(folder: Path, expected: dict[str, torch.Tensor], prefix: str) 
     anything loaded: what is read is known to be tensors."""
     stored = {key[len(prefix):]: entry for key, entry in read_index(folder).state_dict_metadata.items() if key.startswith(prefix)}
     where = Path(folder) / INDEX_FILE
-    for key in expected.keys() - stored.keys():
-        raise MiniLlamaError(f"{where} lacks tensor '{key}'; it does not match its config.json")
-    for key in stored.keys() - expected.keys():
-        raise MiniLlamaError(f"{where} has unexpected tensor '{key}'; it does not match its config.json")
-    for key, tensor in expected.items():
-        entry = stored[key]
+    for key, entry in stored.items():
         if not isinstance(entry, TensorStorageMetadata):
             raise MiniLlamaError(f"{where}: '{key}' is not stored as a tensor; the checkpoint is damaged")
-        if tuple(entry.size) != tuple(tensor.shape):
-            raise MiniLlamaError(f"{where}: tensor '{key}' has shape {tuple(entry.size)}, config.json implies {tuple(tensor.shape)}")
-        if not entry.properties.dtype.is_floating_point:
-            raise MiniLlamaError(f"{where}: tensor '{key}' has dtype {entry.properties.dtype}; expected a floating-point type")
+    check_stored_tensors(where, {key: (entry.size, entry.properties.dtype) for key, entry in stored.items()}, expected)
     return stored
 
 

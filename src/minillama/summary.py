@@ -1,24 +1,40 @@
-"""What `minillama inspect` reports: parameter counts and training FLOPs per token for a model config."""
+"""A model config by arithmetic: every parameter's shape, parameter counts and training FLOPs per token (what
+`minillama inspect` reports, and what the memory estimate and MFU are computed from)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from minillama.config import ModelConfig, to_dict
 
 
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape by name, as the model registers them (a tied head is the embedding: listed once)."""
+    q, kv = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
+    shapes = {"tok_embeddings.weight": (config.vocab_size, config.dim)}
+    for layer in range(config.n_layers):
+        block = {"attention_norm.weight": (config.dim,), "attention.wq.weight": (q, config.dim),
+                 "attention.wk.weight": (kv, config.dim), "attention.wv.weight": (kv, config.dim),
+                 "attention.wo.weight": (config.dim, q), "ffn_norm.weight": (config.dim,),
+                 "feed_forward.w1.weight": (config.ffn_hidden_dim, config.dim),
+                 "feed_forward.w2.weight": (config.dim, config.ffn_hidden_dim),
+                 "feed_forward.w3.weight": (config.ffn_hidden_dim, config.dim)}
+        shapes.update({f"layers.{layer}.{name}": shape for name, shape in block.items()})
+    shapes["norm.weight"] = (config.dim,)
+    if not config.tie_embeddings:
+        shapes["output.weight"] = (config.vocab_size, config.dim)
+    return shapes
+
+
 def count_parameters(config: ModelConfig) -> dict[str, int]:
-    """Parameter counts by part, by arithmetic on the config (building even a memoryless model costs a second
-    of imports, for numbers that are products of sizes)."""
-    q_and_out = 2 * config.dim * config.n_heads * config.head_dim  # wq, wo
-    keys_and_values = 2 * config.dim * config.kv_heads * config.head_dim  # wk, wv
-    feed_forward = 3 * config.dim * config.ffn_hidden_dim  # w1, w2, w3
-    per_block = q_and_out + keys_and_values + feed_forward + 2 * config.dim  # and two RMSNorm gains
-    embedding = config.vocab_size * config.dim
-    output = 0 if config.tie_embeddings else config.vocab_size * config.dim  # a tied head is the embedding itself
-    blocks = per_block * config.n_layers
-    return {"total": embedding + output + blocks + config.dim, "embedding": embedding, "output_head": output,
-            "per_block": per_block, "blocks": blocks, "final_norm": config.dim}
+    """Parameter counts by part, from `parameter_shapes` (building even a memoryless model costs a second of
+    imports, for numbers that are products of sizes)."""
+    sizes = {name: math.prod(shape) for name, shape in parameter_shapes(config).items()}
+    blocks = sum(size for name, size in sizes.items() if name.startswith("layers."))
+    embedding, output = sizes["tok_embeddings.weight"], sizes.get("output.weight", 0)  # a tied head is the embedding itself
+    return {"total": sum(sizes.values()), "embedding": embedding, "output_head": output,
+            "per_block": blocks // config.n_layers, "blocks": blocks, "final_norm": sizes["norm.weight"]}
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:

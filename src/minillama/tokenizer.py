@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.files import claim_output, write_file_atomically
 from minillama.hub import quiet_hub
 
@@ -188,8 +188,9 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path, text_field: s
             for lines, line in enumerate(read_training_text([Path(f) for f in files], text_field), 1):
                 yield line
             if not lines:
-                raise MiniLlamaError(f"{', '.join(map(str, files))} holds no text to train on; check the files"
-                                     + (f" (and --text-field, now '{text_field}')" if any(str(f).endswith(".jsonl") for f in files) else ""))
+                jsonl = any(str(f).endswith(".jsonl") for f in files)
+                raise ArgumentError("{files} holds no text to train on; check the files" + (" (and {text_field}, now {field!r})" if jsonl else ""),
+                                    files=", ".join(map(str, files)), field=text_field)
         except MiniLlamaError as exc:
             input_errors.append(exc)
 

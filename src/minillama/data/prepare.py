@@ -34,7 +34,7 @@ from minillama.data.shards import (
     write_shard,
 )
 from minillama.data.sources import SkipCounter
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.files import DirectoryLock, remove_leftovers, temporary_directory
 from minillama.tokenizer import Tokenizer
 
@@ -225,23 +225,21 @@ def _resumable(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None
     if existing is not None:
         problem = resume_problem(existing)
         if problem:
-            raise MiniLlamaError(f"{out_dir / MANIFEST}: {problem}; the manifest is damaged: re-run with --overwrite")
+            raise ArgumentError("{manifest}: {problem}; the manifest is damaged: re-run with {overwrite}", manifest=out_dir / MANIFEST, problem=problem)
         if existing["tokenizer"]["fingerprint"] != settings["tokenizer"]["fingerprint"]:
-            raise MiniLlamaError(
-                f"{out_dir} holds shards made with another tokenizer (sha256 {existing['tokenizer']['fingerprint'][:12]}…); "
-                "choose another --out or pass --overwrite to replace them"
-            )
+            raise ArgumentError("{folder} holds shards made with another tokenizer (sha256 {sha}…); choose another {out_dir} "
+                                "or pass {overwrite} to replace them", folder=out_dir, sha=existing["tokenizer"]["fingerprint"][:12])
         for key, value in settings.items():
             if existing.get(key) != value:
-                raise MiniLlamaError(
-                    f"{out_dir} holds shards made with different settings ({key}: {existing.get(key)!r}, now {value!r}); "
-                    "choose another --out or pass --overwrite to replace them"
-                )
+                raise ArgumentError("{folder} holds shards made with different settings ({key}: {before!r}, now {now!r}); "
+                                    "choose another {out_dir} or pass {overwrite} to replace them",
+                                    folder=out_dir, key=key, before=existing.get(key), now=value)
         return existing
     shards = sorted(p for p in out_dir.glob("*.bin") if SHARD_NAME.fullmatch(p.name)) if out_dir.is_dir() else []
     if shards:
-        raise MiniLlamaError(f"{out_dir} already holds {len(shards)} shard files ({shards[0].name}, ...) but no {MANIFEST}; "
-                             "choose another --out, or pass --overwrite to replace them")
+        raise ArgumentError("{folder} already holds {count} shard files ({first}, ...) but no {manifest}; choose another "
+                            "{out_dir}, or pass {overwrite} to replace them", folder=out_dir, count=len(shards),
+                            first=shards[0].name, manifest=MANIFEST)
     return None
 
 
@@ -257,9 +255,9 @@ def _replaceable(out_dir: Path) -> list[Path]:
     listed |= {f"{split}_{len(listed):06d}.bin" for split in ("train", "val")} if earlier is not None else set()
     foreign = sorted(p.name for p in out_dir.glob("*.bin") if SHARD_NAME.fullmatch(p.name) and p.name not in listed) if out_dir.is_dir() else []
     if foreign:
-        raise MiniLlamaError(f"{out_dir} holds shard-named files that no manifest of an earlier prepare lists ({', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only what an earlier prepare made: "
-                             "move them away, or choose another --out")
+        raise ArgumentError("{folder} holds shard-named files that no manifest of an earlier prepare lists ({names}); "
+                            "{overwrite} replaces only what an earlier prepare made: move them away, or choose another {out_dir}",
+                            folder=out_dir, names=", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else ""))
     return [out_dir / name for name in sorted(listed) if (out_dir / name).is_file()] + \
         [out_dir / name for name in (MANIFEST, VERIFIED) if (out_dir / name).is_file()]
 
@@ -288,12 +286,12 @@ def prepare(
 ) -> dict[str, Any]:
     """Tokenize `source` into shards in `out_dir` and return the manifest. `val_tokens` defaults to one shard."""
     out_dir = Path(out_dir)
-    for name, value in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens), ("--max-tokens", max_tokens), ("--workers", workers)):
+    for name, value in (("shard_tokens", shard_tokens), ("val_tokens", val_tokens), ("max_tokens", max_tokens), ("workers", workers)):
         if value is not None and value < 1:
-            raise MiniLlamaError(f"{name} is {value}; expected a positive integer")
+            raise ArgumentError(f"{{{name}}} is {{value}}; expected a positive integer", value=value)
     if shard_tokens > MAX_SHARD_TOKENS:  # a shard fills in memory before it is written
-        raise MiniLlamaError(f"--shard-tokens is {shard_tokens:,}; expected at most {MAX_SHARD_TOKENS:,} (a shard is held in "
-                             "memory while it fills)")
+        raise ArgumentError("{shard_tokens} is {value:,}; expected at most {limit:,} (a shard is held in memory while it fills)",
+                            value=shard_tokens, limit=MAX_SHARD_TOKENS)
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     settings = _settings(source, tokenizer, shard_tokens, val_tokens, max_tokens)
     # What can be refused from reading alone is refused before the lock, which leaves its .lock file in the folder.
@@ -385,11 +383,9 @@ def _check_splits(out_dir: Path, manifest: dict[str, Any]) -> None:
     val = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
     train = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
     if val == 0:
-        raise MiniLlamaError(f"the input has no text to tokenize ({manifest['skipped_records']:,} empty or skipped records); "
-                             "check the files (and --text-field for .jsonl and .parquet)")
+        raise ArgumentError("the input has no text to tokenize ({skipped:,} empty or skipped records); check the files (and "
+                            "{text_field} for .jsonl and .parquet)", skipped=manifest["skipped_records"])
     if train == 0:
-        raise MiniLlamaError(
-            f"all {val:,} tokens went to the validation split of {out_dir}; re-run with a smaller --val-tokens (for "
-            f"example {max(val // 10, 1):,})"
-        )
+        raise ArgumentError("all {val:,} tokens went to the validation split of {folder}; re-run with a smaller {val_tokens} "
+                            "(for example {smaller:,})", val=val, folder=out_dir, smaller=max(val // 10, 1))
 

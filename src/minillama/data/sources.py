@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.hub import quiet_hub
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -96,16 +96,18 @@ class LocalFiles:
                     yield record
                 index += 1
 
-    def _bad(self, where: str, problem: str, skipped: SkipCounter) -> None:
+    def _bad(self, where: str, problem: str, skipped: SkipCounter, **values: object) -> None:
+        """Refuse or count a bad record; `problem` is an ArgumentError template over `values`."""
         if not self.skip_bad_records:
-            raise MiniLlamaError(f"{where}: {problem}; fix the record or pass --skip-bad-records to skip such records")
+            raise ArgumentError("{where}: " + problem + "; fix the record or pass {skip_bad_records} to skip such records",
+                                where=where, **values)
         skipped.add("bad record")
 
     def _decode(self, raw: bytes, where: str, skipped: SkipCounter) -> str | None:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            self._bad(where, f"byte {exc.start} is not valid UTF-8 (re-encode the file as UTF-8)", skipped)
+            self._bad(where, "byte {start} is not valid UTF-8 (re-encode the file as UTF-8)", skipped, start=exc.start)
             return None
 
     def _txt(self, path: Path, skipped: SkipCounter) -> Iterator[str | None]:
@@ -133,12 +135,12 @@ class LocalFiles:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    self._bad(where, f"not valid JSON ({exc.msg})", skipped)
+                    self._bad(where, "not valid JSON ({why})", skipped, why=exc.msg)
                     yield None
                     continue
                 text = record.get(self.text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    self._bad(where, f"no string field '{self.text_field}' (use --text-field to name another)", skipped)
+                    self._bad(where, "no string field {field!r} (name another with {text_field})", skipped, field=self.text_field)
                     yield None
                     continue
                 yield _nonempty(text, skipped)
@@ -152,13 +154,12 @@ class LocalFiles:
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise MiniLlamaError(f"{path}: not a readable parquet file ({exc})") from None
         if self.text_field not in parquet.schema_arrow.names:
-            raise MiniLlamaError(
-                f"{path}: no column '{self.text_field}' (columns: {', '.join(parquet.schema_arrow.names)}); use --text-field"
-            )
+            raise ArgumentError("{path}: no column '{column}' (columns: {columns}); name another with {text_field}", path=path,
+                                column=self.text_field, columns=", ".join(parquet.schema_arrow.names))
         column_type = parquet.schema_arrow.field(self.text_field).type
         if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-            raise MiniLlamaError(f"{path}: column '{self.text_field}' holds {column_type}, not text; name the text column "
-                                 "with --text-field")
+            raise ArgumentError("{path}: column '{column}' holds {column_type}, not text; name the text column with {text_field}",
+                                path=path, column=self.text_field, column_type=column_type)
         for batch in parquet.iter_batches(columns=[self.text_field], batch_size=4096):
             for text in batch.column(0).to_pylist():
                 yield _nonempty(text, skipped)

@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from minillama.checkpoint import load_for_inference
 from minillama.device import pick_device
-from minillama.errors import MiniLlamaError
+from minillama.distributed import close_distributed, init_distributed
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.generate import document_end_ids
 from minillama.inference.cache import right_padded
 from minillama.inference.engine import Engine, Request
 from minillama.inference.sampling import SamplingParams
 from minillama.inference.scoring import score_targets
-from minillama.train.distributed import close_distributed, init_distributed
 
 BOS_TEXT = "<s>"  # how the harness recognises a text that already starts with BOS
 
@@ -216,14 +216,6 @@ class MiniLlamaLM(TemplateLM):
         return results
 
 
-def default_output(checkpoint: Path) -> Path | None:
-    """RUN_DIR/harness/step_N.json for a checkpoint inside a training run (where `minillama report` finds it)."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / "metrics.jsonl").exists():
-        return checkpoint.parent.parent / "harness" / f"{checkpoint.name}.json"
-    return None
-
-
 def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = None, batch_size: int = 16,
                 device: str = "auto", dtype: str = "auto", tokenizer: Path | None = None, include_path: Path | None = None,
                 num_fewshot: int | None = None, output: Path | None = None, log_samples: bool = False) -> dict[str, Any] | None:
@@ -237,14 +229,14 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
     if limit is not None and not limit > 0:  # NaN too
         raise MiniLlamaError(f"the example limit is {limit}; expected a positive number (or no limit)")
     if not tasks:
-        raise MiniLlamaError("no task names were given; pass --tasks NAME[,NAME...], e.g. --tasks hellaswag,arc_easy")
+        raise ArgumentError("no task names were given; pass {tasks}, e.g. hellaswag,arc_easy")
     if log_samples and output is None:
-        raise MiniLlamaError("per-sample logs go beside the results file: give an output path for them (the CLI's --output)")
+        raise ArgumentError("per-sample logs go beside the results file: give an {output} path for them")
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise MiniLlamaError(f"unknown harness task {unknown[0]!r}; list them with `lm_eval ls tasks`, or pass "
-                             "--include-path DIR holding its YAML")
+        raise ArgumentError("unknown harness task {task!r}; list them with `lm_eval ls tasks`, or pass {include_path} (a "
+                            "folder holding its YAML)", task=unknown[0])
     ctx = init_distributed(device)  # under torchrun: each rank takes its share of every task
     try:
         model = MiniLlamaLM(str(checkpoint), device=str(pick_device(device, ctx.local_rank)), dtype=dtype,
@@ -253,8 +245,8 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
             results = simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
                                       log_samples=log_samples)
         except ConnectionError as exc:  # a task's dataset is on the hub, and the hub is out of reach
-            raise MiniLlamaError(f"cannot download the data of {', '.join(tasks)} ({type(exc).__name__}: {str(exc)[:160]}); "
-                                 "offline, pass --include-path DIR holding task YAMLs over local files") from None
+            raise ArgumentError("cannot download the data of {names} ({why}); offline, pass {include_path} (a folder holding "
+                                "task YAMLs over local files)", names=", ".join(tasks), why=f"{type(exc).__name__}: {str(exc)[:160]}") from None
     finally:
         close_distributed(ctx)
     if results is not None and output is not None:

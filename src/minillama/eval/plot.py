@@ -12,8 +12,8 @@ from typing import Any
 from minillama.data.sources import FineWebEdu
 from minillama.errors import MiniLlamaError
 from minillama.files import write_file_atomically
+from minillama.metrics import read_metrics
 from minillama.tokenizer import LLAMA2_TOKENIZER_SHA256
-from minillama.train.metrics import read_metrics
 
 # The reference run's min val loss, per token of the Llama 2 tokenizer on FineWeb-Edu sample-10BT's validation
 # tokens: comparable only with runs on that tokenizer and that data (GPT-2's 3.0726 is per GPT-2 token, never).

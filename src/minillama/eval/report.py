@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 from minillama.errors import MiniLlamaError
+from minillama.layout import harness_results
 from minillama.eval.plot import (
     REFERENCE_HELLASWAG,
     REFERENCE_VAL_LOSS,
@@ -81,7 +82,7 @@ def curves_path(report: Path) -> Path:
 
 def harness_section(run_dir: Path) -> list[str]:
     """The newest `minillama eval harness` results of the run (RUN_DIR/harness/step_N.json), as a table."""
-    files = sorted(Path(run_dir).glob("harness/step_*.json"))
+    files = harness_results(run_dir)
     if not files:
         return []
     try:

@@ -21,7 +21,7 @@ from minillama.checkpoint import (
 )
 from minillama.config import ModelConfig, from_dict
 from minillama.device import DTYPES
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.files import claim_output, write_directory_atomically
 from minillama.generate import document_end_ids
 from minillama.interop.rotary import halves_to_interleaved, interleaved_to_halves
@@ -195,7 +195,7 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", tokenizer
     """Write a directory that AutoModelForCausalLM and AutoTokenizer load as Llama. An existing OUT is replaced
     only with `force`, and only when it is an earlier export."""
     if dtype not in DTYPES:
-        raise MiniLlamaError(f"--dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
+        raise ArgumentError("{dtype} {value!r} is not supported; choose one of: {choices}", value=dtype, choices=", ".join(DTYPES))
     claim_output(out_dir, [checkpoint], "Hugging Face export", force, is_hf_export, directory=True, owned=HF_EXPORT_FILES)
     model, info = load_checkpoint(checkpoint)
     tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
@@ -304,6 +304,6 @@ def import_hf(model_dir: Path, out_checkpoint: Path, tokenizer_path: Path | None
     tokenizer = None
     if tokenizer_path or (model_dir / "tokenizer.model").is_file():
         tokenizer = Tokenizer(tokenizer_path or model_dir / "tokenizer.model")
-        check_vocab(tokenizer, config.vocab_size, str(model_dir), "pass --tokenizer with the model's own tokenizer.model")
+        check_vocab(tokenizer, config.vocab_size, str(model_dir), "pass the model's own tokenizer.model (tokenizer_path)")
     model = meta_model(config)
     return save_checkpoint(out_checkpoint, model, tokenizer, metadata={"imported_from": str(model_dir)}, state_dict=state)

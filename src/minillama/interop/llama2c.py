@@ -29,7 +29,7 @@ from minillama.checkpoint import (
     save_checkpoint,
 )
 from minillama.config import ModelConfig
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.files import claim_output, write_file_atomically
 from minillama.model import meta_model
 from minillama.tokenizer import Tokenizer, check_vocab
@@ -108,7 +108,7 @@ def export_llama2c(checkpoint: Path, out: Path, version: int = 0, force: bool = 
     """Write a checkpoint as a llama2.c model file, atomically (an existing file only with `force`, and only
     when it is a llama2.c model file)."""
     if version not in ORDER:
-        raise MiniLlamaError(f"--version {version} is not supported; llama2.c's float32 formats are 0 and 1")
+        raise ArgumentError("{version} {value} is not supported; llama2.c's float32 formats are 0 and 1", value=version)
     claim_output(out, [checkpoint], "llama2.c model file", force, is_llama2c_model, directory=False)
     model, info = load_checkpoint(checkpoint)
     config = info.config

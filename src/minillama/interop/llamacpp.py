@@ -21,7 +21,7 @@ from minillama.checkpoint import (
     model_state_dict,
 )
 from minillama.config import ModelConfig
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.files import claim_output, fill_file_atomically
 from minillama.tokenizer import Tokenizer
 
@@ -69,12 +69,13 @@ def export_gguf(checkpoint: Path, out: Path, dtype: str = "f16", force: bool = F
     except ImportError:
         raise MiniLlamaError("exporting GGUF needs the 'gguf' package: pip install 'minillama[gguf]'") from None
     if dtype not in DTYPES:
-        raise MiniLlamaError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+        raise ArgumentError("{dtype} {value} is not supported; choose one of {choices}", value=dtype, choices=", ".join(DTYPES))
     out = Path(out)
     claim_output(out, [checkpoint], "GGUF file", force, is_gguf_file, directory=False)
     model, info = load_checkpoint(checkpoint)
     if info.tokenizer_path is None and tokenizer_path is None:  # before any default tokenizer is fetched
-        raise MiniLlamaError(f"{info.path} has no tokenizer.model; pass --tokenizer PATH (GGUF files carry their vocabulary)")
+        raise ArgumentError("{checkpoint_dir} has no tokenizer.model; pass {tokenizer_path} (GGUF files carry their vocabulary)",
+                            checkpoint_dir=info.path)
     tokenizer = load_checkpoint_tokenizer(info, tokenizer_path)
     config = info.config
     fell_back: list[str] = []

@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError
 from minillama.generate import document_end_ids
 from minillama.inference.engine import Engine, Update, outside_vocabulary
 from minillama.inference.engine import Request as EngineRequest
@@ -418,7 +418,7 @@ class Reply:
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, device: str = "auto",
           dtype: str = "auto", tokenizer: str | None = None, model_name: str | None = None,
-          allowed_hosts: list[str] | None = None, max_queued: int | None = None, threads: int | None = None) -> None:
+          allowed_hosts: list[str] | None = None, max_queue: int | None = None, threads: int | None = None) -> None:
     """Load a checkpoint (or a run directory's newest) and serve it until SIGTERM or Ctrl-C. The address is
     taken before the model loads, so a port in use is one line, not a server that announces itself and dies.
     On a CPU, PyTorch gets `threads` threads (default: all cores but one): the event loop needs a core of its own,
@@ -428,11 +428,11 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     from minillama.checkpoint import load_for_inference
 
     if not 1 <= max_batch <= 256:
-        raise MiniLlamaError(f"--max-batch is {max_batch}; expected an integer from 1 to 256")
-    if max_queued is not None and max_queued < max_batch:
-        raise MiniLlamaError(f"--max-queue is {max_queued}; expected at least --max-batch ({max_batch})")
+        raise ArgumentError("{max_batch} is {value}; expected an integer from 1 to 256", value=max_batch)
+    if max_queue is not None and max_queue < max_batch:
+        raise ArgumentError("{max_queue} is {value}; expected at least {max_batch} ({batch})", value=max_queue, batch=max_batch)
     if threads is not None and threads < 1:
-        raise MiniLlamaError(f"--threads is {threads}; expected at least 1")
+        raise ArgumentError("{threads} is {value}; expected at least 1", value=threads)
     listening = bind(host, port)
     try:
         model, loaded_tokenizer, info = load_for_inference(checkpoint, device, dtype, tokenizer)
@@ -443,7 +443,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
             allowed_hosts = list(LOOPBACK_HOSTS) if _is_loopback(host) else ["*"]
         stopped: list[str] = []
         server = uvicorn.Server(uvicorn.Config(
-            create_app(model, loaded_tokenizer, name, max_batch, max_queued, allowed_hosts=allowed_hosts,
+            create_app(model, loaded_tokenizer, name, max_batch, max_queue, allowed_hosts=allowed_hosts,
                        on_stop=lambda reason: (stopped.append(reason), setattr(server, "should_exit", True))),
             log_level="warning", timeout_graceful_shutdown=60))
         shown = f"[{host}]" if ":" in host else host
@@ -461,11 +461,12 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or one line saying why there cannot be one."""
     if not 0 <= port <= 65535:
-        raise MiniLlamaError(f"--port is {port}; expected a port number from 1 to 65535 (0: any free port)")
+        raise ArgumentError("{port} is {value}; expected a port number from 1 to 65535 (0: any free port)", value=port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise MiniLlamaError(f"--host {host!r} does not resolve ({exc.strerror}); pass an address such as 127.0.0.1") from None
+        raise ArgumentError("{host} {value!r} does not resolve ({why}); pass an address such as 127.0.0.1", value=host,
+                            why=exc.strerror) from None
     listening = socket.socket(family, kind, proto)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -473,7 +474,8 @@ def bind(host: str, port: int) -> socket.socket:
         listening.listen(2048)
     except OSError as exc:
         listening.close()
-        raise MiniLlamaError(f"cannot listen on {host}:{port} ({exc.strerror}); is another server using it? Pass another --port") from None
+        raise ArgumentError("cannot listen on {address} ({why}); is another server using it? Pass another {port}",
+                            address=f"{host}:{port}", why=exc.strerror) from None
     listening.set_inheritable(True)
     return listening
 

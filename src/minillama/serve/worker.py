@@ -138,10 +138,11 @@ class EngineWorker:
                 updates = []
             for update in updates:
                 self._deliver(update)
-            send_all(self.outbox)
-            self.outbox = []
+            # The gauges first: a client that has its answer must not read a /metrics from before it.
             self.metrics.running.set(len(self.engine.running))
             self.metrics.waiting.set(sum(len(group) for group in self.engine.waiting))
+            send_all(self.outbox)
+            self.outbox = []
 
     def _start(self, job: Job) -> None:
         self.jobs.add(job)

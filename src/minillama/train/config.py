@@ -6,17 +6,22 @@ override any ModelConfig field. `--set section.field=value` overrides anything a
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import json
-import shlex
 import sys
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from minillama.config import (
     ABOVE_ZERO,
+    ConfigSection,
     NON_NEGATIVE,
     ModelConfig,
     PRESETS,
@@ -28,6 +33,7 @@ from minillama.config import (
     preset,
     to_dict,
 )
+from minillama.data.config import DataConfig
 from minillama.errors import MiniLlamaError
 
 if sys.version_info >= (3, 11):
@@ -36,34 +42,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class _Section:
-    """A table of the run config; its fields are checked against their annotations whenever it is built."""
-
-    table: ClassVar[str]  # its [name] in the TOML file
-
-    def __post_init__(self) -> None:
-        check_fields(self, f"run config field '{self.table}.{{}}'")
-
-
 @dataclass(frozen=True)
-class DataConfig(_Section):
-    table = "data"
-
-    dir: str = "data/fineweb-edu-sample-10BT"  # prepared shards (manifest.json) to train on
-    tokenizer: str | None = None  # SentencePiece .model; None: $MINILLAMA_TOKENIZER or Llama 2 from the hub
-    source: Literal["fineweb-edu", "text"] = "fineweb-edu"  # what to prepare `dir` from when it is missing
-    subset: str = "sample-10BT"  # FineWeb-Edu config to stream
-    files: list[str] = field(default_factory=list)  # for source "text": files or globs
-    split_paragraphs: bool = False  # for source "text": each blank-line-separated paragraph is a document
-    shard_tokens: PositiveInt = 100_000_000  # tokens per shard when preparing
-    val_tokens: PositiveInt | None = None  # validation tokens when preparing (None: one shard)
-    prepare_workers: PositiveInt = 8  # tokenizer processes when preparing
-    auto_prepare: bool = False  # prepare `dir` when missing instead of saying how (large corpora: prepare first)
-    train_tokenizer: bool = False  # train a tokenizer of the model's vocab size on `files` if `tokenizer` is missing
-
-
-@dataclass(frozen=True)
-class BatchConfig(_Section):
+class BatchConfig(ConfigSection):
     table = "batch"
 
     total_tokens: PositiveInt = 524_288  # tokens per optimizer step (2**19, about 0.5M as in GPT-3 small), all ranks together
@@ -72,7 +52,7 @@ class BatchConfig(_Section):
 
 
 @dataclass(frozen=True)
-class OptimConfig(_Section):
+class OptimConfig(ConfigSection):
     table = "optim"
 
     name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW (at lr) for embedding, head and norms
@@ -93,7 +73,7 @@ class OptimConfig(_Section):
 
 
 @dataclass(frozen=True)
-class EvalConfig(_Section):
+class EvalConfig(ConfigSection):
     table = "eval"
 
     interval: PositiveInt = 250  # evaluate every this many steps, and at the last step
@@ -108,7 +88,7 @@ class EvalConfig(_Section):
 
 
 @dataclass(frozen=True)
-class CheckpointConfig(_Section):
+class CheckpointConfig(ConfigSection):
     table = "checkpoint"
 
     interval: PositiveInt = 1000  # save every this many steps, and at the end
@@ -116,7 +96,7 @@ class CheckpointConfig(_Section):
 
 
 @dataclass(frozen=True)
-class LogConfig(_Section):
+class LogConfig(ConfigSection):
     table = "log"
 
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard (needs the tensorboard package)
@@ -265,16 +245,34 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def prepare_command(data: DataConfig) -> str:
-    """The `minillama prepare` command that makes `data.dir` for this config."""
-    if data.source == "fineweb-edu":
-        parts = ["minillama", "prepare", "fineweb-edu", "--subset", data.subset]
-    else:
-        parts = ["minillama", "prepare", "text", *data.files] + (["--split-paragraphs"] if data.split_paragraphs else [])
-    parts += ["--out", data.dir, "--shard-tokens", str(data.shard_tokens), "--workers", str(data.prepare_workers)]
-    if data.val_tokens is not None:
-        parts += ["--val-tokens", str(data.val_tokens)]
-    if data.tokenizer:
-        parts += ["--tokenizer", data.tokenizer]
-    return shlex.join(parts)
+def field_reference() -> list[tuple[str, str, str]]:
+    """(key, default as TOML, explanation) for every run config field, the explanations read from the comments
+    beside the fields in this module and minillama.config (one source for the code's reader and `train --help`)."""
+    from minillama.config import ModelConfig
 
+    defaults = to_dict(TrainConfig())
+    rows = []
+    for key, value in defaults.items():
+        table = value if isinstance(value, dict) else None
+        section = typing.get_type_hints(TrainConfig)[key] if table is not None else TrainConfig
+        notes = _field_comments(ModelConfig if key == "model" else section)
+        for name, default in (table.items() if table is not None else [(key, value)]):
+            rows.append((f"{key}.{name}" if table is not None else name, "(none)" if default is None else _toml_value(default),
+                         notes.get(name, "")))
+    return rows
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: the comment ending its line} of a config dataclass."""
+    return _comments_by_class(cls.__module__).get(cls.__name__, {})
+
+
+@functools.cache
+def _comments_by_class(module: str) -> dict[str, dict[str, str]]:
+    """{class: {field: comment}} for a module's classes, from one read of its source (milliseconds, at `--help`)."""
+    source = inspect.getsource(sys.modules[module])
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    return {node.name: {line.target.id: comments[line.lineno] for line in node.body
+                        if isinstance(line, ast.AnnAssign) and isinstance(line.target, ast.Name) and line.lineno in comments}
+            for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}

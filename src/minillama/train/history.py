@@ -10,8 +10,8 @@ from typing import Any
 from minillama.checkpoint import read_checkpoint_info
 from minillama.config import to_dict
 from minillama.errors import MiniLlamaError
+from minillama.layout import complete_checkpoints, replaced_run_config_path, run_config_path
 from minillama.train.config import TrainConfig, config_to_toml, load_train_config
-from minillama.train.resume import complete_checkpoints
 
 # Fields a resume must keep: the checkpoint's weights, optimizer state and data position only mean something
 # for the same model, tokenizer and batch arithmetic; ddp and fsdp store optimizer state in different formats.
@@ -31,7 +31,7 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(run_dir: Path, config: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """{field: (before, now)} between the run directory's saved config.toml and `config`."""
-    saved = Path(run_dir) / "config.toml"
+    saved = run_config_path(run_dir)
     if not saved.is_file():
         return {}
     before, now = _flat(to_dict(load_train_config(saved))), _flat(to_dict(config))
@@ -53,11 +53,10 @@ def check_resume_config(run_dir: Path, config: TrainConfig) -> dict[str, tuple[A
 
 def keep_config_history(run_dir: Path, config: TrainConfig, step: int, changes: dict[str, tuple[Any, Any]]) -> str:
     """Write config.toml for this run, keeping a changed earlier one as config.before_step_N.toml; a line to print."""
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.toml"
+    saved = run_config_path(run_dir)
     line = ""
     if changes:
-        kept = run_dir / f"config.before_step_{step}.toml"
+        kept = replaced_run_config_path(run_dir, step)
         saved.replace(kept)
         line = (f"resuming at step {step:,} with a changed config: "
                 + "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items())

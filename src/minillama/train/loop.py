@@ -2,53 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minillama.checkpoint import SHARDED_DIR, load_weights
 from minillama.config import to_dict
-from minillama.data.loader import TrainLoader, check_data, is_verified, verify_shards
-from minillama.data.prepare import prepare
+from minillama.data.loader import TrainLoader
+from minillama.data.ready import ready_data, ready_tokenizer
 from minillama.data.shards import read_manifest
-from minillama.data.sources import FineWebEdu, LocalFiles
 from minillama.device import autocast, autocast_dtype, peak_flops, pick_device
+from minillama.distributed import Distributed, all_reduce_mean, any_rank, barrier, close_distributed, init_distributed
 from minillama.errors import MiniLlamaError, TrainingStopped
-from minillama.eval.hellaswag import Example
 from minillama.files import DirectoryLock, remove_leftovers
+from minillama.layout import CHECKPOINTS_DIR, complete_checkpoints
+from minillama.metrics import MetricsLogger, truncate_metrics
 from minillama.model import Transformer
 from minillama.summary import count_parameters, training_flops_per_token
-from minillama.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
 from minillama.train import history, monitor
-from minillama.train.config import TrainConfig, prepare_command
-from minillama.train.distributed import (
-    Distributed,
-    all_reduce_mean,
-    any_rank,
-    barrier,
-    close_distributed,
-    gather_objects,
-    init_distributed,
-)
+from minillama.train.config import TrainConfig
 from minillama.train.memory import check_model_fits
-from minillama.train.metrics import MetricsLogger, truncate_metrics
-from minillama.train.optim import MuonWithAdamW, build_optimizer, set_learning_rates
-from minillama.train.parallel import clip_gradients, gradient_sync, is_sharded, parallelize
-from minillama.train.resume import (
-    complete_checkpoints,
-    load_sharded_training_state,
-    load_training_state,
-    rng_state,
-    save_sharded_training_checkpoint,
-    save_training_checkpoint,
-    set_rng_state,
-)
+from minillama.train.optim import build_optimizer, set_learning_rates
+from minillama.train.parallel import clip_gradients, gradient_sync, parallelize
+from minillama.train.resume import checkpoint_to_resume, restore_run, save_run
+from minillama.train.run import Run, RunState
 
 
 def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
@@ -66,38 +49,6 @@ def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: in
     )
 
 
-@dataclass
-class RunState:
-    """What changes from step to step, besides model and optimizer."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    best_val_loss: float = math.inf
-
-
-@dataclass
-class Run:
-    """Everything a training run holds, built once by `setup` and used by the step, the loop and the monitor."""
-
-    config: TrainConfig
-    ctx: Distributed
-    device: torch.device
-    precision: torch.dtype | None  # autocast dtype; None: float32
-    tokenizer: Tokenizer
-    data_dir: Path
-    accumulation: int  # micro-steps per optimizer step
-    model: Transformer  # the weights (sharded under fsdp); sampling and HellaSwag call it directly (ddp)
-    compiled: torch.nn.Module  # `model` compiled (or itself; under fsdp a plain view of the gathered weights): validation loss
-    step_model: torch.nn.Module  # `compiled` under DDP (or itself): what the micro-steps call
-    optimizer: torch.optim.Optimizer | MuonWithAdamW
-    scaler: torch.amp.GradScaler
-    loader: TrainLoader
-    logger: MetricsLogger
-    state: RunState
-    hellaswag: list[Example] | None
-    lock: DirectoryLock | None  # rank 0's hold on the run directory
-
-
 def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
     """Run (or continue) training as `config` says; returns the last step's metrics. Under torchrun, every
     process calls this."""
@@ -110,12 +61,8 @@ def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
                       f"to train (raise optim.max_steps or stop_at_step to go on, or choose another run_dir)\n"
                       + history.next_commands(config))
             return {}
-        run = setup(config, resume, ctx)
-        try:
+        with open_run(config, resume, ctx) as run:
             result = _train(run)
-        finally:
-            if run.lock:
-                run.lock.release()
         barrier(ctx)  # no rank tears down its connections while another still uses them
         if ctx.is_main:
             final = complete_checkpoints(Path(config.run_dir))[-1]
@@ -141,7 +88,7 @@ def _train(run: Run) -> dict[str, Any]:
             state.step += 1
             stopping = any_rank(signals.received is not None, run.ctx, run.device)
             if stopping or state.step % config.checkpoint.interval == 0 or state.step == config.last_step:
-                _save(run)
+                save_run(run)
             if stopping:
                 raise TrainingStopped(signals.received or signal.SIGTERM, state.step, complete_checkpoints(Path(config.run_dir))[-1])
     monitor.evaluate_and_sample(run)
@@ -216,9 +163,11 @@ def _log_step(run: Run, record: dict[str, Any]) -> None:
                            + (f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""))
 
 
-def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
-    """Device, tokenizer, data, model, optimizer, loader and logger for `config`; restored from the run
-    directory's newest checkpoint when resuming."""
+@contextlib.contextmanager
+def open_run(config: TrainConfig, resume: str, ctx: Distributed) -> Iterator[Run]:
+    """Device, tokenizer, data, model, optimizer, loader and logger for `config`, restored from the run directory's
+    newest checkpoint when resuming. Everything is read and built first; only then is the run directory written,
+    under a lock rank 0 holds for as long as the run lasts."""
     device = pick_device(config.device, ctx.local_rank)
     precision = autocast_dtype(device, config.dtype)
     if config.parallel == "fsdp" and precision == torch.float16:
@@ -227,11 +176,11 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # fp32 matmuls (outside autocast) on TF32 tensor cores
     run_dir = Path(config.run_dir)
-    checkpoint = _checkpoint_to_resume(run_dir, resume)  # a resume that cannot work is refused before any work
+    checkpoint = checkpoint_to_resume(run_dir, resume)  # a resume that cannot work is refused before any work
     changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
 
-    tokenizer = _tokenizer(config, ctx)
-    data_dir = _data(config, tokenizer, ctx, device)
+    tokenizer = ready_tokenizer(config.data, config.model.vocab_size, ctx)
+    data_dir = ready_data(config.data, tokenizer, config.model.vocab_size, ctx, device)
     accumulation = gradient_accumulation_steps(config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size)
 
     check_model_fits(config.model, config.parallel, device, ctx.world_size)
@@ -246,45 +195,37 @@ def setup(config: TrainConfig, resume: str, ctx: Distributed) -> Run:
     loader = TrainLoader(data_dir, config.batch.micro_batch, config.batch.seq_len, ctx.rank, ctx.world_size, config.seed,
                          windows_per_step=config.batch.total_tokens // config.batch.seq_len)
     torch.manual_seed(config.seed + ctx.rank)  # dropout masks differ across ranks
-    state = RunState()
-
-    if checkpoint is not None:
-        _restore(checkpoint, model, optimizer, scaler, loader, state, device, ctx)
     hellaswag = monitor.load_hellaswag(config.eval, ctx, device) if config.eval.hellaswag else None
+    run = Run(config, ctx, device, precision, tokenizer, data_dir, accumulation, model, compiled, step_model,
+              optimizer, scaler, loader, MetricsLogger(run_dir, False, config.last_step, 0), RunState(), hellaswag)  # logs once locked
+    if checkpoint is not None:
+        restore_run(checkpoint, run)
 
-    # Everything above only reads; from here on the run directory is written, by one run at a time.
-    lock = DirectoryLock(run_dir, "training run") if ctx.is_main else None
-    try:
+    with DirectoryLock(run_dir, "training run") if ctx.is_main else contextlib.nullcontext():
         if ctx.is_main:
-            for folder in (run_dir, run_dir / "checkpoints"):  # what a run killed mid-save left behind
+            for folder in (run_dir, run_dir / CHECKPOINTS_DIR):  # what a run killed mid-save left behind
                 remove_leftovers(folder)
-            line = history.keep_config_history(run_dir, config, state.step, changes)
+            line = history.keep_config_history(run_dir, config, run.state.step, changes)
             if line:
                 print(line)
-            truncate_metrics(run_dir, state.step)
-        logger = _logger(config, tokenizer, data_dir, device, accumulation, state, ctx)
-    except BaseException:
-        if lock:
-            lock.release()
-        raise
-    return Run(config, ctx, device, precision, tokenizer, data_dir, accumulation, model, compiled, step_model,
-               optimizer, scaler, loader, logger, state, hellaswag, lock)
+            truncate_metrics(run_dir, run.state.step)
+        run.logger = _logger(run)
+        yield run
 
 
-def _logger(config: TrainConfig, tokenizer: Tokenizer, data_dir: Path, device: torch.device, accumulation: int,
-            state: RunState, ctx: Distributed) -> MetricsLogger:
+def _logger(run: Run) -> MetricsLogger:
     """The run's metrics log; a new run's first record describes it."""
-    run_dir = Path(config.run_dir)
-    logger = MetricsLogger(run_dir, ctx.is_main, config.last_step, state.step, config.log.tensorboard, config.log.wandb,
+    config, ctx, state = run.config, run.ctx, run.state
+    logger = MetricsLogger(run.run_dir, ctx.is_main, config.last_step, state.step, config.log.tensorboard, config.log.wandb,
                            config.log.wandb_project, to_dict(config))
     if ctx.is_main and state.step == 0:
         parameters = count_parameters(config.model)["total"]
         logger.log({"kind": "run", "step": 0, "parameters": parameters, "model_preset": config.model_preset,
-                    "vocab_size": config.model.vocab_size, "tokenizer": tokenizer.path.name, "world_size": ctx.world_size,
-                    "tokenizer_sha256": tokenizer.fingerprint, "data_source": read_manifest(data_dir)["source"],
-                    "device": str(device), "accumulation": accumulation, "tokens_per_step": config.batch.total_tokens},
-                   f"training {config.model_preset} ({parameters:,} parameters) on {ctx.world_size} x {device}, "
-                   f"{config.batch.total_tokens:,} tokens per step ({accumulation} micro-steps of "
+                    "vocab_size": config.model.vocab_size, "tokenizer": run.tokenizer.path.name, "world_size": ctx.world_size,
+                    "tokenizer_sha256": run.tokenizer.fingerprint, "data_source": read_manifest(run.data_dir)["source"],
+                    "device": str(run.device), "accumulation": run.accumulation, "tokens_per_step": config.batch.total_tokens},
+                   f"training {config.model_preset} ({parameters:,} parameters) on {ctx.world_size} x {run.device}, "
+                   f"{config.batch.total_tokens:,} tokens per step ({run.accumulation} micro-steps of "
                    f"{config.batch.micro_batch} x {config.batch.seq_len} per rank)")
     return logger
 
@@ -299,99 +240,3 @@ def _on_nonfinite(config: TrainConfig, step: int, loss: float, grad_norm: float,
         f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopped ({keep}). Resume with a lower "
         "optim.lr, or --set on_nonfinite=skip to skip such steps"
     )
-
-
-def _tokenizer(config: TrainConfig, ctx: Distributed) -> Tokenizer:
-    """The run's tokenizer; trained first (by rank 0) when the config asks for one that does not exist yet."""
-    data = config.data
-    if data.tokenizer and data.train_tokenizer and not Path(data.tokenizer).is_file():
-        if not data.files:
-            raise MiniLlamaError("data.train_tokenizer is on but data.files is empty; name the text to train it on")
-        if ctx.is_main:
-            files = LocalFiles(list(data.files)).files
-            trained = train_tokenizer(files, config.model.vocab_size, Path(data.tokenizer))
-            print(f"trained a {trained.vocab_size}-token tokenizer on {', '.join(map(str, files))}: {trained.path}")
-        barrier(ctx)
-    tokenizer = load_tokenizer(data.tokenizer, how_to_pass="--set data.tokenizer=PATH")
-    check_vocab(tokenizer, config.model.vocab_size, "model.vocab_size",
-                "pass the matching --set data.tokenizer=PATH or --set model.vocab_size=N")
-    return tokenizer
-
-
-def _data(config: TrainConfig, tokenizer: Tokenizer, ctx: Distributed, device: torch.device) -> Path:
-    """The prepared data directory, checked against model and tokenizer; prepared first when the config says so."""
-    data = config.data
-    data_dir = Path(data.dir)
-    manifest = read_manifest(data_dir)
-    if data.auto_prepare:
-        source = FineWebEdu(data.subset) if data.source == "fineweb-edu" else LocalFiles(list(data.files), split_paragraphs=data.split_paragraphs)
-        if manifest is not None and manifest["source"] != source.describe():
-            raise MiniLlamaError(f"{data_dir} was prepared from {manifest['source']}, but the config names {source.describe()}; "
-                                 "set another data.dir or delete this one")
-        if manifest is None or not manifest.get("complete"):
-            if ctx.is_main:
-                prepare(source, data_dir, tokenizer, data.shard_tokens, data.val_tokens, workers=data.prepare_workers)
-            barrier(ctx)
-    elif manifest is None or not manifest.get("complete"):
-        raise MiniLlamaError(f"{data_dir} holds no prepared data; make it with: {prepare_command(data)}  "
-                             "(or --set data.auto_prepare=true)")
-    check_data(data_dir, config.model.vocab_size, tokenizer.fingerprint)
-    # Hash every shard once per data directory, not on every resume. The ranks decide together (collectively,
-    # before rank 0 writes the record), so that all of them meet at the barrier or none does.
-    if any_rank(not is_verified(data_dir), ctx, device):
-        if ctx.is_main:
-            verify_shards(data_dir, config.model.vocab_size)
-        barrier(ctx)
-    return data_dir
-
-
-def _checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
-    saved = complete_checkpoints(run_dir)
-    if resume == "never" and saved:
-        raise MiniLlamaError(f"{run_dir} already holds checkpoints; use --resume to continue it, or choose another run_dir")
-    if resume == "always" and not saved:
-        raise MiniLlamaError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
-    return saved[-1] if saved and resume != "never" else None
-
-
-def _save(run: Run) -> None:
-    config, state = run.config, run.state
-    rng = gather_objects(rng_state(run.device), run.ctx)  # every rank takes part; rank 0 writes
-    training_state = {"scaler": run.scaler.state_dict(), "loader": run.loader.state_dict(), "rng": rng,
-                      "tokens_seen": state.tokens_seen, "best_val_loss": state.best_val_loss}
-    metadata = {"run_dir": config.run_dir, "model_preset": config.model_preset, "tokens_seen": state.tokens_seen}
-    if is_sharded(run.model):
-        save_sharded_training_checkpoint(Path(config.run_dir), state.step, run.model, run.optimizer, run.tokenizer,
-                                         training_state, metadata, config.checkpoint.keep_last, run.ctx)
-    elif run.ctx.is_main:
-        save_training_checkpoint(Path(config.run_dir), state.step, run.model, run.tokenizer,
-                                 {"optimizer": run.optimizer.state_dict(), **training_state}, metadata, config.checkpoint.keep_last)
-    barrier(run.ctx)
-
-
-def _restore(path: Path, model: Transformer, optimizer: torch.optim.Optimizer | MuonWithAdamW, scaler: torch.amp.GradScaler,
-             loader: TrainLoader, state: RunState, device: torch.device, ctx: Distributed) -> None:
-    saved = load_training_state(path)
-    if (path / SHARDED_DIR).is_dir() != is_sharded(model):
-        written, now = ("fsdp", "ddp") if (path / SHARDED_DIR).is_dir() else ("ddp", "fsdp")
-        raise MiniLlamaError(f"{path} was written by a parallel = {written} run; resume it with --set parallel={written} "
-                             f"(this run has {now}), or start another run_dir")
-    if is_sharded(model):
-        load_sharded_training_state(path, model, optimizer)
-    else:
-        load_weights(path, model)
-        optimizer.load_state_dict(saved["optimizer"])
-    notes = []
-    if bool(saved["scaler"]) == scaler.is_enabled():  # an fp16 run saves its gradient scaler; other runs have none
-        scaler.load_state_dict(saved["scaler"])
-    else:
-        notes.append("the precision changed, so the fp16 gradient scaler starts afresh")
-    loader.load_state_dict(saved["loader"])
-    state.step, state.tokens_seen, state.best_val_loss = saved["step"], saved["tokens_seen"], saved["best_val_loss"]
-    if len(saved["rng"]) == ctx.world_size:
-        set_rng_state(saved["rng"][ctx.rank], device)
-    else:
-        notes.append(f"it was saved by {len(saved['rng'])} ranks and runs on {ctx.world_size}, so random states (dropout) "
-                     "start from the seed; the data order continues exactly")
-    if ctx.is_main:
-        print(f"resumed from {path} at step {state.step}" + "".join(f"; {note}" for note in notes))

@@ -12,26 +12,9 @@ import torch
 from minillama.config import ModelConfig
 from minillama.device import memory_bytes
 from minillama.errors import MiniLlamaError
+from minillama.summary import parameter_shapes
 
 FLOAT32, BFLOAT16 = 4, 2  # bytes per element
-
-
-def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's shape by name, as the model registers them (a tied head is the embedding: listed once)."""
-    q, kv = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
-    shapes = {"tok_embeddings.weight": (config.vocab_size, config.dim)}
-    for layer in range(config.n_layers):
-        block = {"attention_norm.weight": (config.dim,), "attention.wq.weight": (q, config.dim),
-                 "attention.wk.weight": (kv, config.dim), "attention.wv.weight": (kv, config.dim),
-                 "attention.wo.weight": (config.dim, q), "ffn_norm.weight": (config.dim,),
-                 "feed_forward.w1.weight": (config.ffn_hidden_dim, config.dim),
-                 "feed_forward.w2.weight": (config.dim, config.ffn_hidden_dim),
-                 "feed_forward.w3.weight": (config.ffn_hidden_dim, config.dim)}
-        shapes.update({f"layers.{layer}.{name}": shape for name, shape in block.items()})
-    shapes["norm.weight"] = (config.dim,)
-    if not config.tie_embeddings:
-        shapes["output.weight"] = (config.vocab_size, config.dim)
-    return shapes
 
 
 def shard_elements(shape: tuple[int, ...], ranks: int) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,11 +22,9 @@ from minillama.generate import generate
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 from minillama.train.config import EvalConfig
-from minillama.train.distributed import Distributed, any_rank
+from minillama.distributed import Distributed, any_rank
 from minillama.train.parallel import whole_weights
-
-if TYPE_CHECKING:
-    from minillama.train.loop import Run
+from minillama.train.run import Run
 
 
 def load_hellaswag(config: EvalConfig, ctx: Distributed, device: torch.device) -> list[Example] | None:

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from minillama.model import Transformer, meta_model
-from minillama.train.distributed import Distributed
+from minillama.distributed import Distributed
 
 
 def parallelize(model: Transformer, parallel: str, activation_checkpointing: str, compile_model: bool,

@@ -1,9 +1,10 @@
 """Training checkpoints: the model checkpoint plus everything needed to continue exactly where a run stopped.
 
-RUN_DIR/checkpoints/step_NNNNNNN/ holds config.json, model.safetensors, tokenizer.model and training_state.pt
-(step, optimizer, grad scaler, data position, every rank's RNG state), written atomically. The step number is
-the number of optimizer steps completed. An FSDP run writes weights and optimizer state sharded instead (the
-`sharded/` folder, every rank its part), which any number of ranks can read back.
+RUN_DIR/checkpoints/step_NNNNNNN/ holds config.json, model.safetensors, tokenizer.model and training_state.pt,
+written atomically. Each part of a run saves and loads itself through `state_dict`/`load_state_dict` (the
+RunState, data loader, gradient scaler and optimizer) and training_state.pt holds what they return, with every
+rank's RNG state. An FSDP run writes weights and optimizer state sharded instead (the `sharded/` folder, every
+rank its part), which any number of ranks can read back.
 """
 
 from __future__ import annotations
@@ -14,31 +15,74 @@ from typing import Any
 
 import torch
 
-from minillama.checkpoint import (
-    CONFIG_FILE,
-    SHARDED_DIR,
-    TRAINING_STATE_FILE,
-    fill_checkpoint,
-    save_checkpoint,
-    unwritable_checkpoint,
-)
+from minillama.checkpoint import fill_checkpoint, load_weights, save_checkpoint, unwritable_checkpoint
+from minillama.distributed import Distributed, barrier, broadcast_object, gather_objects
 from minillama.errors import MiniLlamaError
 from minillama.files import commit_directory, temporary_directory
+from minillama.layout import SHARDED_DIR, TRAINING_STATE_FILE, checkpoint_dir, complete_checkpoints
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
-from minillama.train.distributed import Distributed, broadcast_object
 from minillama.train.optim import MuonWithAdamW
+from minillama.train.parallel import is_sharded
+from minillama.train.run import Run
 
 
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+def checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a run starts from as `resume` ("auto", "always" or "never") asks, refusing one that cannot work."""
+    saved = complete_checkpoints(run_dir)
+    if resume == "never" and saved:
+        raise MiniLlamaError(f"{run_dir} already holds checkpoints; use --resume to continue it, or choose another run_dir")
+    if resume == "always" and not saved:
+        raise MiniLlamaError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
+    return saved[-1] if saved and resume != "never" else None
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints with all their files, oldest first (a temporary directory never matches step_*)."""
-    found = [p for p in (Path(run_dir) / "checkpoints").glob("step_*")
-             if (p / CONFIG_FILE).is_file() and (p / TRAINING_STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+def save_run(run: Run) -> Path:
+    """A checkpoint of the run at its current step (all ranks must call this; rank 0 writes all but FSDP's shards)."""
+    config, state = run.config, run.state
+    rng = gather_objects(rng_state(run.device), run.ctx)
+    training_state = {"scaler": run.scaler.state_dict(), "loader": run.loader.state_dict(), "rng": rng, **state.state_dict()}
+    metadata = {"step": state.step, "run_dir": config.run_dir, "model_preset": config.model_preset,
+                "tokens_seen": state.tokens_seen}
+    path = checkpoint_dir(run.run_dir, state.step)
+    if is_sharded(run.model):
+        save_sharded_checkpoint(path, run.model, run.optimizer, run.tokenizer, training_state, metadata, run.ctx)
+    elif run.ctx.is_main:
+        save_checkpoint(path, run.model, run.tokenizer, metadata=metadata,
+                        training_state={"optimizer": run.optimizer.state_dict(), **training_state})
+    if run.ctx.is_main:
+        _keep_last(run.run_dir, config.checkpoint.keep_last, path)
+    barrier(run.ctx)
+    return path
+
+
+def restore_run(path: Path, run: Run) -> None:
+    """Continue `run` from the checkpoint at `path`: weights, optimizer, scaler, data position, step and RNG."""
+    saved = load_training_state(path)
+    if (path / SHARDED_DIR).is_dir() != is_sharded(run.model):
+        written, now = ("fsdp", "ddp") if (path / SHARDED_DIR).is_dir() else ("ddp", "fsdp")
+        raise MiniLlamaError(f"{path} was written by a parallel = {written} run; resume it with --set parallel={written} "
+                             f"(this run has {now}), or start another run_dir")
+    if is_sharded(run.model):
+        load_sharded_checkpoint(path, run.model, run.optimizer)
+    else:
+        load_weights(path, run.model)
+        run.optimizer.load_state_dict(saved["optimizer"])
+    notes = []
+    if bool(saved["scaler"]) == run.scaler.is_enabled():  # an fp16 run saves its gradient scaler; other runs have none
+        run.scaler.load_state_dict(saved["scaler"])
+    else:
+        notes.append("the precision changed, so the fp16 gradient scaler starts afresh")
+    run.loader.load_state_dict(saved["loader"])
+    run.state.load_state_dict(saved)
+    ctx = run.ctx
+    if len(saved["rng"]) == ctx.world_size:
+        set_rng_state(saved["rng"][ctx.rank], run.device)
+    else:
+        notes.append(f"it was saved by {len(saved['rng'])} ranks and runs on {ctx.world_size}, so random states (dropout) "
+                     "start from the seed; the data order continues exactly")
+    if ctx.is_main:
+        print(f"resumed from {path} at step {run.state.step}" + "".join(f"; {note}" for note in notes))
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -54,17 +98,8 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_training_checkpoint(run_dir: Path, step: int, model: Transformer, tokenizer: Tokenizer,
-                             training_state: dict[str, Any], metadata: dict[str, Any], keep_last: int) -> Path:
-    path = save_checkpoint(checkpoint_dir(run_dir, step), model, tokenizer, metadata={"step": step, **metadata},
-                           training_state={"step": step, **training_state})
-    _keep_last(run_dir, keep_last, path)
-    return path
-
-
-def save_sharded_training_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer | MuonWithAdamW,
-                                     tokenizer: Tokenizer, training_state: dict[str, Any], metadata: dict[str, Any],
-                                     keep_last: int, ctx: Distributed) -> Path:
+def save_sharded_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer | MuonWithAdamW, tokenizer: Tokenizer,
+                            training_state: dict[str, Any], metadata: dict[str, Any], ctx: Distributed) -> None:
     """Every rank writes its shards of weights and optimizer state into one temporary directory, rank 0 the index
     and the rest; rank 0 renames it into place once all is written (all ranks must call this)."""
     import torch.distributed.checkpoint as dcp
@@ -72,7 +107,6 @@ def save_sharded_training_checkpoint(run_dir: Path, step: int, model: Transforme
 
     from minillama.sharded import first_failure
 
-    path = checkpoint_dir(run_dir, step)
     tmp = broadcast_object(temporary_directory(path) if ctx.is_main else None)
     try:
         weights, optim = _state_dicts(model, optimizer)
@@ -81,17 +115,15 @@ def save_sharded_training_checkpoint(run_dir: Path, step: int, model: Transforme
         except CheckpointException as exc:  # every rank gets every rank's failure
             raise unwritable_checkpoint(path, first_failure(exc)) from None
         if ctx.is_main:
-            fill_checkpoint(tmp, path, model.config, tokenizer, {"step": step, **metadata}, {"step": step, **training_state}, None)
+            fill_checkpoint(tmp, path, model.config, tokenizer, metadata, training_state, None)
             commit_directory(tmp, path)
-            _keep_last(run_dir, keep_last, path)
     except BaseException:
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
-def load_sharded_training_state(path: Path, model: Transformer, optimizer: torch.optim.Optimizer | MuonWithAdamW) -> None:
+def load_sharded_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer | MuonWithAdamW) -> None:
     """Weights and optimizer state from `path`'s sharded folder into an FSDP `model` on any number of ranks, each
     reading the slices it holds (all ranks must call this). Hyperparameters come from the run config, not the file."""
     import torch.distributed.checkpoint as dcp

@@ -13,14 +13,13 @@ from tqdm import tqdm
 
 from minillama.errors import MiniLlamaError
 from minillama.files import write_file_atomically
-
-METRICS_FILE = "metrics.jsonl"
+from minillama.layout import METRICS_FILE, TENSORBOARD_DIR, metrics_path
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl; a partly written last line (from a crash) or any line that is not a
     record is ignored."""
-    path = Path(run_dir) / METRICS_FILE
+    path = metrics_path(run_dir)
     if not path.is_file():
         raise MiniLlamaError(f"{run_dir} has no {METRICS_FILE}; is it a training run directory?")
     records = []
@@ -37,7 +36,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def truncate_metrics(run_dir: Path, resume_step: int) -> None:
     """Drop records of steps >= `resume_step`: the resumed run logs those steps again."""
-    path = Path(run_dir) / METRICS_FILE
+    path = metrics_path(run_dir)
     if path.is_file():
         kept = [r for r in read_metrics(run_dir) if r["step"] < resume_step]
         write_file_atomically(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
@@ -52,7 +51,7 @@ class MetricsLogger:
         if not enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.file = open(Path(run_dir) / METRICS_FILE, "a", buffering=1)
+        self.file = open(metrics_path(run_dir), "a", buffering=1)
         if sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if tensorboard:
@@ -60,7 +59,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise MiniLlamaError("log.tensorboard is on but the tensorboard package is missing: pip install tensorboard") from None
-            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR))
         if wandb:
             try:
                 import wandb as wandb_module
