@@ -57,13 +57,39 @@ def write_examples(path, n, seed=0):
     return path
 
 
+BESIDE_THE_CHECKOUT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def find_test_data() -> tuple[Path | None, str]:
+    """The folder of real data files (real tokenizers, tiny shakespeare, HellaSwag head, stories260K) and where it
+    was found: $MINILLAMA_TEST_DATA, else ../shared/data beside the checkout (where this workspace keeps it)."""
+    if os.environ.get("MINILLAMA_TEST_DATA"):
+        folder = Path(os.environ["MINILLAMA_TEST_DATA"])
+        return (folder if folder.is_dir() else None), "MINILLAMA_TEST_DATA"
+    return (BESIDE_THE_CHECKOUT if BESIDE_THE_CHECKOUT.is_dir() else None), "beside the checkout"
+
+
 @pytest.fixture(scope="session")
 def test_data() -> Path:
-    """$MINILLAMA_TEST_DATA (real tokenizers, tiny shakespeare, HellaSwag head); tests needing it skip without it."""
-    folder = os.environ.get("MINILLAMA_TEST_DATA")
-    if not folder or not Path(folder).is_dir():
-        pytest.skip("needs the real data files: run with MINILLAMA_TEST_DATA=../shared/data (see the README)")
-    return Path(folder)
+    folder, _ = find_test_data()
+    if folder is None:
+        pytest.skip("needs the real data files: run with MINILLAMA_TEST_DATA=DIR (see the README)")
+    return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    config.data_tests = sum("test_data" in item.fixturenames for item in items)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """One line: whether the tests that need the real data files ran, and on which folder."""
+    folder, source = find_test_data()
+    count = getattr(config, "data_tests", 0)
+    if folder is not None:
+        terminalreporter.write_line(f"tests on the real data files: {count} selected, reading {folder} ({source})")
+    elif count:
+        terminalreporter.write_line(f"tests on the real data files: {count} selected and skipped; set MINILLAMA_TEST_DATA=DIR "
+                                    f"(the files its SOURCES.md lists), or keep them at {BESIDE_THE_CHECKOUT}")
 
 
 def data_file(test_data: Path, name: str) -> Path:

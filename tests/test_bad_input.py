@@ -180,7 +180,7 @@ CASES = [
     (["train", "--config", "{w}/model_number.toml"], "model_number.toml: 'model' is 5; expected a [model] table"),
     (["train", "--config", "{w}/preset_list.toml"], "field 'model.preset' is [\"tiny\"]; expected a preset name (one of: mini-llama-109M, tiny"),
     (["train", "--set", "seed=18446744073709551616"], "run config field 'seed' is 18446744073709551616; expected an integer in [0, 9,223,372,036,854,775,807]"),
-    (["generate", "{w}/ckpt", "hi", "--seed", "18446744073709551616"], "seed is 18446744073709551616; expected an integer from 0 to"),
+    (["generate", "{w}/ckpt", "hi", "--seed", "18446744073709551616"], "--seed is 18446744073709551616; expected an integer from 0 to"),
     (["prepare", "text", "{w}/hs.jsonl", "--out", "{w}/o", "--tokenizer", "{w}/ckpt/tokenizer.model", "--shard-tokens", "1000000000000000"],
      "--shard-tokens is 1,000,000,000,000,000; expected at most 2,147,483,648"),
     (["train", "--set", "model.dim=120000000", "--set", "model.n_heads=1", "--set", "model.n_kv_heads=1", "--set", "device=cpu",
@@ -233,14 +233,15 @@ CASES = [
     (["eval", "hellaswag", "{w}/ckpt", "--data", "{w}/latin1.jsonl"], "latin1.jsonl is not UTF-8 text"),
     (["plot", "{w}/run", "--smoothing", "1.0", "-o", "{w}/plots/c.png"], "smoothing is 1.0; expected a number in [0, 1)"),
     (["plot", "{w}/run", "-o", "{w}/plots"], "plots is a directory; give the image's file name"),
-    (["generate", "{w}/ckpt", "hi", "--temperature", "nan"], "temperature is nan; expected 0 (greedy) or a positive number"),
-    (["generate", "{w}/ckpt", "hi", "--top-k", "-1"], "top_k is -1"),
+    (["generate", "{w}/ckpt", "hi", "--temperature", "nan"], "--temperature is nan; expected 0 (greedy) or a positive number"),
+    (["generate", "{w}/ckpt", "hi", "--top-k", "-1"], "--top-k is -1"),
     (["generate", "{w}/ckpt", "hi", "--max-new-tokens", "500"], "exceeds the model's max_seq_len of 128"),
     (["train", "--set", "seed=-1"], "run config field 'seed' is -1; expected an integer in [0, 9,223,372,036,854,775,807]"),
     (["train", "--set", "optim.lr=NaN"], "run config field 'optim.lr' is nan; expected a number > 0"),
     (["train", "--set", "data.source=fineweb"], "run config field 'data.source' is \"fineweb\""),
     (["train", "--set", "eval.top_k=0"], "run config field 'eval.top_k' is 0; expected a positive integer"),
     (["train", "--set", "data.prepare_workers=-3"], "run config field 'data.prepare_workers' is -3"),
+    (["train", "--set", "data.files=5"], "--set: field 'data': field 'files' is 5; expected a list"),
     (["train", "--set", "model=tiny"], "--set model=tiny: 'model' is a table; set one of its fields, e.g. --set model.preset="),
     (["train", "--set", "model.max_seq_len=1000000000000"], "model config field 'max_seq_len' is 1000000000000"),
     (["train", "--set", "optim.lrr=1"], "--set optim.lrr=1: the [optim] table has no field 'lrr'"),
@@ -258,13 +259,14 @@ CASES = [
     (["prepare", "check", "{w}/manifest_binary"], "manifest.json is not valid JSON (UnicodeDecodeError)"),
     (["import", "hf", "{w}/hf_no_size", "{w}/out"], "'hidden_size' is None; expected a positive integer"),
     (["import", "hf", "{w}/hf_list", "{w}/out"], "expected a JSON object of fields, got a list"),
-    (["generate", "{w}/ckpt", "hi", "--top-p", "0"], "top_p is 0.0; expected a number in (0, 1]"),
-    (["generate", "{w}/ckpt", "hi", "--top-p", "1.5"], "top_p is 1.5; expected a number in (0, 1]"),
+    (["generate", "{w}/ckpt", "hi", "--top-p", "0"], "--top-p is 0.0; expected a number in (0, 1]"),
+    (["generate", "{w}/ckpt", "hi", "--top-p", "1.5"], "--top-p is 1.5; expected a number in (0, 1]"),
+    (["generate", "{w}/ckpt", "hi " * 200], "the prompt is 602 tokens: 475 too many for the model's max_seq_len of 128, which must also hold the new tokens"),
     (["generate", "{w}/ckpt", "hi", "--max-new-tokens", "0"], "--max-new-tokens is 0; expected at least 1"),
-    (["generate", "{w}/ckpt", "hi", "--num-samples", "0"], "num_samples is 0; expected from 1 to 1024"),
-    (["generate", "{w}/ckpt", "hi", "--num-samples", "100000"], "num_samples is 100000; expected from 1 to 1024"),
+    (["generate", "{w}/ckpt", "hi", "--num-samples", "0"], "--num-samples is 0; expected from 1 to 1024"),
+    (["generate", "{w}/ckpt", "hi", "--num-samples", "100000"], "--num-samples is 100000; expected from 1 to 1024"),
     (["prepare", "text", "{w}/notes/todo.txt", "--out", "{w}/ckpt", "--tokenizer", "{w}/ckpt/tokenizer.model"], "went to the validation split of {w}/ckpt; re-run with a smaller --val-tokens"),
-    (["generate", "{w}/ckpt", "hi", "--temperature", "-1"], "temperature is -1.0; expected 0 (greedy) or a positive number"),
+    (["generate", "{w}/ckpt", "hi", "--temperature", "-1"], "--temperature is -1.0; expected 0 (greedy) or a positive number"),
     (["generate", "{w}/ckpt", "caf\udce9"], "the prompt is not UTF-8 text (byte 0xe9 at character 3)"),
     (["generate", "{w}/missing", "hi"], "missing does not exist; pass a checkpoint directory or a training run directory"),
     (["generate", "{w}/hs.jsonl", "hi"], "hs.jsonl is neither a checkpoint directory (no config.json) nor a training run directory"),
@@ -427,7 +429,7 @@ def test_interactive_generate_refuses_a_bad_line_and_answers_the_next(workspace,
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("minillama:")]
     assert errors[0] == "minillama: the prompt is not UTF-8 text (byte 0xe9 at character 3); pass it in UTF-8 (check the terminal's locale); type another prompt"
-    assert "exceeds the model's max_seq_len of 128" in errors[1] and len(errors) == 2
+    assert "too many for the model's max_seq_len of 128" in errors[1] and len(errors) == 2
     assert captured.out.startswith("Sample 0: The cat") and captured.out.count("Sample 0:") == 1
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
 
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.inference.engine import Completion, Engine, Request, check_length
 from minillama.inference.sampling import SamplingParams
 from minillama.model import Transformer
@@ -35,8 +35,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, num_samples:
     """`num_samples` completions of `prompt` (the new text only); sample i uses seed + i. An empty prompt starts
     from BOS alone. A sample ends where the model ends a document (BOS or EOS) unless `stop_at_eos` is False."""
     if not 1 <= num_samples <= MAX_SAMPLES:
-        raise MiniLlamaError(f"num_samples is {num_samples}; expected from 1 to {MAX_SAMPLES} (each holds a KV cache row; "
-                             "draw more in several calls)")
+        raise ArgumentError("{num_samples} is {value}; expected from 1 to {limit} (each holds a KV cache row; draw more in "
+                            "several calls)", value=num_samples, limit=MAX_SAMPLES)
     stop_ids = document_end_ids(tokenizer) if stop_at_eos else ()
     engine, completions = _start(model, tokenizer, [(tokenizer.encode(prompt, bos=True), num_samples)], max_new_tokens,
                                  temperature, top_k, top_p, seed, stop_ids, cuda_graph, compile)

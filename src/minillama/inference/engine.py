@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.inference.cache import CachedPass, KVCache, right_padded
 from minillama.inference.sampling import MAX_SEED, SamplingParams, choose_tokens
 from minillama.inference.scoring import Scores, TokenLogprobs, score_targets
@@ -299,12 +299,15 @@ def outside_vocabulary(ids: Sequence[int], vocab_size: int) -> int | None:
 def check_length(limit: int, prompt_tokens: int, max_new_tokens: int) -> None:
     """Refuse a prompt that leaves no room for `max_new_tokens` within `limit` positions."""
     if max_new_tokens < 0:
-        raise MiniLlamaError(f"max_new_tokens is {max_new_tokens}; expected 0 or more")
+        raise ArgumentError("{max_new_tokens} is {value}; expected 0 or more", value=max_new_tokens)
+    if prompt_tokens >= limit and max_new_tokens > 0:
+        raise ArgumentError("the prompt is {tokens} tokens: {over} too many for the model's max_seq_len of {limit}, which must "
+                            "also hold the new tokens; shorten the prompt", tokens=prompt_tokens, over=prompt_tokens - limit + 1,
+                            limit=limit)
     if prompt_tokens + max_new_tokens > limit:
-        raise MiniLlamaError(
-            f"a prompt of {prompt_tokens} tokens plus {max_new_tokens} new tokens exceeds the model's max_seq_len of {limit}; "
-            f"at most {max(limit - prompt_tokens, 0)} new tokens fit"
-        )
+        raise ArgumentError("a prompt of {tokens} tokens plus {value} new tokens exceeds the model's max_seq_len of {limit}; "
+                            "at most {room} new tokens fit: lower {max_new_tokens}", tokens=prompt_tokens, value=max_new_tokens,
+                            limit=limit, room=limit - prompt_tokens)
 
 
 class StaticDecoder:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
@@ -29,13 +29,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
-            raise MiniLlamaError(f"temperature is {self.temperature}; expected 0 (greedy) or a positive number")
+            raise ArgumentError("{temperature} is {value}; expected 0 (greedy) or a positive number", value=self.temperature)
         if self.top_k is not None and self.top_k < 0:
-            raise MiniLlamaError(f"top_k is {self.top_k}; expected a positive integer, or 0 (or none) for no top-k cut")
+            raise ArgumentError("{top_k} is {value}; expected a positive integer, or 0 (or none) for no top-k cut", value=self.top_k)
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise MiniLlamaError(f"top_p is {self.top_p}; expected a number in (0, 1]")
+            raise ArgumentError("{top_p} is {value}; expected a number in (0, 1]", value=self.top_p)
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise MiniLlamaError(f"seed is {self.seed}; expected an integer from 0 to {MAX_SEED:,}")
+            raise ArgumentError("{seed} is {value}; expected an integer from 0 to {limit:,}", value=self.seed, limit=MAX_SEED)
 
     @property
     def greedy(self) -> bool:

@@ -216,8 +216,14 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
             raise MiniLlamaError(f"config file {path} is not UTF-8 text; pass a .toml file (see configs/)") from None
         except tomllib.TOMLDecodeError as exc:
             raise MiniLlamaError(f"{path} is not valid TOML ({exc})") from None
-    raw = apply_overrides(raw, list(overrides))
-    return from_dict(TrainConfig, _resolve_model(raw, where), where)
+    combined = apply_overrides(raw, list(overrides))
+    try:
+        return from_dict(TrainConfig, _resolve_model(combined, where), where)
+    except MiniLlamaError:
+        if not overrides:
+            raise
+        from_dict(TrainConfig, _resolve_model(raw, where), where)  # the file alone: its own mistakes are the file's
+        return from_dict(TrainConfig, _resolve_model(combined, "--set"), "--set")  # else the overrides' (raises again)
 
 
 def config_to_toml(config: TrainConfig) -> str:
