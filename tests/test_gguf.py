@@ -8,7 +8,7 @@ from conftest import data_file
 
 from minillama.checkpoint import load_checkpoint, load_checkpoint_tokenizer
 from minillama.cli import main
-from minillama.generate import generate_tokens
+from minillama.generate import generate, generate_tokens
 from minillama.interop.llamacpp import export_gguf, gguf_name
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the 'dev' extra builds it)")
@@ -108,6 +108,19 @@ def test_q8_0_keeps_top1_and_perplexity_and_names_what_it_cannot_quantize(storie
     ppl_theirs = torch.nn.functional.cross_entropy(theirs[:-1], targets).exp().item()
     print(f"q8_0 on tiny shakespeare ({len(ids)} tokens): top-1 agreement {agreement:.4f}, perplexity {ppl_ours:.4f} -> {ppl_theirs:.4f}")
     assert agreement > 0.95 and abs(ppl_theirs / ppl_ours - 1) < 0.02
+
+
+def test_llama_cpp_ends_a_completion_where_mini_llama_does_at_bos(stories, tmp_path):
+    """stories260K ends a document (BOS) 16 tokens after this prompt; llama.cpp ends generation there too, and
+    n_ctx=0 (the README's snippet) gives the model's own context."""
+    model, info = load_checkpoint(stories)
+    tokenizer = load_checkpoint_tokenizer(info)
+    ours = generate(model, tokenizer, "Once upon a time", num_samples=1, max_new_tokens=100, temperature=0, top_k=None)[0]
+    out, _ = export_gguf(stories, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=0, n_threads=2, verbose=False)
+    assert llm.n_ctx() == model.config.max_seq_len
+    answer = llm.create_completion("Once upon a time", max_tokens=100, temperature=0)["choices"][0]
+    assert answer["finish_reason"] == "stop" and answer["text"] == ours
 
 
 def test_gguf_metadata_describes_the_model(stories, tmp_path):

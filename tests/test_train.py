@@ -385,3 +385,15 @@ def test_a_full_disk_at_a_save_is_one_line_and_the_last_checkpoint_stays_loadabl
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000002"]
     assert subprocess.run(command, capture_output=True).returncode == 0  # space again: it resumes from step 2
     assert len(train_losses(tmp_path / "run")[0]) == 4
+
+
+def test_threads_sets_pytorchs_cpu_threads_and_the_run_record_says_how_many(tmp_path, data_dir, tokenizer):
+    before = torch.get_num_threads()
+    try:
+        train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=1", "optim.warmup_steps=0",
+                                                               "threads=1")))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    [run] = [r for r in train_losses(tmp_path / "run")[1] if r["kind"] == "run"]
+    assert run["cpu_threads"] == 1

@@ -356,7 +356,9 @@ def _add_train(commands: Subparsers) -> None:
                  cmd_train, formatter_class=argparse.RawDescriptionHelpFormatter,
                  epilog="Multi-GPU: torchrun --nproc_per_node=8 -m minillama train --config configs/mini-llama-109M.toml.\n"
                         "A model that does not fit: --set parallel=fsdp (shards weights, gradients and optimizer state over the\n"
-                        "ranks) and --set activation_checkpointing=full (or selective).\n\n"
+                        "ranks) and --set activation_checkpointing=full (or selective).\n"
+                        "On a CPU that other work keeps busy, --set threads=1 can be several times faster than PyTorch's default\n"
+                        "(a thread per core, each spinning between operations while the others wait for a core).\n\n"
                         "Run config fields (TOML tables, or --set table.field=value), with their defaults:\n" + fields)
     p.add_argument("--config", help="run config TOML (see configs/); without it, the reference mini-llama-109M run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

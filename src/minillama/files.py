@@ -100,6 +100,7 @@ def fill_file_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
 
 def write_directory_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
     """Let `fill` write into a fresh temporary directory, then rename it to `path` (replacing an old one whole)."""
+    path = Path(path)
     tmp = temporary_directory(path)
     try:
         fill(tmp)

@@ -139,6 +139,9 @@ def _add_vocabulary(writer: Any, gguf: Any, tokenizer: Tokenizer) -> None:
     writer.add_token_types(kinds)
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
+    # Mini Llama's documents are BOS-separated, so a sample ends at BOS as at EOS; llama.cpp ends generation at its
+    # end-of-generation tokens (EOS, EOT, EOM), so BOS is named the end-of-turn token too.
+    writer.add_eot_token_id(tokenizer.bos_id)
     writer.add_unk_token_id(sp.unk_id())
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)

@@ -123,6 +123,7 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute activations in backward: every block (full) or every other
     stop_at_step: PositiveInt | None = None  # stop after this step without changing the schedule (None: optim.max_steps)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
+    threads: PositiveInt | None = None  # CPU threads per process (None: PyTorch's choice); on a busy CPU fewer are faster, often 1
 
     def __post_init__(self) -> None:
         check_fields(self, "run config field '{}'")

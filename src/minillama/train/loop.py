@@ -175,6 +175,8 @@ def open_run(config: TrainConfig, resume: str, ctx: Distributed) -> Iterator[Run
                              "use --set dtype=float32 (or parallel=ddp, which has a gradient scaler for float16)")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # fp32 matmuls (outside autocast) on TF32 tensor cores
+    elif config.threads:
+        torch.set_num_threads(config.threads)  # PyTorch's threads spin between operations, stealing a busy machine's cores
     run_dir = Path(config.run_dir)
     checkpoint = checkpoint_to_resume(run_dir, resume)  # a resume that cannot work is refused before any work
     changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
@@ -223,7 +225,8 @@ def _logger(run: Run) -> MetricsLogger:
         logger.log({"kind": "run", "step": 0, "parameters": parameters, "model_preset": config.model_preset,
                     "vocab_size": config.model.vocab_size, "tokenizer": run.tokenizer.path.name, "world_size": ctx.world_size,
                     "tokenizer_sha256": run.tokenizer.fingerprint, "data_source": read_manifest(run.data_dir)["source"],
-                    "device": str(run.device), "accumulation": run.accumulation, "tokens_per_step": config.batch.total_tokens},
+                    "device": str(run.device), "accumulation": run.accumulation, "tokens_per_step": config.batch.total_tokens,
+                    "cpu_threads": torch.get_num_threads()},
                    f"training {config.model_preset} ({parameters:,} parameters) on {ctx.world_size} x {run.device}, "
                    f"{config.batch.total_tokens:,} tokens per step ({run.accumulation} micro-steps of "
                    f"{config.batch.micro_batch} x {config.batch.seq_len} per rank)")
