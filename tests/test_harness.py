@@ -3,6 +3,7 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,19 +20,17 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from minillama.eval.harness import MiniLlamaLM  # noqa: E402
 
+EXAMPLE_TASKS = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 TASKS = ["hellaswag_local", "shakespeare_next_line", "shakespeare_rolling", "shakespeare_continue"]
 
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory, test_data):
-    """Local tasks: the harness's own hellaswag task over the 10 real validation rows, a multiple-choice and a
+    """Local tasks: examples/tasks/hellaswag_local over the 10 real validation rows, a multiple-choice and a
     perplexity task from tiny shakespeare, and a generation task with a stop sequence."""
     folder = tmp_path_factory.mktemp("tasks")
-    hellaswag_yaml = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "hellaswag.yaml"
-    (folder / "hellaswag_local.yaml").write_text(
-        f"include: {hellaswag_yaml}\ntask: hellaswag_local\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    validation: {data_file(test_data, 'hellaswag_val_head10.jsonl')}\n"
-        "training_split: null\n")
+    for name in ("hellaswag_local.yaml", "hellaswag_local.py"):  # the local HellaSwag task the README ships
+        shutil.copy(EXAMPLE_TASKS / name, folder / name)
     lines = [line for line in data_file(test_data, "tinyshakespeare.txt").read_text().splitlines() if len(line) > 20]
     rng = random.Random(0)
     docs = []
@@ -58,7 +57,14 @@ def task_dir(tmp_path_factory, test_data):
         + 'doc_to_text: "{{context}}\\n"\ndoc_to_target: "{{next}}"\n'
         'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 24\n  do_sample: false\n'
         "metric_list:\n  - metric: exact_match\n")
-    return folder
+    stock = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "hellaswag.yaml"  # the hub task, its data from disk
+    (folder / "hellaswag_stock.yaml").write_text(
+        f"include: {stock}\ntask: hellaswag_stock\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data_file(test_data, 'hellaswag_val_head10.jsonl')}\n"
+        "training_split: null\n")
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("MINILLAMA_HELLASWAG", str(data_file(test_data, "hellaswag_val_head10.jsonl")))
+        yield folder
 
 
 def evaluate_both(checkpoint, task_dir, tmp_path, limit=None):
@@ -69,6 +75,20 @@ def evaluate_both(checkpoint, task_dir, tmp_path, limit=None):
     theirs = simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32", device="cpu", batch_size=8,
                              tasks=TASKS, task_manager=manager, log_samples=True, limit=limit)
     return ours, theirs
+
+
+@pytest.mark.slow
+def test_the_shipped_local_hellaswag_task_asks_what_the_hub_task_asks(stories, task_dir, tmp_path, monkeypatch, capsys):
+    tasks = TaskManager(include_path=str(task_dir)).load_task_or_group(["hellaswag_local", "hellaswag_stock"])
+    local, stock = (tasks[name] for name in ("hellaswag_local", "hellaswag_stock"))
+    asked = [[(task.doc_to_text(doc), task.doc_to_choice(doc), task.doc_to_target(doc)) for doc in task.validation_docs()]
+             for task in (local, stock)]
+    assert asked[0] == asked[1] and len(asked[0]) == 10
+    monkeypatch.setenv("MINILLAMA_HELLASWAG", str(tmp_path / "missing.jsonl"))
+    assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_local", "--include-path", str(task_dir)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"minillama: error: hellaswag_local: {tmp_path / 'missing.jsonl'} does not exist; set MINILLAMA_HELLASWAG=FILE.jsonl "
+        "(rowanz/hellaswag's hellaswag_val.jsonl), or run `minillama eval hellaswag` once where the internet is reachable")
 
 
 @pytest.mark.slow
@@ -114,11 +134,20 @@ def test_cli_runs_tasks_writes_results_into_the_run_and_report_shows_them(tiny, 
 
 
 @pytest.mark.slow
-def test_cli_refuses_unknown_tasks_and_bad_limits_in_one_line(stories, task_dir, capsys):
+def test_cli_refuses_unknown_tasks_bad_limits_and_hub_tasks_offline_in_one_line(stories, task_dir, capsys, monkeypatch):
     assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_locale", "--include-path", str(task_dir)]) == 2
     assert capsys.readouterr().err.startswith("minillama: error: unknown harness task 'hellaswag_locale'; list them with")
     assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_local", "--limit", "0", "--include-path", str(task_dir)]) == 2
     assert capsys.readouterr().err == "minillama: error: the example limit is 0.0; expected a positive number (or no limit)\n"
+
+    def offline(*args, **kwargs):  # what datasets raises where the hub cannot be reached
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr("datasets.load_dataset", offline)
+    assert main(["eval", "harness", str(stories), "--tasks", "hellaswag"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("minillama: error: cannot download the data of hellaswag ("), err
+    assert "offline, pass --include-path (a folder holding task YAMLs over local files, e.g. the repository's examples/tasks" in err
 
 
 @pytest.mark.slow

@@ -246,7 +246,8 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
                                       log_samples=log_samples)
         except ConnectionError as exc:  # a task's dataset is on the hub, and the hub is out of reach
             raise ArgumentError("cannot download the data of {names} ({why}); offline, pass {include_path} (a folder holding "
-                                "task YAMLs over local files)", names=", ".join(tasks), why=f"{type(exc).__name__}: {str(exc)[:160]}") from None
+                                "task YAMLs over local files, e.g. the repository's examples/tasks: hellaswag_local)",
+                                names=", ".join(tasks), why=f"{type(exc).__name__}: {str(exc)[:160]}") from None
     finally:
         close_distributed(ctx)
     if results is not None and output is not None:
