@@ -132,6 +132,12 @@ def test_cli_hellaswag_json_and_exit_codes(tmp_path, tokenizer, small_config):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["examples"] == 6 and len(report["predictions"]) == 6 and "completion-style" in report["scoring"]
+    right = [float(p["pred_norm"] == p["label"]) for p in report["predictions"]]
+    assert report["acc_norm_stderr"] == pytest.approx(np.std(right, ddof=1) / np.sqrt(6))  # as lm-eval's stderr
+    text = subprocess.run([sys.executable, "-m", "minillama", "eval", "hellaswag", str(tmp_path / "ckpt"), "--data", str(data)],
+                          capture_output=True, text=True).stdout
+    assert f"acc_norm {report['acc_norm']:.4f} ± {report['acc_norm_stderr']:.4f}" in text
+    assert "(a sample of 6 of the 10,042 validation examples: at 95% confidence it tells a model apart from the reference" in text
     (tmp_path / "broken.jsonl").write_text("{\n")
     failed = subprocess.run([sys.executable, "-m", "minillama", "eval", "hellaswag", str(tmp_path / "ckpt"), "--data",
                              str(tmp_path / "broken.jsonl")], capture_output=True, text=True)
@@ -277,10 +283,11 @@ def test_eval_loss_command_reproduces_the_logged_val_loss(tiny_run_dir):
     """The final evaluation runs after the last update, on the weights the final checkpoint holds."""
     records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if r["kind"] == "eval"][-1]
-    data_dir = tiny_run_dir.parent / "data"
-    result = subprocess.run([sys.executable, "-m", "minillama", "eval", "loss", str(tiny_run_dir), "--data", str(data_dir),
-                             "--tokens", "1024", "--seq-len", "64", "--batch-size", "4", "--json"], capture_output=True, text=True)
+    # without --data: the run's own data.dir (its config.toml names it)
+    result = subprocess.run([sys.executable, "-m", "minillama", "eval", "loss", str(tiny_run_dir), "--tokens", "1024",
+                             "--seq-len", "64", "--batch-size", "4", "--json"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert f"scoring {tiny_run_dir.parent / 'data'}, the run's data.dir" in result.stderr
     measured = json.loads(result.stdout)
     assert abs(measured["loss"] - logged["val_loss"]) < 1e-5
     assert abs(measured["bits_per_byte"] - logged["val_bits_per_byte"]) < 1e-5

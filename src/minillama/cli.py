@@ -158,10 +158,12 @@ def cmd_eval_hellaswag(args: argparse.Namespace) -> None:
 
     from minillama.checkpoint import load_for_inference
     from minillama.eval.hellaswag import (
+        HELLASWAG_VAL_EXAMPLES,
         download_hellaswag,
         evaluate_hellaswag,
         load_examples,
     )
+    from minillama.eval.plot import REFERENCE_HELLASWAG
 
     examples = load_examples(Path(args.data) if args.data else download_hellaswag(), args.limit)
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
@@ -171,8 +173,14 @@ def cmd_eval_hellaswag(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({**result, "scoring": HELLASWAG_NOTE, "predictions": [asdict(p) for p in predictions]}, indent=2))
         return
-    print(f"HellaSwag acc_norm {result['acc_norm']:.4f}  acc {result['acc']:.4f}  over {result['examples']:,} examples"
+    print(f"HellaSwag acc_norm {result['acc_norm']:.4f} ± {result['acc_norm_stderr']:.4f}  acc {result['acc']:.4f} ± "
+          f"{result['acc_stderr']:.4f} (± one standard error)  over {result['examples']:,} examples"
           + (f" ({result['truncated']} with contexts cut to fit max_seq_len)" if result["truncated"] else ""))
+    if result["examples"] < HELLASWAG_VAL_EXAMPLES:
+        label, reference = REFERENCE_HELLASWAG[0]
+        margin = 1.96 * max(result["acc_norm_stderr"], 1e-9)
+        print(f"(a sample of {result['examples']:,} of the {HELLASWAG_VAL_EXAMPLES:,} validation examples: at 95% confidence it "
+              f"tells a model apart from the {label}'s {reference:.2%} only {margin:.1%} or more away from it)")
     print(f"({HELLASWAG_NOTE})")
 
 
@@ -180,12 +188,19 @@ def cmd_eval_loss(args: argparse.Namespace) -> None:
     from minillama.checkpoint import load_for_inference
     from minillama.data.loader import check_data
     from minillama.eval.loss import evaluate_loss
+    from minillama.train.history import data_dir_of
 
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
     _say_which(info)
-    check_data(Path(args.data), info.config.vocab_size, tokenizer.fingerprint)
+    data = Path(args.data) if args.data else data_dir_of(info.path)
+    if data is None:
+        raise MiniLlamaError(f"{info.path} is not inside a training run, so it has no data of its own: pass --data DIR "
+                             "(a folder made by `minillama prepare`)")
+    if not args.data:
+        print(f"scoring {data}, the run's data.dir", file=sys.stderr)
+    check_data(data, info.config.vocab_size, tokenizer.fingerprint)
     seq_len = args.seq_len or info.config.max_seq_len
-    result = evaluate_loss(model, Path(args.data), tokenizer, args.batch_size, seq_len, args.tokens)
+    result = evaluate_loss(model, data, tokenizer, args.batch_size, seq_len, args.tokens)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -241,18 +256,25 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {report} and {curves_path(report).name} beside it")
 
 
-def cmd_export_hf(args: argparse.Namespace) -> None:
+def _checkpoint_to_export(args: argparse.Namespace) -> Path:
+    """The checkpoint an export reads (a run directory means its newest), named on stderr."""
     from minillama.layout import find_checkpoint
+
+    checkpoint = find_checkpoint(Path(args.checkpoint))
+    print(f"using {checkpoint}", file=sys.stderr)
+    return checkpoint
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
     from minillama.interop.hf import export_hf
 
-    print(f"wrote {export_hf(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.dtype, force=args.force)}")
+    print(f"wrote {export_hf(_checkpoint_to_export(args), Path(args.out), args.dtype, force=args.force)}")
 
 
 def cmd_export_llama2c(args: argparse.Namespace) -> None:
-    from minillama.layout import find_checkpoint
     from minillama.interop.llama2c import export_llama2c
 
-    print(f"wrote {export_llama2c(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.version, force=args.force)}")
+    print(f"wrote {export_llama2c(_checkpoint_to_export(args), Path(args.out), args.version, force=args.force)}")
 
 
 def cmd_export_llama2c_tokenizer(args: argparse.Namespace) -> None:
@@ -262,10 +284,9 @@ def cmd_export_llama2c_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
-    from minillama.layout import find_checkpoint
     from minillama.interop.llamacpp import export_gguf
 
-    out, fell_back = export_gguf(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.dtype, force=args.force,
+    out, fell_back = export_gguf(_checkpoint_to_export(args), Path(args.out), args.dtype, force=args.force,
                                  tokenizer_path=Path(args.tokenizer_path) if args.tokenizer_path else None)
     if fell_back:
         print(f"note: {len(fell_back)} matrices have rows that are not a multiple of 32, which q8_0 needs; they are "
@@ -397,7 +418,7 @@ def _add_eval(commands: Subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON, with every example's prediction")
     p = _command(evaluate, "loss", "Validation loss, perplexity and bits per byte on a prepared data directory's val split.", cmd_eval_loss)
     _checkpoint_options(p)
-    p.add_argument("--data", required=True, help="directory made by `minillama prepare`")
+    p.add_argument("--data", help="directory made by `minillama prepare` (default for a run's checkpoint: the run's data.dir)")
     p.add_argument("--tokens", type=int, default=10_485_760, help="validation tokens to score (default 10,485,760)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")

@@ -76,13 +76,17 @@ def find_checkpoint(path: Path) -> Path:
                          f"{CHECKPOINTS_DIR}/step_*")
 
 
-def harness_output(checkpoint: Path) -> Path | None:
-    """RUN_DIR/harness/step_N.json for a checkpoint inside a training run (where `minillama report` finds it)."""
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The training run directory a checkpoint belongs to, or None for a checkpoint on its own."""
     checkpoint = Path(checkpoint)
     run_dir = checkpoint.parent.parent
-    if checkpoint.parent.name == CHECKPOINTS_DIR and is_run_dir(run_dir):
-        return run_dir / HARNESS_DIR / f"{checkpoint.name}.json"
-    return None
+    return run_dir if checkpoint.parent.name == CHECKPOINTS_DIR and is_run_dir(run_dir) else None
+
+
+def harness_output(checkpoint: Path) -> Path | None:
+    """RUN_DIR/harness/step_N.json for a checkpoint inside a training run (where `minillama report` finds it)."""
+    run_dir = run_dir_of(checkpoint)
+    return None if run_dir is None else run_dir / HARNESS_DIR / f"{Path(checkpoint).name}.json"
 
 
 def harness_results(run_dir: Path) -> list[Path]:

@@ -12,6 +12,7 @@ exactly "the ending preceded by a space".
 from __future__ import annotations
 
 import json
+import math
 import os
 import urllib.request
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ class Prediction:
     pred_sum: int  # argmin of summed loss
     losses: tuple[float, ...]  # summed loss of each ending, in nats
     ending_tokens: tuple[int, ...]
+
+
+HELLASWAG_VAL_EXAMPLES = 10_042  # rows of the official validation file
 
 
 def default_cache_dir() -> Path:
@@ -223,5 +227,14 @@ def evaluate_hellaswag(model: Transformer, tokenizer: Tokenizer, examples: list[
     if world_size > 1:
         torch.distributed.all_reduce(counts)
     correct_norm, correct_sum, n, n_truncated = counts.tolist()
-    return {"acc_norm": correct_norm / n, "acc": correct_sum / n, "examples": n, "truncated": n_truncated,
-            "predictions": predictions}
+    return {"acc_norm": correct_norm / n, "acc_norm_stderr": standard_error(correct_norm, n), "acc": correct_sum / n,
+            "acc_stderr": standard_error(correct_sum, n), "examples": n, "truncated": n_truncated, "predictions": predictions}
+
+
+def standard_error(correct: int, n: int) -> float:
+    """The standard error of an accuracy over `n` examples: the sample standard deviation of the 0/1 outcomes over
+    sqrt(n), as lm-evaluation-harness reports it (0 for a single example)."""
+    if n < 2:
+        return 0.0
+    p = correct / n
+    return math.sqrt(p * (1 - p) / (n - 1))

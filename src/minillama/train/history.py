@@ -10,7 +10,7 @@ from typing import Any
 from minillama.checkpoint import read_checkpoint_info
 from minillama.config import to_dict
 from minillama.errors import MiniLlamaError
-from minillama.layout import complete_checkpoints, replaced_run_config_path, run_config_path
+from minillama.layout import complete_checkpoints, replaced_run_config_path, run_config_path, run_dir_of
 from minillama.train.config import TrainConfig, config_to_toml, load_train_config
 
 # Fields a resume must keep: the checkpoint's weights, optimizer state and data position only mean something
@@ -63,6 +63,14 @@ def keep_config_history(run_dir: Path, config: TrainConfig, step: int, changes: 
                 + f" (the earlier config is kept as {kept.name})")
     saved.write_text(config_to_toml(config))
     return line
+
+
+def data_dir_of(checkpoint: Path) -> Path | None:
+    """The prepared data a checkpoint's run trained on (its config.toml's data.dir), or None outside a run."""
+    run_dir = run_dir_of(checkpoint)
+    if run_dir is None or not run_config_path(run_dir).is_file():
+        return None
+    return Path(load_train_config(run_config_path(run_dir)).data.dir)
 
 
 def finished_step(run_dir: Path, config: TrainConfig, resume: str) -> int | None:
