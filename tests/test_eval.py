@@ -213,7 +213,9 @@ def test_plot_and_report(tiny_run_dir, tmp_path):
     records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
     min_val = min(r["val_loss"] for r in records if r["kind"] == "eval")
     assert f"min val loss: {min_val:.4f}" in report and "![training curves](report_curves.png)" in report
-    assert "completion-style" in report and "## Samples at step 30" in report
+    assert "completion-style" in report and "## Samples at step 30" in report and "(chance 25%)" in report
+    samples = [r for r in records if r["kind"] == "samples"][-1]["samples"]
+    assert f"Sample 0:\n\n```text\n{samples[0]}\n```" in report  # as written, not a Python repr
     assert (tmp_path / "report_curves.png").is_file() and (tmp_path / "curves.png").read_bytes() == image.read_bytes()
     write_report(tiny_run_dir, tmp_path / "report.md")  # again: its own image is replaced
     (tmp_path / "summary_curves.png").write_bytes(b"the user's")
@@ -231,16 +233,25 @@ def test_curves_draw_the_reference_loss_only_for_runs_like_it(tiny_run_dir):
     loss_ax, bpb_ax, hella_ax = curves_figure([run]).axes[:3]
     assert not any("reference" in line.get_label() for line in loss_ax.get_lines())
     assert [list(line.get_ydata()) for line in bpb_ax.get_lines()] == [[r["val_bits_per_byte"] for r in run.evals]]
-    assert sum("reference" in line.get_label() or "GPT" in line.get_label() for line in hella_ax.get_lines()) == 4
-    references = [line for line in hella_ax.get_lines() if line.get_label().endswith("%")]
+    assert [line.get_label() for line in loss_ax.get_legend().get_lines()][:2] == [  # the raw line is named too
+        f"{run.name} train, each step", f"{run.name} train, smoothed ({run.tokenizer})"]
+    references = [line for line in hella_ax.get_lines() if "reference" in line.get_label() or "GPT" in line.get_label()]
     assert len({line.get_color() for line in references}) == len(references) == 4  # told apart by colour and by name
     assert sorted(text.get_text() for text in hella_ax.texts) == sorted(line.get_label().split(":")[0] for line in references)
+    [chance] = [line for line in hella_ax.get_lines() if line.get_label().startswith("chance")]
+    assert list(chance.get_ydata()) == [0.25, 0.25]
+    # The two closest references (30.34% and 30.68%) are named at opposite ends of their lines.
+    ends = {text.get_text(): text.get_horizontalalignment() for text in hella_ax.texts}
+    assert ends["reference mini-llama-109M"] != ends["GPT-2 124M reproduction"]
 
     run.run.update(tokenizer_sha256=LLAMA2_TOKENIZER_SHA256, data_source=FineWebEdu("sample-10BT").describe())
     run.evals = [{k: v for k, v in r.items() if not k.startswith("hellaswag")} for r in run.evals]
-    loss_ax, _, hella_ax = curves_figure([run]).axes[:3]
+    figure = curves_figure([run])
+    loss_ax = figure.axes[0]
     assert any(line.get_label().startswith("reference mini-llama-109M: 2.7095") for line in loss_ax.get_lines())
-    assert "no HellaSwag evaluations" in " ".join(text.get_text() for text in hella_ax.texts)
+    assert [ax.get_title() for ax in figure.axes if ax.get_title()] == [
+        "Loss (per token; comparable only within a tokenizer)", "Validation bits per byte (comparable across tokenizers)"]
+    assert figure.get_suptitle().startswith("No HellaSwag evaluations in these runs, so no HellaSwag panel")
 
 
 @pytest.mark.slow
@@ -291,3 +302,10 @@ def test_eval_loss_command_reproduces_the_logged_val_loss(tiny_run_dir):
     measured = json.loads(result.stdout)
     assert abs(measured["loss"] - logged["val_loss"]) < 1e-5
     assert abs(measured["bits_per_byte"] - logged["val_bits_per_byte"]) < 1e-5
+
+
+def test_report_text_blocks_fence_over_any_backticks_inside():
+    from minillama.eval.report import text_block
+
+    assert text_block("plain") == "```text\nplain\n```"
+    assert text_block("a ```code``` and ````more````") == "`````text\na ```code``` and ````more````\n`````"

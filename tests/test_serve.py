@@ -313,8 +313,16 @@ def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
         driver.save_screenshot(str(tmp_path / "playground.png"))  # an artifact beside the test, never in git
         shown = driver.find_element(By.ID, "completion").text
         status = driver.find_element(By.ID, "status").text
+        max_tokens = driver.find_element(By.ID, "max_tokens")
+        max_tokens.clear()
+        max_tokens.send_keys("100000")  # past the context, refused by the server: the page says so, in the error colour
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("error"))
+        error = driver.find_element(By.ID, "status")
+        error_colour, error_class = error.value_of_css_property("color"), error.get_attribute("class")
     finally:
         driver.quit()
+    assert error_class == "error" and error_colour == "rgba(176, 0, 32, 1)"
     expected = generate(model, tokenizer, "Once upon a time", num_samples=1, max_new_tokens=12, temperature=0, top_k=None)[0]
     assert shown == expected.strip() and status == "finished: length"
 
@@ -507,3 +515,14 @@ def test_a_port_in_use_or_a_host_that_does_not_resolve_is_one_line_before_anythi
     assert err.startswith(f"minillama: error: cannot listen on 127.0.0.1:{port} (Address already in use)") and "serving" not in err
     assert main(["serve", str(stories), "--host", "no.such.host.invalid"]) == 2
     assert "--host 'no.such.host.invalid' does not resolve" in capsys.readouterr().err
+
+
+def test_the_playground_starts_from_the_checkpoints_eval_prompt_and_offers_top_k(stories):
+    from minillama.serve.app import create_app, first_eval_prompt
+
+    model, tokenizer, _ = load_for_inference(stories, "cpu", "float32")
+    with serving(create_app(model, tokenizer, "stories260K", max_batch=1, start_prompt='Tom & "Lily" <3')) as url:
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert '<textarea id="prompt" name="prompt" placeholder="text for the model to continue">Tom &amp; &quot;Lily&quot; &lt;3</textarea>' in page
+    assert '<input id="top_k" type="number" value="50"' in page and "body.top_k = Number(topK)" in page
+    assert first_eval_prompt({"eval_prompts": ["ROMEO:", "JULIET:"]}) == "ROMEO:" and first_eval_prompt({}) == ""

@@ -11,6 +11,7 @@ import torch
 from conftest import write_examples
 from training import config_file, run_cli, start_run_until_step, tiny_run, train_losses, uninterrupted_losses
 
+from minillama.checkpoint import read_checkpoint_info
 from minillama.data.shards import read_manifest
 from minillama.errors import MiniLlamaError
 from minillama.files import DirectoryLock
@@ -397,3 +398,5 @@ def test_threads_sets_pytorchs_cpu_threads_and_the_run_record_says_how_many(tmp_
         torch.set_num_threads(before)
     [run] = [r for r in train_losses(tmp_path / "run")[1] if r["kind"] == "run"]
     assert run["cpu_threads"] == 1
+    # The checkpoint keeps the run's eval prompts: the playground starts from the first.
+    assert read_checkpoint_info(tmp_path / "run" / "checkpoints" / "step_0000001").metadata["eval_prompts"] == ["ROMEO:", "To be or not to be,"]

@@ -85,12 +85,16 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def _reference_line(ax, index: int, label: str, value: float, text: str) -> None:
-    """A horizontal line in a style of its own, named in the legend and at its right end."""
+HELLASWAG_CHANCE = 0.25  # one of four endings
+
+
+def _reference_line(ax, index: int, label: str, value: float, text: str, at_left: bool = False) -> None:
+    """A horizontal line in a style of its own, named in the legend and at one end (`at_left`: the left end, so
+    that lines close together are named at alternate ends rather than over each other)."""
     color, style = REFERENCE_STYLES[index % len(REFERENCE_STYLES)]
     ax.axhline(value, color=color, linestyle=style, linewidth=1, label=f"{label}: {text}")
-    ax.annotate(label, xy=(1, value), xycoords=("axes fraction", "data"), xytext=(-4, 2), textcoords="offset points",
-                ha="right", va="bottom", fontsize=6, color=color)
+    ax.annotate(label, xy=(0 if at_left else 1, value), xycoords=("axes fraction", "data"), xytext=(4 if at_left else -4, 2),
+                textcoords="offset points", ha="left" if at_left else "right", va="bottom", fontsize=6, color=color)
 
 
 def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.9) -> Path:
@@ -118,17 +122,19 @@ def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.9) -> Path:
 
 
 def curves_figure(runs: list[RunCurves], smoothing: float = 0.9):
-    """A matplotlib Figure with three panels: loss, validation bits per byte, HellaSwag."""
+    """A matplotlib Figure with panels for loss, validation bits per byte and, when any run has it, HellaSwag."""
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, bpb_ax, hella_ax) = plt.subplots(1, 3, figsize=(19, 5.5))
+    with_hellaswag = any("hellaswag_acc_norm" in r for run in runs for r in run.evals)
+    fig, axes = plt.subplots(1, 3 if with_hellaswag else 2, figsize=(19 if with_hellaswag else 13, 5.5))
+    loss_ax, bpb_ax, hella_ax = (*axes, None)[:3]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
         steps = [r["step"] for r in run.train]
         losses = [r["loss"] for r in run.train]
-        loss_ax.plot(steps, losses, color=color, alpha=0.2, linewidth=0.8)
-        loss_ax.plot(steps, smooth(losses, smoothing), color=color, label=f"{run.name} train ({run.tokenizer})")
+        loss_ax.plot(steps, losses, color=color, alpha=0.2, linewidth=0.8, label=f"{run.name} train, each step")
+        loss_ax.plot(steps, smooth(losses, smoothing), color=color, label=f"{run.name} train, smoothed ({run.tokenizer})")
         if run.evals:
             eval_steps = [r["step"] for r in run.evals]
             loss_ax.plot(eval_steps, [r["val_loss"] for r in run.evals], color=color, linestyle="--", marker=".",
@@ -140,28 +146,39 @@ def curves_figure(runs: list[RunCurves], smoothing: float = 0.9):
     if any(run.like_reference for run in runs):
         label, value = REFERENCE_VAL_LOSS
         _reference_line(loss_ax, 0, label, value, f"{value} (Llama 2 tokenizer, FineWeb-Edu)")
-    for index, (label, value) in enumerate(REFERENCE_HELLASWAG):
-        _reference_line(hella_ax, index, label, value, f"{value:.2%}")
-    if not any("hellaswag_acc_norm" in r for run in runs for r in run.evals):
-        hella_ax.text(0.5, 0.5, "no HellaSwag evaluations in these runs\n(eval.hellaswag = true to add them)",
-                      transform=hella_ax.transAxes, ha="center", va="center", fontsize=9, color="dimgray")
     loss_ax.set(title="Loss (per token; comparable only within a tokenizer)", xlabel="step", ylabel="loss (nats/token)")
     bpb_ax.set(title="Validation bits per byte (comparable across tokenizers)", xlabel="step", ylabel="bits per UTF-8 byte")
-    hella_ax.set(title="HellaSwag acc_norm (completion-style scoring)", xlabel="step", ylabel="accuracy")
-    for ax in (bpb_ax, hella_ax):
+    if with_hellaswag:
+        _hellaswag_panel(hella_ax, runs)
+    else:
+        fig.suptitle("No HellaSwag evaluations in these runs, so no HellaSwag panel (eval.hellaswag = true adds them)",
+                     fontsize=9, color="dimgray")
+    panels = [ax for ax in (loss_ax, bpb_ax, hella_ax) if ax is not None]
+    for ax in panels[1:]:
         ax.set_xlim(loss_ax.get_xlim())
-    best_hellaswag = max((r.get("hellaswag_acc_norm", 0.0) for run in runs for r in run.evals), default=0.0)
-    hella_ax.set_ylim(0.2, max(0.36, best_hellaswag + 0.02))
     tokens_per_step = runs[0].tokens_per_step
     if tokens_per_step and all(r.tokens_per_step == tokens_per_step for r in runs):
         most_tokens = max((r.train[-1]["tokens_seen"] for r in runs if r.train), default=0)
         scale, unit = (1e9, "billions") if most_tokens >= 1e9 else (1e6, "millions")
-        for ax in (loss_ax, bpb_ax, hella_ax):
+        for ax in panels:
             top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / scale, lambda t: t * scale / tokens_per_step))
             top.set_xlabel(f"tokens seen ({unit})")
-    for ax in (loss_ax, bpb_ax, hella_ax):
+    for ax in panels:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _hellaswag_panel(ax, runs: list[RunCurves]) -> None:
+    """The published HellaSwag numbers as lines (named at alternate ends in order of value, so that close ones do not
+    overlap) and chance, under the runs' curves."""
+    by_value = sorted(range(len(REFERENCE_HELLASWAG)), key=lambda i: REFERENCE_HELLASWAG[i][1])
+    for rank, index in enumerate(by_value):
+        label, value = REFERENCE_HELLASWAG[index]
+        _reference_line(ax, index, label, value, f"{value:.2%}", at_left=rank % 2 == 1)
+    ax.axhline(HELLASWAG_CHANCE, color="lightgray", linewidth=1.5, label=f"chance (one of four endings): {HELLASWAG_CHANCE:.0%}")
+    ax.set(title="HellaSwag acc_norm (completion-style scoring)", xlabel="step", ylabel="accuracy")
+    best = max((r.get("hellaswag_acc_norm", 0.0) for run in runs for r in run.evals), default=0.0)
+    ax.set_ylim(0.2, max(0.36, best + 0.02))

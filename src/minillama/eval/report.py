@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
 from minillama.errors import MiniLlamaError
-from minillama.layout import harness_results
 from minillama.eval.plot import (
+    HELLASWAG_CHANCE,
     REFERENCE_HELLASWAG,
     REFERENCE_VAL_LOSS,
     load_run,
     plot_runs,
 )
+from minillama.layout import harness_results
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -54,19 +56,29 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
             lines.append(f"- best HellaSwag acc_norm: {top['hellaswag_acc_norm']:.2%} at step {top['step']:,} "
                          f"({top['hellaswag_examples']:,} examples; completion-style scoring, not the lm-evaluation-harness number)")
     label, value = REFERENCE_VAL_LOSS
-    loss_note = (f"{label} val loss {value} (same tokenizer and data as this run); " if run.like_reference else
-                 "val loss is comparable with the reference run's only on its tokenizer and data (bits per byte compares "
-                 "across tokenizers); ")
-    lines += ["", "For comparison: " + loss_note
-              + "HellaSwag " + ", ".join(f"{label} {value:.2%}" for label, value in REFERENCE_HELLASWAG) + ".",
-              "", f"![training curves]({curves.name})", ""]
+    comparisons = [f"{label} val loss {value} (same tokenizer and data as this run)" if run.like_reference else
+                   "val loss is comparable with the reference run's only on its tokenizer and data (bits per byte compares "
+                   "across tokenizers)"]
+    if any("hellaswag_acc_norm" in r for r in run.evals):
+        comparisons.append("HellaSwag " + ", ".join(f"{label} {value:.2%}" for label, value in REFERENCE_HELLASWAG)
+                           + f" (chance {HELLASWAG_CHANCE:.0%})")
+    lines += ["", "For comparison: " + "; ".join(comparisons) + ".", "", f"![training curves]({curves.name})", ""]
     lines += harness_section(run_dir)
     if run.samples:
         last_samples = run.samples[-1]
         lines += [f"## Samples at step {last_samples['step']:,}", ""]
-        lines += [f"{i}. {text!r}" for i, text in enumerate(last_samples["samples"])] + [""]
+        for i, text in enumerate(last_samples["samples"]):
+            lines += [f"Sample {i}:", "", text_block(str(text)), ""]
     out.write_text("\n".join(lines))
     return out
+
+
+def text_block(text: str) -> str:
+    """`text` as a Markdown code block, shown as written (line breaks, spaces, markup); its fence is longer than any
+    run of backticks inside."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def curves_path(report: Path) -> Path:

@@ -14,6 +14,7 @@ refuses with 429 what the queue has no room for.
 from __future__ import annotations
 
 import asyncio
+import html
 import ipaddress
 import json
 import os
@@ -76,6 +77,7 @@ class Serving:
     worker: EngineWorker
     metrics: Metrics
     created: int
+    start_prompt: str  # what the playground's prompt box holds at first
 
 
 router = APIRouter()
@@ -83,18 +85,20 @@ router = APIRouter()
 
 def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, max_batch: int = 8, max_queued: int | None = None,
                max_queued_tokens: int | None = None, allowed_hosts: list[str] | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, on_stop: Callable[[str], None] = lambda reason: None) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, on_stop: Callable[[str], None] = lambda reason: None,
+               start_prompt: str = "") -> FastAPI:
     """The server for one loaded model: `max_batch` completions decode together; at most `max_queued`
     completions (default 32 x max_batch) and `max_queued_tokens` tokens (default 32 x max_batch x max_seq_len / 2)
     wait or run at once. `allowed_hosts` (default: the loopback names; ["*"]: any) are the Host headers served.
-    The engine thread starts and stops with the app; `on_stop` hears if it ever stops by itself."""
+    The engine thread starts and stops with the app; `on_stop` hears if it ever stops by itself. The playground
+    starts from `start_prompt`."""
     max_queued = max_queued or 32 * max_batch
     max_queued_tokens = max_queued_tokens or 32 * max_batch * model.config.max_seq_len // 2
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         worker = EngineWorker(Engine(model, tokenizer, rows=max_batch), metrics, max_queued, max_queued_tokens, on_stop)
-        app.state.serving = Serving(model, tokenizer, model_name, worker, metrics, int(time.time()))
+        app.state.serving = Serving(model, tokenizer, model_name, worker, metrics, int(time.time()), start_prompt)
         yield
         worker.close()  # after uvicorn has let in-flight requests finish (it drains on SIGTERM)
 
@@ -234,7 +238,9 @@ async def chat(request: Request) -> JSONResponse:
 
 @router.get("/", response_class=HTMLResponse)
 async def playground(request: Request) -> str:
-    return resources.files("minillama.serve").joinpath("playground.html").read_text().replace("{{MODEL}}", _serving(request).model_name)
+    serving = _serving(request)
+    page = resources.files("minillama.serve").joinpath("playground.html").read_text()
+    return page.replace("{{MODEL}}", html.escape(serving.model_name)).replace("{{PROMPT}}", html.escape(serving.start_prompt))
 
 
 @router.post("/tokenize")
@@ -444,7 +450,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
         stopped: list[str] = []
         server = uvicorn.Server(uvicorn.Config(
             create_app(model, loaded_tokenizer, name, max_batch, max_queue, allowed_hosts=allowed_hosts,
-                       on_stop=lambda reason: (stopped.append(reason), setattr(server, "should_exit", True))),
+                       on_stop=lambda reason: (stopped.append(reason), setattr(server, "should_exit", True)),
+                       start_prompt=first_eval_prompt(info.metadata)),
             log_level="warning", timeout_graceful_shutdown=60))
         shown = f"[{host}]" if ":" in host else host
         print(f"using {info.path}; serving {name} on http://{shown}:{listening.getsockname()[1]} (playground at /, API at "
@@ -456,6 +463,13 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
         listening.close()
     if stopped:
         raise SystemExit(f"minillama: the engine stopped ({stopped[0]}); the server exited")
+
+
+def first_eval_prompt(metadata: dict) -> str:
+    """The first prompt the checkpoint's run sampled at each evaluation (a prompt of the kind of text it learned), or
+    none for a checkpoint that does not say."""
+    prompts = metadata.get("eval_prompts")
+    return prompts[0] if isinstance(prompts, list) and prompts and isinstance(prompts[0], str) else ""
 
 
 def bind(host: str, port: int) -> socket.socket:

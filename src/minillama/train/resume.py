@@ -43,7 +43,7 @@ def save_run(run: Run) -> Path:
     rng = gather_objects(rng_state(run.device), run.ctx)
     training_state = {"scaler": run.scaler.state_dict(), "loader": run.loader.state_dict(), "rng": rng, **state.state_dict()}
     metadata = {"step": state.step, "run_dir": config.run_dir, "model_preset": config.model_preset,
-                "tokens_seen": state.tokens_seen}
+                "tokens_seen": state.tokens_seen, "eval_prompts": list(config.eval.prompts)}
     path = checkpoint_dir(run.run_dir, state.step)
     if is_sharded(run.model):
         save_sharded_checkpoint(path, run.model, run.optimizer, run.tokenizer, training_state, metadata, run.ctx)
