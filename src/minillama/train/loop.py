@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,7 @@ def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
                       f"to train (raise optim.max_steps or stop_at_step to go on, or choose another run_dir)\n"
                       + history.next_commands(config))
             return {}
-        with open_run(config, resume, ctx) as run:
-            result = _train(run)
+        result = _train_and_free(config, resume, ctx)
         barrier(ctx)  # no rank tears down its connections while another still uses them
         if ctx.is_main:
             final = complete_checkpoints(Path(config.run_dir))[-1]
@@ -71,6 +72,23 @@ def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
         return result
     finally:
         close_distributed(ctx)
+
+
+def _train_and_free(config: TrainConfig, resume: str, ctx: Distributed) -> dict[str, Any]:
+    """Open the run and train it, then free it before the process group goes: DDP's reducer holds the group, and a
+    group freed last by the reducer is torn down while its worker thread may still need the GIL the freeing thread
+    holds (a deadlock seen in gloo). An exception's traceback would keep the run alive, so its frames are cleared."""
+    run = None
+    try:
+        with open_run(config, resume, ctx) as run:
+            return _train(run)
+    except BaseException as exc:
+        run = None
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        del run
+        gc.collect()  # modules and hooks refer to each other: free the cycles now, not at some later collection
 
 
 def _train(run: Run) -> dict[str, Any]:
