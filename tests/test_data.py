@@ -182,6 +182,81 @@ def test_fineweb_edu_streams_through_datasets(tmp_path, tokenizer, monkeypatch):
     assert via_hub["source"]["subset"] == "sample-10BT" and via_hub["tokens"] == via_file["tokens"]
 
 
+FINEWEB_CARD = """---
+license: odc-by
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*/*
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*
+---
+"""
+
+
+def fineweb_snapshot(folder, files, with_card=True):
+    """A miniature of the dataset repository as huggingface-cli leaves it: the card (its config YAML) and parquet
+    files under sample/10BT/, plus a crawl under data/ that the sample must not read."""
+    (folder / "sample" / "10BT").mkdir(parents=True)
+    (folder / "data" / "CC-MAIN-2024-10").mkdir(parents=True)
+    if with_card:
+        (folder / "README.md").write_text(FINEWEB_CARD)
+    write_fineweb_parquet(folder / "data" / "CC-MAIN-2024-10" / "000_00000.parquet", ["not in the sample"])
+    return [write_fineweb_parquet(folder / "sample" / "10BT" / f"{i:03d}_00000.parquet", docs) for i, docs in enumerate(files)]
+
+
+@pytest.mark.parametrize("with_card", [True, False], ids=["card", "no card"])
+def test_a_local_fineweb_snapshot_reads_as_the_sample_and_a_resume_seeks_to_its_file_and_row(tmp_path, tokenizer, monkeypatch,
+                                                                                             with_card):
+    pytest.importorskip("datasets")
+    from minillama.data import sources
+
+    monkeypatch.setattr(sources, "SEEK_EVERY", 25)
+    files = [documents(90, seed=0), documents(90, seed=100), documents(90, seed=200)]
+    parquets = fineweb_snapshot(tmp_path / "fw", files, with_card)
+    source = lambda: FineWebEdu("sample-10BT", snapshot=tmp_path / "fw")  # noqa: E731
+    reference = prepare(LocalFiles([str(p) for p in parquets]), tmp_path / "files", tokenizer, shard_tokens=1500, val_tokens=700,
+                        progress=False)
+
+    real_write, calls = prepare_module.write_shard, {"n": 0}
+
+    def dies_on_fifteenth_shard(path, tokens):
+        calls["n"] += 1
+        if calls["n"] == 15:
+            raise KeyboardInterrupt
+        return real_write(path, tokens)
+
+    monkeypatch.setattr(prepare_module, "write_shard", dies_on_fifteenth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source(), tmp_path / "out", tokenizer, shard_tokens=1500, val_tokens=700, progress=False)
+    monkeypatch.setattr(prepare_module, "write_shard", real_write)
+    last = read_manifest(tmp_path / "out")["shards"][-1]
+    position = last["source_position"]
+    assert position["record"] <= last["end_record"] < position["record"] + 25 and position["record"] >= 90
+    # The resume opens the stream at the file and row it records. The first file, read in full before, now holds
+    # fewer rows: a resume that re-streamed from the start and skipped by count would land 80 records off.
+    write_fineweb_parquet(parquets[0], files[0][:10])
+    resumed = prepare(source(), tmp_path / "out", tokenizer, shard_tokens=1500, val_tokens=700, progress=False)
+    assert np.array_equal(read_stream(tmp_path / "out"), read_stream(tmp_path / "files"))
+    assert resumed["tokens"] == reference["tokens"] and resumed["source"] == FineWebEdu("sample-10BT").describe()
+
+
+def test_a_missing_or_empty_fineweb_snapshot_is_one_line(tmp_path, tokenizer, capsys):
+    from minillama.cli import main
+
+    (tmp_path / "empty").mkdir()
+    for folder, message in [(tmp_path / "nowhere", "--from nowhere is not a folder"),
+                            (tmp_path / "empty", "--from empty holds no sample/10BT/* files; download them with: huggingface-cli")]:
+        assert main(["prepare", "fineweb-edu", "--from", str(folder), "--out", str(tmp_path / "out"),
+                     "--tokenizer", str(tokenizer.path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err.replace(str(tmp_path) + "/", ""), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 def test_text_and_jsonl_sources(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("First paragraph.\n\nSecond paragraph.\n\n\n")
     (tmp_path / "b.jsonl").write_text('{"body": "Third."}\n\n{"body": "Fourth."}\n')

@@ -66,7 +66,7 @@ def _prepare(args: argparse.Namespace, source) -> None:
 def cmd_prepare_fineweb(args: argparse.Namespace) -> None:
     from minillama.data.sources import FineWebEdu
 
-    _prepare(args, FineWebEdu(args.subset))
+    _prepare(args, FineWebEdu(args.subset, args.snapshot))
 
 
 def cmd_prepare_text(args: argparse.Namespace) -> None:
@@ -355,6 +355,10 @@ def _add_prepare(commands: Subparsers) -> None:
                      "(re-running an interrupted command continues it).", "SOURCE")
     p = _command(prepare, "fineweb-edu", "Stream HuggingFaceFW/fineweb-edu from the Hugging Face hub and tokenize it.", cmd_prepare_fineweb)
     p.add_argument("--subset", default="sample-10BT", help="dataset config, e.g. sample-10BT, sample-100BT (default: sample-10BT)")
+    p.add_argument("--from", dest="snapshot", metavar="DIR",
+                   help="read a local copy of the dataset repository instead of the hub (no internet needed): the folder "
+                        "`huggingface-cli download HuggingFaceFW/fineweb-edu --repo-type dataset --include \"sample/10BT/*\" "
+                        "--local-dir DIR` fills; same rows, same order, same shards")
     _shard_options(p)
     p = _command(prepare, "text", "Tokenize local .txt, .jsonl or .parquet files (globs allowed).", cmd_prepare_text)
     p.add_argument("files", nargs="+", metavar="FILES_OR_GLOBS", help="files or quoted glob patterns, e.g. 'data/*.parquet'")

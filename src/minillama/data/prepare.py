@@ -52,7 +52,9 @@ class Source(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    def records(self, skip: int, skipped: SkipCounter) -> Iterator[str | None]: ...
+    def position(self, record: int) -> dict[str, Any] | None: ...
+
+    def records(self, skip: int, skipped: SkipCounter, position: dict[str, Any] | None = None) -> Iterator[str | None]: ...
 
 
 @dataclass
@@ -164,9 +166,10 @@ def _join_pieces(encoded: Iterator[tuple[Task, list[np.ndarray]]]) -> Iterator[l
 class ShardStream:
     """Cuts the token stream into shards, writes each one atomically and records it in the manifest."""
 
-    def __init__(self, out_dir: Path, manifest: dict[str, Any]):
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], source: Source):
         self.out_dir = out_dir
         self.manifest = manifest
+        self.source = source
         self.dtype = np.dtype(manifest["dtype"])
         self.tokens_done = sum(s["tokens"] for s in manifest["shards"])
         self.buffer = np.empty(self._capacity(), dtype=self.dtype)
@@ -202,6 +205,9 @@ class ShardStream:
             "file": name, "split": split, "tokens": self.filled, "documents": self.documents, "sha256": sha256,
             "end_record": end.record, "end_offset": end.offset, "skipped_records": self.skipped_records,
         })
+        position = self.source.position(end.record)
+        if position is not None:  # where a resume can seek to: a file and a row of the source, at or before end_record
+            self.manifest["shards"][-1]["source_position"] = position
         write_manifest(self.out_dir, self.manifest)
         self.tokens_done += self.filled
         self.filled, self.documents = 0, 0
@@ -325,7 +331,7 @@ def _tokenize(source: Source, work_dir: Path, out_dir: Path, tokenizer: Tokenize
     """Tokenize into shards in `work_dir` (where `out_dir`'s data is being built), continuing `manifest`."""
     last = manifest["shards"][-1] if manifest["shards"] else None
     start = StreamPosition(last["end_record"], last["end_offset"]) if last else StreamPosition()
-    stream = ShardStream(work_dir, manifest)
+    stream = ShardStream(work_dir, manifest, source)
     skipped = SkipCounter()
     budget = (max_tokens or float("inf")) - stream.tokens_done
     began, tokens_this_run = time.monotonic(), 0
@@ -333,7 +339,8 @@ def _tokenize(source: Source, work_dir: Path, out_dir: Path, tokenizer: Tokenize
                disable=None if progress else True, dynamic_ncols=True)  # None: a bar on terminals only
 
     record, end = start.record, start
-    for finished in encode_in_order(source.records(start.record, skipped), tokenizer, workers):
+    records = source.records(start.record, skipped, last.get("source_position") if last else None)
+    for finished in encode_in_order(records, tokenizer, workers):
         for tokens in finished:
             length = len(tokens)
             if length == 0:

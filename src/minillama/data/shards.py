@@ -77,6 +77,10 @@ def resume_problem(manifest: dict[str, Any]) -> str | None:
     for i, shard in enumerate(manifest["shards"]):
         if not all(type(shard.get(key)) is int for key in ("end_record", "end_offset", "documents", "skipped_records")):
             return f"shard entry {i} needs whole numbers for end_record, end_offset, documents and skipped_records"
+        position = shard.get("source_position")
+        if position is not None and not (isinstance(position, dict) and type(position.get("record")) is int
+                                         and 0 <= position["record"] <= shard["end_record"] and isinstance(position.get("state"), dict)):
+            return f"shard entry {i}'s source_position needs a record (at most its end_record) and a state"
     for key in ("shard_tokens", "val_tokens"):
         if type(manifest.get(key)) is not int or manifest[key] < 1:
             return f"'{key}' is {manifest.get(key)!r}; expected a positive whole number"

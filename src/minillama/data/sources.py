@@ -1,7 +1,9 @@
-"""Where documents come from: FineWeb-Edu streamed from the Hugging Face hub, or local .txt/.jsonl/.parquet files.
+"""Where documents come from: FineWeb-Edu streamed from the Hugging Face hub (or read from a local snapshot of it),
+or local .txt/.jsonl/.parquet files.
 
 A source yields one item per record, in a fixed order, so that a record's index identifies it across runs and
-preparation can resume by skipping records. A record that is empty or bad (and skipped) is yielded as None.
+preparation can resume by skipping records. A record that is empty or bad (and skipped) is yielded as None. A
+source that can seek says, for a record, a `position` at or before it to resume reading from.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.hub import quiet_hub
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
-# Rows per FineWeb-Edu sample, for the progress bar's ETA (from the dataset card).
+# Rows per FineWeb-Edu sample, for the progress bar's ETA, and its files in the dataset repository (from the card).
 FINEWEB_EDU_ROWS = {"sample-10BT": 9_672_101, "sample-100BT": 97_270_686, "sample-350BT": 339_347_842}
+FINEWEB_EDU_FILES = {"sample-10BT": "sample/10BT/*", "sample-100BT": "sample/100BT/*", "sample-350BT": "sample/350BT/*"}
+SEEK_EVERY = 10_000  # records between the stream positions a resume can seek to (it re-reads at most this many)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -33,33 +37,81 @@ class SkipCounter:
 
 
 class FineWebEdu:
-    """HuggingFaceFW/fineweb-edu in streaming mode: documents arrive as they download, nothing else is stored."""
+    """HuggingFaceFW/fineweb-edu in streaming mode: documents arrive as they download, nothing else is stored. With
+    `snapshot`, a local copy of the dataset repository (what `huggingface-cli download HuggingFaceFW/fineweb-edu
+    --repo-type dataset --include "sample/10BT/*"` leaves) is read instead, through the same `datasets` streaming
+    reader, in the same order: the same rows, the same shards."""
 
-    def __init__(self, subset: str = "sample-10BT"):
+    def __init__(self, subset: str = "sample-10BT", snapshot: str | Path | None = None):
         self.subset = subset
+        self.snapshot = Path(snapshot) if snapshot is not None else None
         self.total_records = FINEWEB_EDU_ROWS.get(subset)
+        self.positions: dict[int, dict[str, Any]] = {}  # record index -> the stream's state just before reading it
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "fineweb-edu", "dataset": FINEWEB_EDU, "subset": self.subset}
+        return {"kind": "fineweb-edu", "dataset": FINEWEB_EDU, "subset": self.subset}  # the data, wherever it is read from
 
-    def records(self, skip: int, skipped: SkipCounter) -> Iterator[str | None]:
+    def position(self, record: int) -> dict[str, Any] | None:
+        """The latest stream position at or before `record`: the record's index and `datasets`' own resumable state
+        (which parquet file, and which row in it), so that a resume seeks there instead of re-reading what it skips."""
+        at = max((index for index in self.positions if index <= record), default=None)
+        if at is None:
+            return None
+        for index in [index for index in self.positions if index < at]:  # shards close in order: older ones are done
+            del self.positions[index]
+        return {"record": at, "state": self.positions[at]}
+
+    def records(self, skip: int, skipped: SkipCounter, position: dict[str, Any] | None = None) -> Iterator[str | None]:
         try:
             import datasets
         except ImportError:
             raise MiniLlamaError("preparing FineWeb-Edu needs the 'datasets' package: pip install 'minillama[data]'") from None
+        where = f"{self.snapshot} (a local copy of {FINEWEB_EDU})" if self.snapshot else f"{FINEWEB_EDU} on the Hugging Face hub"
         try:
             with quiet_hub():
-                stream = datasets.load_dataset(FINEWEB_EDU, name=self.subset, split="train", streaming=True)
-                stream = stream.select_columns(["text"])
-                if skip:
-                    stream = stream.skip(skip)
-                for row in stream:
-                    yield _nonempty(row["text"], skipped)
+                stream = self._open(datasets).select_columns(["text"])
+                index = 0
+                if position is not None and position["record"] <= skip:
+                    try:
+                        stream.load_state_dict(position["state"])  # straight to the file and row
+                    except (KeyError, TypeError, ValueError, IndexError):
+                        raise MiniLlamaError(f"the manifest's source_position for record {position['record']:,} is not a "
+                                             "position of this stream; prepare again with --overwrite") from None
+                    index = position["record"]
+                rows = iter(stream)
+                while True:
+                    if index % SEEK_EVERY == 0:
+                        self.positions[index] = stream.state_dict()
+                    row = next(rows, None)
+                    if row is None:
+                        return
+                    if index >= skip:
+                        yield _nonempty(row["text"], skipped)
+                    index += 1
         except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
-            raise MiniLlamaError(
-                f"cannot stream {FINEWEB_EDU} ({self.subset}) from the Hugging Face hub ({type(exc).__name__}: {exc}); "
-                "check the network, or download its parquet files and run `minillama prepare text FILES.parquet`"
-            ) from None
+            fix = ("check that the folder holds the dataset's parquet files (and README.md)" if self.snapshot else
+                   "check the network, or download the files with huggingface-cli and pass their folder with --from")
+            raise MiniLlamaError(f"cannot read {self.subset} from {where} ({type(exc).__name__}: {exc}); {fix}") from None
+
+    def _open(self, datasets: Any) -> Any:
+        """The stream: from the hub, or from the snapshot by the dataset card's config (its README.md) when the snapshot
+        holds it, else by the card's file pattern for the subset."""
+        if self.snapshot is None:
+            return datasets.load_dataset(FINEWEB_EDU, name=self.subset, split="train", streaming=True)
+        if not self.snapshot.is_dir():
+            raise ArgumentError("{snapshot} {folder} is not a folder; pass the folder huggingface-cli downloaded the dataset into",
+                                folder=self.snapshot)
+        if (self.snapshot / "README.md").is_file():
+            return datasets.load_dataset(str(self.snapshot), name=self.subset, split="train", streaming=True)
+        if self.subset not in FINEWEB_EDU_FILES:
+            raise ArgumentError("{snapshot} {folder} has no README.md to name the files of {name}; known subsets: {known}",
+                                folder=self.snapshot, name=self.subset, known=", ".join(FINEWEB_EDU_FILES))
+        pattern = FINEWEB_EDU_FILES[self.subset]
+        if not list(self.snapshot.glob(pattern)):
+            raise ArgumentError("{snapshot} {folder} holds no {pattern} files; download them with: huggingface-cli download "
+                                "HuggingFaceFW/fineweb-edu --repo-type dataset --include \"{pattern}\" --local-dir {folder}",
+                                folder=self.snapshot, pattern=pattern)
+        return datasets.load_dataset(str(self.snapshot), data_files={"train": pattern}, split="train", streaming=True)
 
 
 def _nonempty(text: str | None, skipped: SkipCounter) -> str | None:
@@ -87,7 +139,10 @@ class LocalFiles:
             "split_paragraphs": self.split_paragraphs,
         }
 
-    def records(self, skip: int, skipped: SkipCounter) -> Iterator[str | None]:
+    def position(self, record: int) -> None:
+        return None  # local files re-read what a resume skips: fast, and their order is fixed by their names
+
+    def records(self, skip: int, skipped: SkipCounter, position: dict[str, Any] | None = None) -> Iterator[str | None]:
         index = 0
         for path in self.files:
             reader = {".txt": self._txt, ".jsonl": self._jsonl, ".parquet": self._parquet}[path.suffix]
