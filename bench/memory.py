@@ -1,11 +1,13 @@
 """Per-rank training memory: what DDP and FSDP really hold, beside the arithmetic the README's table comes from.
 
-usage: python bench/memory.py [--preset mini-llama-109M] [--ranks 1 2 4] [--table]
+usage: python bench/memory.py [--preset mini-llama-109M] [--ranks 1 2 4] [--table] [--auto]
 For each of ddp and fsdp at each number of ranks, torchrun starts that many CPU processes (gloo) that lay out the
 preset as `minillama train` does (minillama.train.parallel), take one AdamW step on a micro-batch of 16 tokens,
 and count the bytes of the tensors rank 0 then keeps: weights, gradients and optimizer state (each storage once,
 FSDP's padding included). Beside them, `minillama.train.memory.model_state_bytes`. With --table, also prints the
-README's table of per-rank memory by preset, GPU and layout (from minillama.train.memory; no processes).
+README's table of per-rank memory by preset, GPU and layout (from minillama.train.memory; no processes). With
+--auto, only what `batch.micro_batch = "auto"` picks for the reference run on GPUs of 24, 40, 80 and 141 GiB free,
+beside the H200's measured peaks (docs/benchmarks.md) at 32 and 64 sequences per micro-batch.
 """
 
 import argparse
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from minillama.config import preset
-from minillama.train.memory import model_state_bytes, training_bytes_per_rank
+from minillama.train.memory import MEMORY_SHARE, fitting_micro_batch, model_state_bytes, training_bytes_per_rank
 
 MIB, GIB = 2**20, 2**30
 
@@ -94,16 +96,39 @@ def table() -> None:
         print(f"| {name} ({seq_len}) | {parameters / 1e6:,.0f}M | " + " | ".join(cells) + " |")
 
 
+H200_PEAKS_GIB = {32: 17.7, 64: 33.8}  # mini-llama-109M compiled, bf16, micro-batch x 1024 tokens (docs/benchmarks.md)
+
+
+def auto_table() -> None:
+    """What micro_batch = "auto" picks for the reference run (ddp, one rank per GPU) by free GPU memory."""
+    config = preset("mini-llama-109M")
+    for micro_batch, peak in H200_PEAKS_GIB.items():
+        estimate = training_bytes_per_rank(config, "ddp", 1, micro_batch, 1024, "none", 524_288 // 1024 // micro_batch)["total"]
+        print(f"micro_batch {micro_batch}: estimate {estimate / GIB:.1f} GiB, H200 measured peak {peak} GiB")
+    print("| GPU memory free | budget (90%) | auto picks | accumulation | estimate | H200-measured peak at that size |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for free in (24, 40, 80, 141):
+        budget = int(free * GIB * MEMORY_SHARE["cuda"])
+        choice = fitting_micro_batch(config, "ddp", 1, 524_288, 1024, "none", budget)
+        peak = H200_PEAKS_GIB.get(choice.micro_batch)
+        print(f"| {free} GiB | {budget / GIB:.1f} GiB | {choice.micro_batch} | {choice.accumulation} | "
+              f"{choice.estimate_bytes / GIB:.1f} GiB | {f'{peak} GiB' if peak else 'not measured'} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini-llama-109M")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--table", action="store_true", help="also print the README's table")
+    parser.add_argument("--auto", action="store_true", help="only what micro_batch = auto picks by GPU memory")
     parser.add_argument("--worker", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.preset, args.worker, args.out)
+        return
+    if args.auto:
+        auto_table()
         return
     config = preset(args.preset)
     print(f"{args.preset}: per-rank MiB held by rank 0 (measured, CPU gloo) vs minillama.train.memory (formula)")

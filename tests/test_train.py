@@ -400,3 +400,87 @@ def test_threads_sets_pytorchs_cpu_threads_and_the_run_record_says_how_many(tmp_
     assert run["cpu_threads"] == 1
     # The checkpoint keeps the run's eval prompts: the playground starts from the first.
     assert read_checkpoint_info(tmp_path / "run" / "checkpoints" / "step_0000001").metadata["eval_prompts"] == ["ROMEO:", "To be or not to be,"]
+
+
+def test_auto_micro_batch_picks_the_largest_that_fits_the_estimate_and_keeps_the_batch_exact():
+    from minillama.config import preset
+    from minillama.train.memory import fitting_micro_batch, micro_batch_candidates, training_bytes_per_rank
+
+    model = preset("mini-llama-109M")
+    assert micro_batch_candidates(524_288, 1024, 2) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    for budget_gib, ranks, parallel, checkpointing in [(24, 1, "ddp", "none"), (40, 1, "ddp", "none"), (80, 8, "ddp", "full"),
+                                                       (24, 2, "fsdp", "selective")]:
+        choice = fitting_micro_batch(model, parallel, ranks, 524_288, 1024, checkpointing, budget_gib * 2**30)
+        assert choice.micro_batch * choice.accumulation * 1024 * ranks == 524_288
+        fits = [b for b in micro_batch_candidates(524_288, 1024, ranks)
+                if training_bytes_per_rank(model, parallel, ranks, b, 1024, checkpointing, 524_288 // (1024 * ranks) // b)["total"]
+                <= budget_gib * 2**30]
+        assert choice.micro_batch == max(fits) and choice.estimate_bytes <= choice.budget_bytes
+    with pytest.raises(MiniLlamaError, match="even micro_batch 1 needs an estimated .* GiB per rank, more than the 1.0 GiB budget"):
+        fitting_micro_batch(model, "ddp", 1, 524_288, 1024, "none", 2**30)
+
+
+def test_auto_micro_batch_backs_off_while_a_pass_runs_out_of_memory():
+    from minillama.train.memory import MicroBatchChoice, backed_off
+
+    tried = []
+
+    def runs_out_above_8(micro_batch):
+        tried.append(micro_batch)
+        if micro_batch > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    choice = backed_off(MicroBatchChoice(32, 2, 10, 20), runs_out_above_8, total_tokens=64 * 128, seq_len=128, ranks=1)
+    assert tried == [32, 16, 8] and (choice.micro_batch, choice.accumulation) == (8, 8)
+
+    def always_out(micro_batch):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(MiniLlamaError, match="even micro_batch 1 runs out of memory"):
+        backed_off(choice, always_out, total_tokens=64 * 128, seq_len=128, ranks=1)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_auto_micro_batch_in_a_run_is_what_the_budget_allows_and_trains_as_that_number_would(tmp_path, data_dir, tokenizer,
+                                                                                            monkeypatch, capsys, parallel):
+    from minillama.train import micro_batch
+    from minillama.train.memory import MEMORY_SHARE, training_bytes_per_rank
+
+    base = load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, f"parallel={parallel}"))
+    # A budget that holds micro_batch 2 (of the 8 sequences a step has), not 4: float32 activations count twice.
+    def estimate(b):
+        parts = training_bytes_per_rank(base.model, parallel, 1, b, 64, "none", 8 // b)
+        return parts["total"] + parts["activations"]
+    budget = (estimate(2) + estimate(4)) // 2
+    monkeypatch.setattr(micro_batch, "memory_bytes", lambda device: int(budget / MEMORY_SHARE["cpu"]) + 1)
+    steps = ["optim.max_steps=3", "optim.warmup_steps=1", f"parallel={parallel}"]
+    train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *steps, "batch.micro_batch=auto")))
+    assert "batch.micro_batch auto: 2 (4 micro-steps per step; estimated" in capsys.readouterr().out
+    assert load_train_config(tmp_path / "run" / "config.toml").batch.micro_batch == 2  # saved as the number it chose
+    explicit = tmp_path / "explicit"
+    explicit.mkdir()
+    train(load_train_config("configs/tiny.toml", tiny_run(explicit, data_dir, tokenizer, *steps, "batch.micro_batch=2")))
+    assert train_losses(tmp_path / "run")[0] == train_losses(explicit / "run")[0]
+
+
+def test_a_run_says_its_plan_before_the_first_step_and_the_time_left_once_steps_are_measured(tmp_path, data_dir, tokenizer, capsys):
+    train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=10", "optim.warmup_steps=1")))
+    out = capsys.readouterr().out.splitlines()
+    first_step = next(i for i, line in enumerate(out) if line.startswith("step      0 | loss"))
+    assert "plan: 5.1k tokens in 10 steps of 512 (steps 0 to 9 of 10)" in out[:first_step]
+    [left] = [line for line in out if line.startswith("at ")]
+    assert out.index(left) == next(i for i, line in enumerate(out) if line.startswith("step      5 | loss")) + 1  # steps 1-5 timed
+    assert " tok/s (median of 5 steps) the 4 steps left take about " in left and ": done around " in left
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, data_dir, tokenizer, capsys):
+    from minillama.cli import main
+
+    overrides = [f"--set={o}" for o in tiny_run(tmp_path, data_dir, tokenizer, "optim.max_steps=1000")]
+    assert main(["train", "--config", "configs/tiny.toml", *overrides, "--dry-run", "--tokens-per-s", "2560"]) == 0
+    out = capsys.readouterr().out
+    assert "batch: 512 tokens per step = 1 rank x 2 micro-steps x micro_batch 4 x seq_len 64" in out
+    assert "plan: 512.0k tokens in 1,000 steps of 512 (steps 0 to 999 of 1,000)" in out
+    assert "time: about 3 min at 2.6k tok/s (at the given speed)" in out  # 512,000 tokens / 2,560 tok/s = 200 s
+    assert "memory per rank (estimate: AdamW, float32): parameters " in out
+    assert list(tmp_path.iterdir()) == []  # no run directory, no lock

@@ -88,9 +88,16 @@ def cmd_prepare_check(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from minillama.train.config import load_train_config
+
+    config = load_train_config(args.config, args.set)
+    if args.dry_run:
+        from minillama.train.plan import dry_run
+
+        print(dry_run(config, args.tokens_per_s))
+        return
     from minillama.train.loop import train
 
-    train(load_train_config(args.config, args.set), resume=args.resume)
+    train(config, resume=args.resume)
 
 
 def _say_which(info) -> None:
@@ -391,6 +398,11 @@ def _add_train(commands: Subparsers) -> None:
     p.add_argument("--resume", nargs="?", const="always", default="auto", choices=["auto", "always", "never"],
                    help="auto (default): continue from the run directory's newest checkpoint if there is one; "
                    "--resume: require one; --resume never: refuse to reuse a run directory with checkpoints")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (memory per rank, micro-batch and accumulation, FLOPs per token, steps, tokens and "
+                        "time) and exit, writing nothing")
+    p.add_argument("--tokens-per-s", type=float, metavar="N", help="with --dry-run: the speed to time the run at "
+                   "(default on a known GPU: 40%% of its peak bf16 FLOPs)")
 
 
 def _add_generate(commands: Subparsers) -> None:

@@ -68,6 +68,15 @@ def any_rank(flag: bool, ctx: Distributed, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def smallest_over_ranks(value: int, ctx: Distributed, device: torch.device) -> int:
+    """The smallest of every rank's `value`, on every rank (all ranks must call this)."""
+    if not ctx.enabled:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def broadcast_object(obj: object) -> object:
     """Rank 0's `obj`, on every rank (all ranks must call this)."""
     if not dist.is_initialized():

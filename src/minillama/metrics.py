@@ -85,6 +85,11 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(numbers, step=record["step"])
 
+    def say(self, line: str) -> None:
+        """A line for the console alone (above the progress bar), from rank 0."""
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(line)
+
     def close(self) -> None:
         if not self.enabled:
             return

@@ -47,7 +47,7 @@ class BatchConfig(ConfigSection):
     table = "batch"
 
     total_tokens: PositiveInt = 524_288  # tokens per optimizer step (2**19, about 0.5M as in GPT-3 small), all ranks together
-    micro_batch: PositiveInt = 64  # sequences per forward pass per rank; gradient accumulation makes up the rest
+    micro_batch: PositiveInt | Literal["auto"] = 64  # sequences per forward pass per rank ("auto": the most that fit); accumulation makes up the rest
     seq_len: PositiveInt = 1024  # tokens per sequence
 
 

@@ -27,9 +27,10 @@ from minillama.layout import CHECKPOINTS_DIR, complete_checkpoints
 from minillama.metrics import MetricsLogger, truncate_metrics
 from minillama.model import Transformer
 from minillama.summary import count_parameters, training_flops_per_token
-from minillama.train import history, monitor
+from minillama.train import history, monitor, plan
 from minillama.train.config import TrainConfig
 from minillama.train.memory import check_model_fits
+from minillama.train.micro_batch import estimated_micro_batch, tried_micro_batch, with_micro_batch
 from minillama.train.optim import build_optimizer, set_learning_rates
 from minillama.train.parallel import clip_gradients, gradient_sync, parallelize
 from minillama.train.resume import checkpoint_to_resume, restore_run, save_run
@@ -97,6 +98,8 @@ def _train(run: Run) -> dict[str, Any]:
     Ctrl-C ends the run after the step in flight, with a checkpoint of it."""
     config, state = run.config, run.state
     last: dict[str, Any] = {}
+    run.logger.say(plan.plan_line(config, state.step))
+    first, step_times = state.step, []
     with StopSignals() as signals:
         while state.step < config.last_step:
             if state.step % config.eval.interval == 0:
@@ -104,6 +107,10 @@ def _train(run: Run) -> dict[str, Any]:
             last = train_step(run)
             _log_step(run, last)
             state.step += 1
+            if state.step > first + 1 and len(step_times) < plan.MEASURED_STEPS:  # the first step compiles: not timed
+                step_times.append(last["step_time_s"])
+                if len(step_times) == plan.MEASURED_STEPS and state.step < config.last_step:
+                    run.logger.say(plan.time_left_line(step_times, config.batch.total_tokens, config.last_step - state.step))
             stopping = any_rank(signals.received is not None, run.ctx, run.device)
             if stopping or state.step % config.checkpoint.interval == 0 or state.step == config.last_step:
                 save_run(run)
@@ -195,13 +202,15 @@ def open_run(config: TrainConfig, resume: str, ctx: Distributed) -> Iterator[Run
         torch.set_float32_matmul_precision("high")  # fp32 matmuls (outside autocast) on TF32 tensor cores
     elif config.threads:
         torch.set_num_threads(config.threads)  # PyTorch's threads spin between operations, stealing a busy machine's cores
+    choice = estimated_micro_batch(config, device, precision, ctx) if config.batch.micro_batch == "auto" else None
+    config = with_micro_batch(config, choice.micro_batch) if choice else config
     run_dir = Path(config.run_dir)
     checkpoint = checkpoint_to_resume(run_dir, resume)  # a resume that cannot work is refused before any work
-    changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
+    if checkpoint is not None:
+        history.check_resume_config(run_dir, config)  # refuses a meaningless resume now, before any work
 
     tokenizer = ready_tokenizer(config.data, config.model.vocab_size, ctx)
     data_dir = ready_data(config.data, tokenizer, config.model.vocab_size, ctx, device)
-    accumulation = gradient_accumulation_steps(config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size)
 
     check_model_fits(config.model, config.parallel, device, ctx.world_size)
     torch.manual_seed(config.seed)  # identical initial weights on every rank (FSDP then keeps each rank's slice)
@@ -210,6 +219,13 @@ def open_run(config: TrainConfig, resume: str, ctx: Distributed) -> Iterator[Run
     # `compiled` serves training steps and validation loss (fixed shapes); sampling and HellaSwag, whose shapes
     # change with every prompt, use `model`, which shares its weights, so they never trigger recompilation.
     compiled, step_model = parallelize(model, config.parallel, config.activation_checkpointing, compile_model, precision, device, ctx)
+    if choice:
+        choice = tried_micro_batch(choice, config, step_model, device, precision, ctx)
+        config = with_micro_batch(config, choice.micro_batch)
+        if ctx.is_main:
+            print(choice.describe())
+    changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
+    accumulation = gradient_accumulation_steps(config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size)
     optimizer = build_optimizer(model, config.optim, device)  # after parallelize: FSDP replaces the parameters
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     loader = TrainLoader(data_dir, config.batch.micro_batch, config.batch.seq_len, ctx.rank, ctx.world_size, config.seed,
@@ -217,7 +233,8 @@ def open_run(config: TrainConfig, resume: str, ctx: Distributed) -> Iterator[Run
     torch.manual_seed(config.seed + ctx.rank)  # dropout masks differ across ranks
     hellaswag = monitor.load_hellaswag(config.eval, ctx, device) if config.eval.hellaswag else None
     run = Run(config, ctx, device, precision, tokenizer, data_dir, accumulation, model, compiled, step_model,
-              optimizer, scaler, loader, MetricsLogger(run_dir, False, config.last_step, 0), RunState(), hellaswag)  # logs once locked
+              optimizer, scaler, loader, MetricsLogger(run_dir, False, config.last_step, 0), RunState(), hellaswag,  # logs once locked
+              choice)
     if checkpoint is not None:
         restore_run(checkpoint, run)
 
@@ -244,7 +261,9 @@ def _logger(run: Run) -> MetricsLogger:
                     "vocab_size": config.model.vocab_size, "tokenizer": run.tokenizer.path.name, "world_size": ctx.world_size,
                     "tokenizer_sha256": run.tokenizer.fingerprint, "data_source": read_manifest(run.data_dir)["source"],
                     "device": str(run.device), "accumulation": run.accumulation, "tokens_per_step": config.batch.total_tokens,
-                    "cpu_threads": torch.get_num_threads()},
+                    "cpu_threads": torch.get_num_threads(), "micro_batch": config.batch.micro_batch,
+                    **({"micro_batch_estimate_bytes": run.micro_batch_choice.estimate_bytes,
+                        "micro_batch_budget_bytes": run.micro_batch_choice.budget_bytes} if run.micro_batch_choice else {})},
                    f"training {config.model_preset} ({parameters:,} parameters) on {ctx.world_size} x {run.device}, "
                    f"{config.batch.total_tokens:,} tokens per step ({run.accumulation} micro-steps of "
                    f"{config.batch.micro_batch} x {config.batch.seq_len} per rank)")

@@ -5,7 +5,10 @@ the tensors DDP and FSDP really hold); activations are an estimate of what a com
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -80,3 +83,63 @@ def check_model_fits(model: ModelConfig, parallel: str, device: torch.device, ra
         raise MiniLlamaError(f"the model ({parameters:,} parameters) needs {states / 2**30:,.1f} GiB per rank for its float32 "
                              f"weights, gradients and AdamW moments alone, more than the {available / 2**30:,.1f} GiB of "
                              f"{device}; choose a smaller model, or shard it over more GPUs with parallel = fsdp")
+
+
+# What share of the memory a device reports the estimate may fill: on a GPU its free memory (the estimate is within
+# 2% of the H200's measured peaks; the rest is headroom for the allocator's fragmentation and NCCL's buffers), on a
+# CPU its physical memory (shared with everything else the machine runs).
+MEMORY_SHARE = {"cuda": 0.9, "cpu": 0.5}
+
+
+@dataclass(frozen=True)
+class MicroBatchChoice:
+    """What `micro_batch = "auto"` chose, and why."""
+
+    micro_batch: int
+    accumulation: int
+    estimate_bytes: int  # the estimate per rank at this micro-batch
+    budget_bytes: int  # the share of the device's memory it had to fit
+
+    def describe(self) -> str:
+        return (f"batch.micro_batch auto: {self.micro_batch} ({self.accumulation} micro-steps per step; estimated "
+                f"{self.estimate_bytes / 2**30:,.1f} GiB per rank of a {self.budget_bytes / 2**30:,.1f} GiB budget)")
+
+
+def micro_batch_candidates(total_tokens: int, seq_len: int, ranks: int) -> list[int]:
+    """Micro-batches that make up `total_tokens` per step exactly on `ranks` ranks, largest first."""
+    sequences, remainder = divmod(total_tokens, seq_len * ranks)
+    if remainder or not sequences:
+        raise MiniLlamaError(f"batch.total_tokens {total_tokens:,} is not a whole number of sequences of batch.seq_len {seq_len} "
+                             f"on each of {ranks} ranks; choose a multiple of {seq_len * ranks:,}")
+    return [b for b in range(sequences, 0, -1) if sequences % b == 0]
+
+
+def fitting_micro_batch(model: ModelConfig, parallel: str, ranks: int, total_tokens: int, seq_len: int,
+                        activation_checkpointing: str, budget_bytes: int, float32: bool = False) -> MicroBatchChoice:
+    """The largest micro-batch whose per-rank estimate fits `budget_bytes`. The activation estimate is for bf16
+    autocast; `float32` training (a CPU) keeps its activations at twice the size."""
+    sequences = total_tokens // (seq_len * ranks)
+    for micro_batch in micro_batch_candidates(total_tokens, seq_len, ranks):
+        accumulation = sequences // micro_batch
+        parts = training_bytes_per_rank(model, parallel, ranks, micro_batch, seq_len, activation_checkpointing, accumulation)
+        estimate = parts["total"] + (parts["activations"] if float32 else 0)
+        if estimate <= budget_bytes:
+            return MicroBatchChoice(micro_batch, accumulation, estimate, budget_bytes)
+    raise MiniLlamaError(f"even micro_batch 1 needs an estimated {estimate / 2**30:,.1f} GiB per rank, more than the "
+                         f"{budget_bytes / 2**30:,.1f} GiB budget; shorten batch.seq_len, --set activation_checkpointing=full, "
+                         "or shard the model with parallel = fsdp over more GPUs")
+
+
+def backed_off(choice: MicroBatchChoice, try_step: Callable[[int], None], total_tokens: int, seq_len: int,
+               ranks: int) -> MicroBatchChoice:
+    """`choice`, or the next smaller micro-batches in turn, until one forward/backward (`try_step`) runs without
+    running out of memory: what the estimate cannot see (the allocator, a compiler's workspace) is found by trying."""
+    sequences = total_tokens // (seq_len * ranks)
+    for micro_batch in [b for b in micro_batch_candidates(total_tokens, seq_len, ranks) if b <= choice.micro_batch]:
+        try:
+            try_step(micro_batch)
+        except torch.OutOfMemoryError:
+            continue
+        return dataclasses.replace(choice, micro_batch=micro_batch, accumulation=sequences // micro_batch)
+    raise MiniLlamaError("even micro_batch 1 runs out of memory in a forward/backward pass; shorten batch.seq_len, "
+                         "--set activation_checkpointing=full, or shard the model with parallel = fsdp over more GPUs")

@@ -17,6 +17,7 @@ from minillama.metrics import MetricsLogger
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 from minillama.train.config import TrainConfig
+from minillama.train.memory import MicroBatchChoice
 from minillama.train.optim import MuonWithAdamW
 
 
@@ -55,6 +56,7 @@ class Run:
     logger: MetricsLogger
     state: RunState
     hellaswag: list[Example] | None
+    micro_batch_choice: MicroBatchChoice | None  # what batch.micro_batch = "auto" chose (config.batch holds the number)
 
     @property
     def run_dir(self) -> Path:

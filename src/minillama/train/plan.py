@@ -1,0 +1,99 @@
+"""How long a run is and will take: the plan printed before the first step, the time left once steps have been
+measured, and `minillama train --dry-run`'s summary (memory per rank, batch arithmetic, FLOPs, time)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+from pathlib import Path
+
+from minillama.checkpoint import read_checkpoint_info
+from minillama.device import autocast_dtype, memory_bytes, peak_flops, pick_device
+from minillama.distributed import Distributed
+from minillama.layout import complete_checkpoints
+from minillama.summary import count_parameters, training_flops_per_token
+from minillama.train.config import TrainConfig
+from minillama.train.memory import MicroBatchChoice, training_bytes_per_rank
+from minillama.train.micro_batch import estimated_micro_batch, with_micro_batch
+
+MEASURED_STEPS = 5  # steps timed before the time left is told (the first, which compiles, is not one of them)
+
+
+def tokens(n: float) -> str:
+    """A count as people say it: 10.0B, 524.3M, 8.2k (tokens, FLOPs)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def plan_line(config: TrainConfig, start_step: int) -> str:
+    """What is left of the run, before its first step."""
+    steps = config.last_step - start_step
+    total = steps * config.batch.total_tokens
+    return (f"plan: {tokens(total)} tokens in {steps:,} steps of {config.batch.total_tokens:,} (steps {start_step:,} to "
+            f"{config.last_step - 1:,} of {config.optim.max_steps:,})")
+
+
+def time_left_line(step_times_s: list[float], tokens_per_step: int, steps_left: int) -> str:
+    """The time left at the median speed of the steps measured so far, and when that is."""
+    step_s = statistics.median(step_times_s)
+    left = step_s * steps_left
+    finish = datetime.datetime.now() + datetime.timedelta(seconds=left)
+    return (f"at {tokens(tokens_per_step / step_s)} tok/s (median of {len(step_times_s)} steps) the {steps_left:,} steps left "
+            f"take about {duration(left)}: done around {finish:%Y-%m-%d %H:%M}")
+
+
+def dry_run(config: TrainConfig, tokens_per_s: float | None = None) -> str:
+    """What `minillama train --dry-run` prints: the run's plan on this machine (its device, its memory, the ranks
+    torchrun gives it), from arithmetic alone. Reads the run directory (to continue its newest checkpoint) and writes
+    nothing."""
+    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    choice = None
+    if config.batch.micro_batch == "auto":
+        choice = estimated_micro_batch(config, device, autocast_dtype(device, config.dtype), Distributed(world_size=1))
+        config = with_micro_batch(config, choice.micro_batch)
+    saved = complete_checkpoints(Path(config.run_dir))
+    start = read_checkpoint_info(saved[-1]).metadata.get("step", 0) if saved else 0
+    float32 = autocast_dtype(device, config.dtype) is None
+    return summary(config, ranks, choice, memory_bytes(device), start, tokens_per_s, peak_flops(device), float32)
+
+
+def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, memory: int | None, start_step: int,
+            tokens_per_s: float | None, peak_flops: float | None, float32: bool = False) -> str:
+    """The whole plan of a run, from arithmetic alone (`float32`: trained without autocast, as on a CPU)."""
+    batch = config.batch
+    sequences = batch.total_tokens // (batch.seq_len * ranks)
+    accumulation = sequences // batch.micro_batch
+    flops = training_flops_per_token(config.model, batch.seq_len)
+    parts = training_bytes_per_rank(config.model, config.parallel, ranks, batch.micro_batch, batch.seq_len,
+                                    config.activation_checkpointing, accumulation)
+    if float32:  # activations at twice their bf16 size
+        parts["total"] += parts["activations"]
+        parts["activations"] *= 2
+    steps = config.last_step - start_step
+    lines = [
+        f"model: {config.model_preset}, {count_parameters(config.model)['total']:,} parameters, {tokens(flops)} FLOPs per "
+        f"token to train (6 per weight, plus attention at seq_len {batch.seq_len})",
+        f"batch: {batch.total_tokens:,} tokens per step = {ranks} {'rank' if ranks == 1 else 'ranks'} x {accumulation} micro-steps "
+        f"x micro_batch {batch.micro_batch} x seq_len {batch.seq_len}" + (f" ({choice.describe()})" if choice else ""),
+        f"memory per rank (estimate: AdamW, {'float32' if float32 else 'bf16 autocast'}): "
+        + ", ".join(f"{k} {v / 2**30:,.2f} GiB" for k, v in parts.items())
+        + (f"; the device reports {memory / 2**30:,.1f} GiB" if memory else ""),
+        plan_line(config, start_step) + (", continuing the run's newest checkpoint" if start_step else ""),
+    ]
+    speed, how = (tokens_per_s, "at the given speed") if tokens_per_s else (
+        (0.4 * peak_flops * ranks / flops, "at 40% of this GPU's peak bf16 FLOPs") if peak_flops else (None, ""))
+    if speed:
+        lines.append(f"time: about {duration(steps * batch.total_tokens / speed)} at {tokens(speed)} tok/s ({how})")
+    else:
+        lines.append("time: pass --tokens-per-s N (e.g. a measured speed; docs/benchmarks.md has the H200's) for an estimate")
+    return "\n".join(lines)
