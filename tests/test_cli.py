@@ -90,3 +90,15 @@ def test_library_errors_name_parameters_and_the_cli_names_its_flags(tmp_path, co
         prepare(LocalFiles([str(corpus_file)]), tmp_path / "data", tokenizer)
     assert main(["prepare", "text", str(corpus_file), "--out", str(tmp_path / "data"), "--tokenizer", str(tokenizer.path)]) == 2
     assert "choose another --out, or pass --overwrite to replace them" in capsys.readouterr().err
+
+
+def test_help_names_every_optional_extra_and_what_needs_it(capsys):
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out.split("optional extras")[1].splitlines()
+    named = {line.split()[0] for line in listed[1:] if line.startswith("  ") and not line.startswith("   ")}
+    assert named == set(extras) - {"dev"}

@@ -529,8 +529,23 @@ def _add_inspect(commands: Subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+EXTRAS_HELP = """optional extras (pip install 'minillama[EXTRA,...]'; each command names the one it misses):
+  data      datasets, pyarrow        prepare fineweb-edu (hub or --from a local copy), .parquet files for prepare text
+  plot      matplotlib               plot, report
+  hf        transformers, protobuf   export hf, import hf
+  gguf      gguf                     export gguf
+  harness   lm-eval                  eval harness
+  serve     fastapi, uvicorn,        serve
+            prometheus_client
+  notebooks jupyter notebook         examples/*.ipynb
+Offline: a checkpoint carries its tokenizer, so generate, eval loss, export and serve need no network; prepare
+and train take --tokenizer / data.tokenizer (else Llama 2's is fetched once), prepare fineweb-edu takes --from DIR,
+eval hellaswag --data FILE, and eval harness --include-path with task YAMLs over local files."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minillama", description="Pretrain, sample, evaluate and export small Llama-architecture language models.")
+    parser = argparse.ArgumentParser(prog="minillama", description="Pretrain, sample, evaluate and export small Llama-architecture language models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXTRAS_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_tokenizer, _add_prepare, _add_train, _add_generate, _add_eval, _add_results, _add_interop, _add_serve,
                 _add_inspect):
