@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import json
 import multiprocessing.resource_tracker
@@ -53,6 +54,22 @@ def write_fineweb_parquet(path, texts):
 
 def documents(n, seed=0):
     return [synthetic_corpus(3 + i % 5, seed=seed + i).strip() for i in range(n)]
+
+
+@contextlib.contextmanager
+def killed_at_shard(n):
+    """prepare as if killed (KeyboardInterrupt) while writing its n-th shard."""
+    real_write, calls = prepare_module.write_shard, []
+
+    def write_or_die(path, tokens):
+        calls.append(path)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_write(path, tokens)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepare_module, "write_shard", write_or_die)
+        yield
 
 
 def read_stream(data_dir):
@@ -116,25 +133,14 @@ def test_one_large_document_is_cut_for_the_workers_and_encodes_as_a_whole(tmp_pa
     assert children() == before
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tokenizer, monkeypatch):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tokenizer):
     parquet = write_fineweb_parquet(tmp_path / "fw.parquet", documents(300) + [""] * 3 + documents(100, seed=9))
     source = lambda: LocalFiles([str(parquet)])  # noqa: E731
     whole = prepare(source(), tmp_path / "whole", tokenizer, shard_tokens=1500, val_tokens=700, progress=False)
 
-    real_write = prepare_module.write_shard
-    calls = {"n": 0}
-
-    def dies_on_fourth_shard(path, tokens):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # as if killed while writing: the temporary file must not survive
-        return real_write(path, tokens)
-
-    monkeypatch.setattr(prepare_module, "write_shard", dies_on_fourth_shard)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_shard(4), pytest.raises(KeyboardInterrupt):  # the temporary file must not survive
         prepare(source(), tmp_path / "resumed", tokenizer, shard_tokens=1500, val_tokens=700, progress=False)
     assert len(read_manifest(tmp_path / "resumed")["shards"]) == 3
-    monkeypatch.setattr(prepare_module, "write_shard", real_write)
     resumed = prepare(source(), tmp_path / "resumed", tokenizer, shard_tokens=1500, val_tokens=700, progress=False)
     assert resumed == whole and resumed["skipped_records"] == 3
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
@@ -221,18 +227,8 @@ def test_a_local_fineweb_snapshot_reads_as_the_sample_and_a_resume_seeks_to_its_
     reference = prepare(LocalFiles([str(p) for p in parquets]), tmp_path / "files", tokenizer, shard_tokens=1500, val_tokens=700,
                         progress=False)
 
-    real_write, calls = prepare_module.write_shard, {"n": 0}
-
-    def dies_on_fifteenth_shard(path, tokens):
-        calls["n"] += 1
-        if calls["n"] == 15:
-            raise KeyboardInterrupt
-        return real_write(path, tokens)
-
-    monkeypatch.setattr(prepare_module, "write_shard", dies_on_fifteenth_shard)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_shard(15), pytest.raises(KeyboardInterrupt):
         prepare(source(), tmp_path / "out", tokenizer, shard_tokens=1500, val_tokens=700, progress=False)
-    monkeypatch.setattr(prepare_module, "write_shard", real_write)
     last = read_manifest(tmp_path / "out")["shards"][-1]
     position = last["source_position"]
     assert position["record"] <= last["end_record"] < position["record"] + 25 and position["record"] >= 90
