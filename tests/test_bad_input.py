@@ -417,8 +417,9 @@ def test_offline_fineweb_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch,
     monkeypatch.setattr(datasets, "load_dataset", offline)
     assert main(["prepare", "fineweb-edu", "--out", str(tmp_path / "fw"), "--tokenizer", str(tokenizer.path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("minillama: error: cannot stream HuggingFaceFW/fineweb-edu (sample-10BT)"), err
-    assert "prepare text FILES.parquet" in err and list(tmp_path.iterdir()) == []
+    assert err.count("\n") == 1 and err.startswith("minillama: error: cannot read sample-10BT from HuggingFaceFW/fineweb-edu on "
+                                                    "the Hugging Face hub (ConnectionError"), err
+    assert "download the files with huggingface-cli and pass their folder as --from" in err and list(tmp_path.iterdir()) == []
 
 
 def test_interactive_generate_refuses_a_bad_line_and_answers_the_next(workspace, monkeypatch, capsys):

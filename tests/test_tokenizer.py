@@ -44,7 +44,7 @@ def test_failed_download_says_how_to_pass_a_local_file(monkeypatch):
 
     monkeypatch.delenv("MINILLAMA_TOKENIZER", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(MiniLlamaError, match="pass --tokenizer PATH to a tokenizer.model, or set MINILLAMA_TOKENIZER=PATH"):
+    with pytest.raises(MiniLlamaError, match="pass tokenizer PATH to a tokenizer.model, or set MINILLAMA_TOKENIZER=PATH"):
         load_tokenizer()
 
 

@@ -304,7 +304,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
 def cmd_import_hf(args: argparse.Namespace) -> None:
     from minillama.interop.hf import import_hf
 
-    print(f"wrote checkpoint {import_hf(Path(args.source), Path(args.out), Path(args.tokenizer) if args.tokenizer else None, force=args.force)}")
+    print(f"wrote checkpoint {import_hf(Path(args.source), Path(args.out), Path(args.tokenizer_path) if args.tokenizer_path else None, force=args.force)}")
 
 
 def cmd_import_llama2c(args: argparse.Namespace) -> None:
@@ -514,7 +514,7 @@ def _add_interop(commands: Subparsers) -> None:
     p = _command(imports, "hf", "Import a local transformers Llama directory (safetensors weights, config.json).", cmd_import_hf)
     p.add_argument("source", help="the model directory")
     p.add_argument("out", help="checkpoint directory to write")
-    p.add_argument("--tokenizer", help="SentencePiece .model (default: the directory's tokenizer.model, if any)")
+    p.add_argument("--tokenizer", dest="tokenizer_path", help="SentencePiece .model (default: the directory's tokenizer.model, if any)")
     _force_option(p, "checkpoint")
     p = _command(imports, "llama2c", "Import a llama2.c model file (version 0 or 1).", cmd_import_llama2c)
     p.add_argument("source", help="the .bin model file")

@@ -43,7 +43,7 @@ class Tokenizer:
 
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise MiniLlamaError(f"tokenizer file {self.path} does not exist; pass --tokenizer PATH to a SentencePiece .model")
+            raise ArgumentError("tokenizer file {path} does not exist; pass {tokenizer} PATH to a SentencePiece .model", path=self.path)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as exc:
@@ -109,9 +109,10 @@ class Tokenizer:
         return int(self.id_to_piece(token_id)[3:5], 16)
 
 
-def resolve_tokenizer_path(path: str | Path | None = None, how_to_pass: str = "--tokenizer PATH") -> Path:
+def resolve_tokenizer_path(path: str | Path | None = None, how_to_pass: str = "{tokenizer} PATH") -> Path:
     """Where the tokenizer comes from, in order: `path`, $MINILLAMA_TOKENIZER, the Llama 2 model from the hub.
-    `how_to_pass` says, in the calling command's own terms, how to name a tokenizer when the hub cannot be reached."""
+    `how_to_pass` says how to name a tokenizer when the hub cannot be reached (an ArgumentError template: the
+    {tokenizer} argument, or a caller's own terms)."""
     if path:
         return Path(path)
     if os.environ.get(TOKENIZER_ENV):
@@ -120,16 +121,18 @@ def resolve_tokenizer_path(path: str | Path | None = None, how_to_pass: str = "-
 
 
 def check_vocab(tokenizer: Tokenizer, vocab_size: int, model: str, fix: str) -> None:
-    """Refuse a tokenizer whose vocabulary size differs from a model's: its ids would name other tokens."""
+    """Refuse a tokenizer whose vocabulary size differs from a model's: its ids would name other tokens. `fix` is
+    an ArgumentError template (it may name an argument as {parameter})."""
     if tokenizer.vocab_size != vocab_size:
-        raise MiniLlamaError(f"tokenizer {tokenizer.path} has vocab {tokenizer.vocab_size}, {model} has {vocab_size}; {fix}")
+        raise ArgumentError("tokenizer {path} has vocab {got}, {model} has {want}; " + fix, path=tokenizer.path,
+                            got=tokenizer.vocab_size, model=model, want=vocab_size)
 
 
-def load_tokenizer(path: str | Path | None = None, how_to_pass: str = "--tokenizer PATH") -> Tokenizer:
+def load_tokenizer(path: str | Path | None = None, how_to_pass: str = "{tokenizer} PATH") -> Tokenizer:
     return Tokenizer(resolve_tokenizer_path(path, how_to_pass))
 
 
-def download_llama2_tokenizer(how_to_pass: str = "--tokenizer PATH") -> Path:
+def download_llama2_tokenizer(how_to_pass: str = "{tokenizer} PATH") -> Path:
     """Fetch Llama 2's tokenizer.model into the Hugging Face cache (once) and check its sha256. Offline, the
     hub's retry messages are kept back: the user gets one line."""
     try:
@@ -138,10 +141,8 @@ def download_llama2_tokenizer(how_to_pass: str = "--tokenizer PATH") -> Path:
         with quiet_hub():
             local = Path(hf_hub_download(repo_id=LLAMA2_TOKENIZER_REPO, filename=LLAMA2_TOKENIZER_FILE))
     except Exception as exc:  # network, auth, or hub errors all mean the same thing to the user
-        raise MiniLlamaError(
-            f"could not download the Llama 2 tokenizer from the Hugging Face hub ({type(exc).__name__}); "
-            f"pass {how_to_pass} to a tokenizer.model, or set {TOKENIZER_ENV}=PATH"
-        ) from None
+        raise ArgumentError("could not download the Llama 2 tokenizer from the Hugging Face hub ({why}); pass " + how_to_pass
+                            + " to a tokenizer.model, or set {env}=PATH", why=type(exc).__name__, env=TOKENIZER_ENV) from None
     if file_sha256(local) != LLAMA2_TOKENIZER_SHA256:
         raise MiniLlamaError(f"downloaded {local} does not match Llama 2's tokenizer sha256; delete it and retry")
     return local

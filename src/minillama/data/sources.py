@@ -90,8 +90,9 @@ class FineWebEdu:
                     index += 1
         except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
             fix = ("check that the folder holds the dataset's parquet files (and README.md)" if self.snapshot else
-                   "check the network, or download the files with huggingface-cli and pass their folder with --from")
-            raise MiniLlamaError(f"cannot read {self.subset} from {where} ({type(exc).__name__}: {exc}); {fix}") from None
+                   "check the network, or download the files with huggingface-cli and pass their folder as {snapshot}")
+            raise ArgumentError("cannot read {subset} from {where} ({why}); " + fix, subset=self.subset, where=where,
+                                why=f"{type(exc).__name__}: {exc}") from None
 
     def _open(self, datasets: Any) -> Any:
         """The stream: from the hub, or from the snapshot by the dataset card's config (its README.md) when the snapshot

@@ -304,6 +304,6 @@ def import_hf(model_dir: Path, out_checkpoint: Path, tokenizer_path: Path | None
     tokenizer = None
     if tokenizer_path or (model_dir / "tokenizer.model").is_file():
         tokenizer = Tokenizer(tokenizer_path or model_dir / "tokenizer.model")
-        check_vocab(tokenizer, config.vocab_size, str(model_dir), "pass the model's own tokenizer.model (tokenizer_path)")
+        check_vocab(tokenizer, config.vocab_size, str(model_dir), "pass the model's own tokenizer.model as {tokenizer_path}")
     model = meta_model(config)
     return save_checkpoint(out_checkpoint, model, tokenizer, metadata={"imported_from": str(model_dir)}, state_dict=state)
