@@ -99,7 +99,7 @@ def _train(run: Run) -> dict[str, Any]:
     config, state = run.config, run.state
     last: dict[str, Any] = {}
     run.logger.say(plan.plan_line(config, state.step))
-    first, step_times = state.step, []
+    time_left = plan.TimeLeft(state.step, config)
     with StopSignals() as signals:
         while state.step < config.last_step:
             if state.step % config.eval.interval == 0:
@@ -107,10 +107,8 @@ def _train(run: Run) -> dict[str, Any]:
             last = train_step(run)
             _log_step(run, last)
             state.step += 1
-            if state.step > first + 1 and len(step_times) < plan.MEASURED_STEPS:  # the first step compiles: not timed
-                step_times.append(last["step_time_s"])
-                if len(step_times) == plan.MEASURED_STEPS and state.step < config.last_step:
-                    run.logger.say(plan.time_left_line(step_times, config.batch.total_tokens, config.last_step - state.step))
+            if time_left.timed(state.step, last["step_time_s"]):
+                run.logger.say(time_left.line(state.step))
             stopping = any_rank(signals.received is not None, run.ctx, run.device)
             if stopping or state.step % config.checkpoint.interval == 0 or state.step == config.last_step:
                 save_run(run)

@@ -42,13 +42,28 @@ def plan_line(config: TrainConfig, start_step: int) -> str:
             f"{config.last_step - 1:,} of {config.optim.max_steps:,})")
 
 
-def time_left_line(step_times_s: list[float], tokens_per_step: int, steps_left: int) -> str:
-    """The time left at the median speed of the steps measured so far, and when that is."""
-    step_s = statistics.median(step_times_s)
-    left = step_s * steps_left
-    finish = datetime.datetime.now() + datetime.timedelta(seconds=left)
-    return (f"at {tokens(tokens_per_step / step_s)} tok/s (median of {len(step_times_s)} steps) the {steps_left:,} steps left "
-            f"take about {duration(left)}: done around {finish:%Y-%m-%d %H:%M}")
+class TimeLeft:
+    """Times the steps after a run's first (which compiles), and is ready to tell the time left once MEASURED_STEPS
+    are timed, if steps remain."""
+
+    def __init__(self, first_step: int, config: TrainConfig):
+        self.first_step, self.config = first_step, config
+        self.step_times_s: list[float] = []
+
+    def timed(self, step: int, step_time_s: float) -> bool:
+        """Take the time of the step that ended at `step`; True when the time left is ready to tell."""
+        if step <= self.first_step + 1 or len(self.step_times_s) == MEASURED_STEPS:
+            return False
+        self.step_times_s.append(step_time_s)
+        return len(self.step_times_s) == MEASURED_STEPS and step < self.config.last_step
+
+    def line(self, step: int) -> str:
+        """The time left at the median speed of the timed steps, and when the run will be done."""
+        step_s, steps_left = statistics.median(self.step_times_s), self.config.last_step - step
+        left = step_s * steps_left
+        finish = datetime.datetime.now() + datetime.timedelta(seconds=left)
+        return (f"at {tokens(self.config.batch.total_tokens / step_s)} tok/s (median of {len(self.step_times_s)} steps) the "
+                f"{steps_left:,} steps left take about {duration(left)}: done around {finish:%Y-%m-%d %H:%M}")
 
 
 def dry_run(config: TrainConfig, tokens_per_s: float | None = None) -> str:
