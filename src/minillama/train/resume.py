@@ -17,7 +17,7 @@ import torch
 
 from minillama.checkpoint import fill_checkpoint, load_weights, save_checkpoint, unwritable_checkpoint
 from minillama.distributed import Distributed, barrier, broadcast_object, gather_objects
-from minillama.errors import MiniLlamaError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.files import commit_directory, temporary_directory
 from minillama.layout import SHARDED_DIR, TRAINING_STATE_FILE, checkpoint_dir, complete_checkpoints
 from minillama.model import Transformer
@@ -31,9 +31,10 @@ def checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint a run starts from as `resume` ("auto", "always" or "never") asks, refusing one that cannot work."""
     saved = complete_checkpoints(run_dir)
     if resume == "never" and saved:
-        raise MiniLlamaError(f"{run_dir} already holds checkpoints; use --resume to continue it, or choose another run_dir")
+        raise ArgumentError("{folder} already holds checkpoints; use {resume} to continue it, or choose another run_dir",
+                            folder=run_dir)
     if resume == "always" and not saved:
-        raise MiniLlamaError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
+        raise ArgumentError("{resume}: {folder} holds no complete checkpoint to resume from", folder=run_dir)
     return saved[-1] if saved and resume != "never" else None
 
 
