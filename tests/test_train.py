@@ -43,8 +43,13 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path, data_dir, tokenizer):
     assert final_val["val_loss"] < 0.6 * entropy, (final_val["val_loss"], entropy)
 
 
+SPEEDRUN_OPTIONS = ["optim.muon_momentum_warmup_steps=10", "zero_init_projections=true", "optim.embedding_lr_multiplier=2",
+                    "optim.norm_lr_multiplier=0.5"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd", "optim.decay_fraction=0.5"]], ids=["adamw", "muon"])
+@pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd", "optim.decay_fraction=0.5", *SPEEDRUN_OPTIONS]],
+                         ids=["adamw", "muon"])
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer, recipe):
     overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=14", "model.dropout=0.1", *recipe)
     expected = uninterrupted_losses(tmp_path, overrides)
@@ -84,7 +89,7 @@ def test_sigterm_saves_the_last_finished_step_and_the_resume_equals_an_uninterru
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is not set up on Windows runners")
-@pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd"]], ids=["adamw", "muon"])
+@pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd", *SPEEDRUN_OPTIONS]], ids=["adamw", "muon"])
 def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, data_dir, tokenizer, recipe):
     hellaswag = write_examples(tmp_path / "hellaswag.jsonl", 7)  # odd: the two ranks score 4 and 3 examples
     common = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=5", "batch.total_tokens=1024", "checkpoint.interval=1000",
@@ -484,3 +489,28 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, data_dir, tokenize
     assert "time: about 3 min at 2.6k tok/s (at the given speed)" in out  # 512,000 tokens / 2,560 tok/s = 200 s
     assert "memory per rank (estimate: AdamW, float32): parameters " in out
     assert list(tmp_path.iterdir()) == []  # no run directory, no lock
+
+
+def test_speedrun_options_set_momentum_and_group_rates_by_step_and_zero_init_starts_blocks_as_identities():
+    from minillama.train.optim import set_learning_rates, zero_output_projections
+
+    config = OptimConfig(name="muon", schedule="wsd", lr=1e-3, min_lr=1e-4, warmup_steps=4, max_steps=100, muon_lr=0.02,
+                         muon_momentum=0.95, muon_momentum_warmup_steps=10, muon_momentum_start=0.85,
+                         embedding_lr_multiplier=3.0, norm_lr_multiplier=0.5)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16))
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    set_learning_rates(optimizer, 5, config)  # past the lr warmup, halfway through the momentum warmup
+    muon, embedding, norms = optimizer.param_groups
+    assert muon["momentum"] == pytest.approx(0.90) and muon["lr"] == pytest.approx(0.02)
+    assert embedding["lr"] == pytest.approx(3e-3) and norms["lr"] == pytest.approx(5e-4)
+    set_learning_rates(optimizer, 10, config)
+    assert muon["momentum"] == pytest.approx(0.95)
+
+    zero_output_projections(model)
+    tokens = torch.randint(64, (2, 8))
+    with torch.no_grad():  # every block adds zero to the residual stream: the model is embedding -> norm -> head
+        expected = model.output(model.norm(model.tok_embeddings(tokens)))
+        assert torch.allclose(model(tokens)[0], expected, atol=1e-6)
+    _, loss = model(tokens, tokens)
+    loss.backward()
+    assert all(block.attention.wo.weight.grad.abs().sum() > 0 for block in model.layers)  # they move at the first step

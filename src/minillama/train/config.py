@@ -64,8 +64,12 @@ class OptimConfig(ConfigSection):
     decay_fraction: Annotated[float, Range(min=0, max=1, min_open=True)] = 0.2  # wsd: the last fifth of max_steps decays
     muon_lr: Annotated[float, ABOVE_ZERO] = 0.02  # Muon's peak lr, scaled per matrix by sqrt(max(1, rows/cols)) (Keller Jordan's rule)
     muon_momentum: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.95  # Nesterov momentum of Muon
+    muon_momentum_warmup_steps: Annotated[int, NON_NEGATIVE] = 0  # Muon's momentum rises linearly from muon_momentum_start over these steps
+    muon_momentum_start: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.85  # where the momentum warmup starts (modded-nanogpt: 0.85)
     muon_weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # decoupled, times muon_lr (Muon's original recipe has none)
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.1  # on 2-D weights only (matmuls, embeddings); norms are not decayed
+    embedding_lr_multiplier: Annotated[float, ABOVE_ZERO] = 1.0  # AdamW's rate for the embedding (and an untied head), times lr
+    norm_lr_multiplier: Annotated[float, ABOVE_ZERO] = 1.0  # AdamW's rate for the norm gains, times lr
     beta1: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.9  # AdamW's decay of the gradient mean
     beta2: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.95  # of the squared-gradient mean (0.95, not 0.999: steadier for LLMs)
     eps: Annotated[float, ABOVE_ZERO] = 1e-8  # added to the root of the squared-gradient mean, against division by ~0
@@ -123,6 +127,7 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute activations in backward: every block (full) or every other
     stop_at_step: PositiveInt | None = None  # stop after this step without changing the schedule (None: optim.max_steps)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
+    zero_init_projections: bool = False  # start each block's output projections (wo, w2) at zero: blocks begin as identities
     threads: PositiveInt | None = None  # CPU threads per process (None: PyTorch's choice); on a busy CPU fewer are faster, often 1
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ from minillama.train import history, monitor, plan
 from minillama.train.config import TrainConfig
 from minillama.train.memory import check_model_fits
 from minillama.train.micro_batch import estimated_micro_batch, tried_micro_batch, with_micro_batch
-from minillama.train.optim import build_optimizer, set_learning_rates
+from minillama.train.optim import build_optimizer, set_learning_rates, zero_output_projections
 from minillama.train.parallel import clip_gradients, gradient_sync, parallelize
 from minillama.train.resume import checkpoint_to_resume, restore_run, save_run
 from minillama.train.run import Run, RunState
@@ -213,6 +213,8 @@ def open_run(config: TrainConfig, resume: str, ctx: Distributed) -> Iterator[Run
     check_model_fits(config.model, config.parallel, device, ctx.world_size)
     torch.manual_seed(config.seed)  # identical initial weights on every rank (FSDP then keeps each rank's slice)
     model = Transformer(config.model).to(device)
+    if config.zero_init_projections:
+        zero_output_projections(model)
     compile_model = config.compile is True or (config.compile == "auto" and device.type == "cuda")
     # `compiled` serves training steps and validation loss (fixed shapes); sampling and HellaSwag, whose shapes
     # change with every prompt, use `model`, which shares its weights, so they never trigger recompilation.

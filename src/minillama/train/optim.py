@@ -27,13 +27,25 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device)
     return MuonWithAdamW(muon, _adamw(others, config, device))
 
 
+def zero_output_projections(model: nn.Module) -> None:
+    """Zero each block's attention output (wo) and feed-forward output (w2) weights, so that every block starts as
+    the identity on the residual stream and the model as embedding -> norm -> head (modded-nanogpt's init, from
+    ReZero/Fixup's argument that deep residual stacks train faster from identity blocks). The gradients of wo and w2
+    are not zero (their inputs are not), so they move at the first step."""
+    with torch.no_grad():
+        for block in model.layers:
+            block.attention.wo.weight.zero_()
+            block.feed_forward.w2.weight.zero_()
+
+
 def _adamw(params: list[nn.Parameter], config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """Matmul and embedding weights are decayed; norm gains (1-D) are not, since shrinking them toward zero
-    would fight the normalisation rather than regularise."""
+    would fight the normalisation rather than regularise. Each group runs at lr times its multiplier."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": config.weight_decay, "lr_multiplier": config.embedding_lr_multiplier},
+         {"params": no_decay, "weight_decay": 0.0, "lr_multiplier": config.norm_lr_multiplier}],
         lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
         fused=True if device.type == "cuda" else None,  # one kernel for all parameters instead of a loop
     )
@@ -92,9 +104,22 @@ def learning_rate(step: int, config: OptimConfig) -> float:
     return config.lr * lr_scale(step, config)
 
 
+def muon_momentum(step: int, config: OptimConfig) -> float:
+    """Muon's momentum at `step`: from muon_momentum_start up to muon_momentum over the warmup steps, then constant
+    (modded-nanogpt's warmup: early gradients are noisy, and a long average of them slows the first steps)."""
+    if step >= config.muon_momentum_warmup_steps:
+        return config.muon_momentum
+    return config.muon_momentum_start + step / config.muon_momentum_warmup_steps * (config.muon_momentum - config.muon_momentum_start)
+
+
 def set_learning_rates(optimizer: torch.optim.Optimizer | MuonWithAdamW, step: int, config: OptimConfig) -> float:
-    """Put each group at its peak (muon_lr for Muon's, lr for the others) times the schedule; AdamW's rate."""
+    """Put each group at its peak (muon_lr for Muon's, lr times the group's multiplier for the others) times the
+    schedule, and Muon's momentum where its warmup says; returns AdamW's base rate. A function of the step alone,
+    so a resumed run continues exactly."""
     scale = lr_scale(step, config)
     for group in optimizer.param_groups:
-        group["lr"] = (config.muon_lr if group.get("muon") else config.lr) * scale
+        if group.get("muon"):
+            group["lr"], group["momentum"] = config.muon_lr * scale, muon_momentum(step, config)
+        else:
+            group["lr"] = config.lr * group.get("lr_multiplier", 1.0) * scale
     return config.lr * scale
