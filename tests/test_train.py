@@ -309,7 +309,7 @@ def test_a_run_says_what_it_did_keeps_config_history_and_refuses_a_meaningless_r
     train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *short)))
     out = capsys.readouterr().out
     assert f"finished step 4 of 8; final checkpoint {run_dir / 'checkpoints' / 'step_0000004'}" in out
-    assert f"minillama generate {run_dir} " in out and f"minillama eval loss {run_dir} --data {data_dir}" in out
+    assert f"minillama generate {run_dir} " in out and f"minillama eval loss {run_dir}   |" in out
 
     before = snapshot(run_dir)
     train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *short)))  # the same run again

@@ -84,9 +84,9 @@ def finished_step(run_dir: Path, config: TrainConfig, resume: str) -> int | None
 
 def next_commands(config: TrainConfig) -> str:
     """How to use a finished run: sample, evaluate, plot."""
-    run, data = shlex.quote(config.run_dir), shlex.quote(config.data.dir)
+    run = shlex.quote(config.run_dir)
     prompt = shlex.quote(config.eval.prompts[0] if config.eval.prompts else "Once upon a time")
     return (f"  sample:   minillama generate {run} {prompt}\n"
-            f"  evaluate: minillama eval loss {run} --data {data}   |   minillama eval hellaswag {run}\n"
+            f"  evaluate: minillama eval loss {run}   |   minillama eval hellaswag {run}\n"
             f"  curves:   minillama plot {run} -o {shlex.quote(str(Path(config.run_dir) / 'curves.png'))}   |   "
             f"minillama report {run}")
