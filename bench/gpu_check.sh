@@ -22,6 +22,8 @@
 #    (issue 17; ONLY="prepare fsdp_train_32 ac_full_train_32 fsdp_run_first_half fsdp_run_resumed fsdp_generate")
 # 9. the server on the inference engine (continuous batching, CUDA-graph decode over 32 rows): tokens/s and
 #    p50/p99 at 1, 8 and 32 clients, and head-of-line blocking (issue 24; ONLY=serve)
+# 10. batch.micro_batch = auto: the plan (--dry-run) and a 2-step run of 512 sequences per step, its pick (after the
+#    CUDA probe) and its peak memory beside the estimate (issue 30; ONLY="prepare auto_plan auto_run")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -31,9 +33,10 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
-    DEVICE=cpu SEQ=64 MICRO=2 BIG_MICRO=4 HALF_STEPS=4 NEW_TOKENS=8 EXAMPLES=16 BUDGET=1200 COMPILE=false PRESET=tiny
+    DEVICE=cpu SEQ=64 MICRO=2 BIG_MICRO=4 HALF_STEPS=4 NEW_TOKENS=8 EXAMPLES=16 BUDGET=1200 COMPILE=false PRESET=tiny AUTO_SEQUENCES=8
 else
-    DEVICE=cuda SEQ=1024 MICRO=32 BIG_MICRO=64 HALF_STEPS=20 NEW_TOKENS=200 EXAMPLES=10042 BUDGET=290 COMPILE=auto PRESET=mini-llama-109M
+    DEVICE=cuda SEQ=1024 MICRO=32 BIG_MICRO=64 HALF_STEPS=20 NEW_TOKENS=200 EXAMPLES=10042 BUDGET=290 COMPILE=auto PRESET=mini-llama-109M \
+        AUTO_SEQUENCES=512
 fi
 NO_COMPILE=$([[ $COMPILE == false ]] && echo --no-compile)
 DEADLINE=$((SECONDS + BUDGET))
@@ -75,6 +78,10 @@ print(json.dumps({"check": "train_run", "name": sys.argv[2], "steps": len(train)
                   "eval_steps": [r["step"] for r in evals], "val_loss": [round(r["val_loss"], 4) for r in evals],
                   "hellaswag": [r.get("hellaswag_acc_norm") for r in evals],
                   "checkpoints": sorted(p.name for p in (Path(sys.argv[1]) / "checkpoints").glob("step_*")),
+                  "micro_batch": next((r.get("micro_batch") for r in records if r["kind"] == "run"), None),
+                  "micro_batch_estimate_gib": next((round(r["micro_batch_estimate_bytes"] / 2**30, 2) for r in records
+                                                   if r["kind"] == "run" and "micro_batch_estimate_bytes" in r), None),
+                  "peak_memory_gib": max((round(r["peak_memory_bytes"] / 2**30, 2) for r in train if "peak_memory_bytes" in r), default=None),
                   "last_samples": samples[-1]["samples"][:2] if samples else None}))
 PY
 }
@@ -139,6 +146,14 @@ part fsdp_generate 30 python -m minillama generate "$WORK/fsdp_run" "To stay hea
 
 # The server on the inference engine (issue 24): 32 requests of 8..256 new tokens at 1, 8 and 32 clients, head of line.
 part serve 90 env MINILLAMA_TEST_DATA="$DATA" python bench/serve_load.py --presets "$PRESET" --device "$DEVICE" --requests 32
+
+# batch.micro_batch = auto (issue 30): what the estimate picks for this GPU's free memory, then a real run that tries it.
+AUTO=("${TRAIN[@]}" --set run_dir="$WORK/auto_run" --set batch.micro_batch=auto --set batch.total_tokens=$((AUTO_SEQUENCES * SEQ))
+    --set optim.max_steps=2 --set optim.warmup_steps=1 --set eval.interval=1000 --set eval.num_samples=0 --set eval.hellaswag=false
+    --set checkpoint.interval=1000)
+part auto_plan 30 "${AUTO[@]}" --dry-run
+part auto_run 150 "${AUTO[@]}"
+summarize_run "$WORK/auto_run" "micro_batch = auto ($AUTO_SEQUENCES sequences per step)"
 
 }
 

@@ -42,6 +42,13 @@ def main() -> None:
         if "error" in r:
             rows.append((r["name"], "runs, loss falls, resumes", r["error"], "MISSED"))
             continue
+        if r.get("micro_batch_estimate_gib") is not None:  # batch.micro_batch = auto
+            fits = r["peak_memory_gib"] is None or r["peak_memory_gib"] <= 1.05 * r["micro_batch_estimate_gib"]
+            rows.append((r["name"], "runs; peak within 5% of the estimate",
+                         f"picked {r['micro_batch']} (estimate {r['micro_batch_estimate_gib']} GiB), peak {r['peak_memory_gib']} GiB, "
+                         f"loss {r['first_loss']} -> {r['last_loss']}, median {r['median_tokens_per_s']:,} tokens/s",
+                         verdict(r["contiguous"] and fits)))
+            continue
         ok = r["contiguous"] and r["last_loss"] < r["first_loss"] and len(r["checkpoints"]) >= 2 and None not in r["hellaswag"]
         rows.append((r["name"], "runs, loss falls, resumes",
                      f"{r['steps']} steps (contiguous: {r['contiguous']}), loss {r['first_loss']} -> {r['last_loss']}, "

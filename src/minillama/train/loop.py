@@ -178,6 +178,8 @@ def _log_step(run: Run, record: dict[str, Any]) -> None:
     state.tokens_seen += config.batch.total_tokens
     tokens_per_s = config.batch.total_tokens / record["step_time_s"]
     record.update(tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s, time=time.time())
+    if run.device.type == "cuda":
+        record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(run.device)  # since the run began, this rank
     peak = peak_flops(run.device)
     if peak:
         record["mfu"] = training_flops_per_token(config.model, config.batch.seq_len) * tokens_per_s / (peak * run.ctx.world_size)
