@@ -242,6 +242,8 @@ CASES = [
     (["train", "--set", "eval.top_k=0"], "run config field 'eval.top_k' is 0; expected a positive integer"),
     (["train", "--set", "data.prepare_workers=-3"], "run config field 'data.prepare_workers' is -3"),
     (["train", "--set", "data.files=5"], "--set: field 'data': field 'files' is 5; expected a list"),
+    (["train", "--set", "batch.micro_batch=big"], "--set: field 'batch': field 'micro_batch' is 'big'; expected an integer or \"auto\""),
+    (["train", "--dry-run", "--tokens-per-s", "-5"], "--tokens-per-s is -5.0; expected a positive speed in tokens per second"),
     (["train", "--set", "run_dir={w}/train_run", "--resume", "never"], "train_run already holds checkpoints; use --resume to continue it"),
     (["train", "--set", "run_dir={w}/plots", "--resume"], "--resume: {w}/plots holds no complete checkpoint to resume from"),
     (["train", "--set", "model=tiny"], "--set model=tiny: 'model' is a table; set one of its fields, e.g. --set model.preset="),

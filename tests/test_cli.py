@@ -102,3 +102,12 @@ def test_help_names_every_optional_extra_and_what_needs_it(capsys):
     listed = capsys.readouterr().out.split("optional extras")[1].splitlines()
     named = {line.split()[0] for line in listed[1:] if line.startswith("  ") and not line.startswith("   ")}
     assert named == set(extras) - {"dev"}
+
+
+@pytest.mark.slow
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`minillama ... | head`: once the reader has gone, the command stops with SIGPIPE's code and no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "minillama", "inspect", "mini-llama-109M"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # gone before the first line is written
+    assert process.wait(timeout=60) == 141 and process.stderr.read() == b""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import signal
 import sys
 import threading
@@ -580,12 +581,16 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
 def _run(args: argparse.Namespace) -> int:
     try:
         args.handler(args)
+        sys.stdout.flush()  # inside: a reader that went away is met here, not at exit
     except ArgumentError as exc:
         print(f"minillama: error: {exc.naming(_flags(args.parser))}", file=sys.stderr)
         return 2
     except MiniLlamaError as exc:
         print(f"minillama: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`minillama ... | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         if exc.errno not in OS_ERROR_FIXES:
             raise  # not the user's environment: a bug, with its traceback

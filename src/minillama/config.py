@@ -134,7 +134,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None and type(None) in options:
             return None
         for option in options:
-            if option is type(None):
+            if option is type(None) or (typing.get_origin(option) is typing.Literal and value not in typing.get_args(option)):
                 continue
             try:
                 return _coerce(value, option, where)
@@ -157,6 +157,10 @@ def _type_name(hint: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return " or ".join(json.dumps(choice) for choice in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Annotated:
+        return _type_name(typing.get_args(hint)[0])
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from minillama.checkpoint import read_checkpoint_info
 from minillama.device import autocast_dtype, memory_bytes, peak_flops, pick_device
 from minillama.distributed import Distributed
+from minillama.errors import ArgumentError
 from minillama.layout import complete_checkpoints
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.train.config import TrainConfig
@@ -70,6 +71,8 @@ def dry_run(config: TrainConfig, tokens_per_s: float | None = None) -> str:
     """What `minillama train --dry-run` prints: the run's plan on this machine (its device, its memory, the ranks
     torchrun gives it), from arithmetic alone. Reads the run directory (to continue its newest checkpoint) and writes
     nothing."""
+    if tokens_per_s is not None and not tokens_per_s > 0:  # NaN too
+        raise ArgumentError("{tokens_per_s} is {value}; expected a positive speed in tokens per second", value=tokens_per_s)
     device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
     ranks = int(os.environ.get("WORLD_SIZE", 1))
     choice = None
