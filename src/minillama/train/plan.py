@@ -21,7 +21,7 @@ from minillama.train.micro_batch import estimated_micro_batch, with_micro_batch
 MEASURED_STEPS = 5  # steps timed before the time left is told (the first, which compiles, is not one of them)
 
 
-def tokens(n: float) -> str:
+def abbreviated(n: float) -> str:
     """A count as people say it: 10.0B, 524.3M, 8.2k (tokens, FLOPs)."""
     for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if n >= scale:
@@ -39,7 +39,7 @@ def plan_line(config: TrainConfig, start_step: int) -> str:
     """What is left of the run, before its first step."""
     steps = config.last_step - start_step
     total = steps * config.batch.total_tokens
-    return (f"plan: {tokens(total)} tokens in {steps:,} steps of {config.batch.total_tokens:,} (steps {start_step:,} to "
+    return (f"plan: {abbreviated(total)} tokens in {steps:,} steps of {config.batch.total_tokens:,} (steps {start_step:,} to "
             f"{config.last_step - 1:,} of {config.optim.max_steps:,})")
 
 
@@ -63,7 +63,7 @@ class TimeLeft:
         step_s, steps_left = statistics.median(self.step_times_s), self.config.last_step - step
         left = step_s * steps_left
         finish = datetime.datetime.now() + datetime.timedelta(seconds=left)
-        return (f"at {tokens(self.config.batch.total_tokens / step_s)} tok/s (median of {len(self.step_times_s)} steps) the "
+        return (f"at {abbreviated(self.config.batch.total_tokens / step_s)} tok/s (median of {len(self.step_times_s)} steps) the "
                 f"{steps_left:,} steps left take about {duration(left)}: done around {finish:%Y-%m-%d %H:%M}")
 
 
@@ -99,7 +99,7 @@ def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, me
         parts["activations"] *= 2
     steps = config.last_step - start_step
     lines = [
-        f"model: {config.model_preset}, {count_parameters(config.model)['total']:,} parameters, {tokens(flops)} FLOPs per "
+        f"model: {config.model_preset}, {count_parameters(config.model)['total']:,} parameters, {abbreviated(flops)} FLOPs per "
         f"token to train (6 per weight, plus attention at seq_len {batch.seq_len})",
         f"batch: {batch.total_tokens:,} tokens per step = {ranks} {'rank' if ranks == 1 else 'ranks'} x {accumulation} micro-steps "
         f"x micro_batch {batch.micro_batch} x seq_len {batch.seq_len}" + (f" ({choice.describe()})" if choice else ""),
@@ -111,7 +111,7 @@ def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, me
     speed, how = (tokens_per_s, "at the given speed") if tokens_per_s else (
         (0.4 * peak_flops * ranks / flops, "at 40% of this GPU's peak bf16 FLOPs") if peak_flops else (None, ""))
     if speed:
-        lines.append(f"time: about {duration(steps * batch.total_tokens / speed)} at {tokens(speed)} tok/s ({how})")
+        lines.append(f"time: about {duration(steps * batch.total_tokens / speed)} at {abbreviated(speed)} tok/s ({how})")
     else:
         lines.append("time: pass --tokens-per-s N (e.g. a measured speed; docs/benchmarks.md has the H200's) for an estimate")
     return "\n".join(lines)
