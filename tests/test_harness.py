@@ -67,8 +67,13 @@ def task_dir(tmp_path_factory, test_data):
         yield folder
 
 
-def evaluate_both(checkpoint, task_dir, tmp_path, limit=None):
-    manager = TaskManager(include_path=str(task_dir))
+@pytest.fixture(scope="module")
+def task_manager(task_dir):
+    """The harness's index of every task and the local ones (building it takes seconds: once per module)."""
+    return TaskManager(include_path=str(task_dir))
+
+
+def evaluate_both(checkpoint, manager, tmp_path, limit=None):
     export_hf(checkpoint, tmp_path / "hf")
     ours = simple_evaluate(model=MiniLlamaLM(str(checkpoint), device="cpu", batch_size=8), tasks=TASKS, task_manager=manager,
                            log_samples=True, limit=limit)
@@ -78,8 +83,8 @@ def evaluate_both(checkpoint, task_dir, tmp_path, limit=None):
 
 
 @pytest.mark.slow
-def test_the_shipped_local_hellaswag_task_asks_what_the_hub_task_asks(stories, task_dir, tmp_path, monkeypatch, capsys):
-    tasks = TaskManager(include_path=str(task_dir)).load_task_or_group(["hellaswag_local", "hellaswag_stock"])
+def test_the_shipped_local_hellaswag_task_asks_what_the_hub_task_asks(stories, task_dir, task_manager, tmp_path, monkeypatch, capsys):
+    tasks = task_manager.load_task_or_group(["hellaswag_local", "hellaswag_stock"])
     local, stock = (tasks[name] for name in ("hellaswag_local", "hellaswag_stock"))
     asked = [[(task.doc_to_text(doc), task.doc_to_choice(doc), task.doc_to_target(doc)) for doc in task.validation_docs()]
              for task in (local, stock)]
@@ -93,9 +98,9 @@ def test_the_shipped_local_hellaswag_task_asks_what_the_hub_task_asks(stories, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["stories", "tiny"])
-def test_adapter_gives_the_harness_hf_numbers(which, request, task_dir, tmp_path):
+def test_adapter_gives_the_harness_hf_numbers(which, request, task_manager, tmp_path):
     checkpoint = request.getfixturevalue(which)
-    ours, theirs = evaluate_both(checkpoint, task_dir, tmp_path, limit=None if which == "stories" else 6)
+    ours, theirs = evaluate_both(checkpoint, task_manager, tmp_path, limit=None if which == "stories" else 6)
     for task in ["hellaswag_local", "shakespeare_next_line"]:
         for metric in ["acc,none", "acc_norm,none"]:
             assert ours["results"][task][metric] == theirs["results"][task][metric], (task, metric)
@@ -151,12 +156,12 @@ def test_cli_refuses_unknown_tasks_bad_limits_and_hub_tasks_offline_in_one_line(
 
 
 @pytest.mark.slow
-def test_registered_name_and_two_ranks_give_the_single_process_numbers(stories, task_dir, tmp_path):
+def test_registered_name_and_two_ranks_give_the_single_process_numbers(stories, task_dir, task_manager, tmp_path):
     import subprocess
     import sys
 
     single = simple_evaluate(model="minillama", model_args=f"checkpoint={stories},device=cpu", tasks=["hellaswag_local"],
-                             task_manager=TaskManager(include_path=str(task_dir)))["results"]["hellaswag_local"]
+                             task_manager=task_manager)["results"]["hellaswag_local"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minillama",
                              "eval", "harness", str(stories), "--tasks", "hellaswag_local", "--include-path", str(task_dir),
                              "--device", "cpu", "--output", str(tmp_path / "two.json")],
