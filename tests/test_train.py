@@ -18,7 +18,8 @@ from minillama.files import DirectoryLock
 from minillama.config import ModelConfig
 from minillama.model import Transformer
 from minillama.train.config import OptimConfig, load_train_config
-from minillama.train.loop import gradient_accumulation_steps, train
+from minillama.train.loop import train
+from minillama.train.memory import gradient_accumulation_steps
 from minillama.train.optim import build_optimizer, learning_rate
 
 

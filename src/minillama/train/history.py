@@ -73,13 +73,16 @@ def data_dir_of(checkpoint: Path) -> Path | None:
     return Path(load_train_config(run_config_path(run_dir)).data.dir)
 
 
+def newest_step(run_dir: Path) -> int | None:
+    """The step of the run's newest complete checkpoint, or None before its first."""
+    saved = complete_checkpoints(run_dir)
+    return read_checkpoint_info(saved[-1]).metadata.get("step", 0) if saved else None
+
+
 def finished_step(run_dir: Path, config: TrainConfig, resume: str) -> int | None:
     """The step of the newest checkpoint when it already reaches the config's last step (nothing to train)."""
-    saved = complete_checkpoints(run_dir)
-    if resume == "never" or not saved:
-        return None
-    step = read_checkpoint_info(saved[-1]).metadata.get("step", 0)
-    return step if step >= config.last_step else None
+    step = None if resume == "never" else newest_step(run_dir)
+    return step if step is not None and step >= config.last_step else None
 
 
 def next_commands(config: TrainConfig) -> str:

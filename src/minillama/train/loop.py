@@ -29,27 +29,12 @@ from minillama.model import Transformer
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.train import history, monitor, plan
 from minillama.train.config import TrainConfig
-from minillama.train.memory import check_model_fits
+from minillama.train.memory import check_model_fits, gradient_accumulation_steps
 from minillama.train.micro_batch import estimated_micro_batch, tried_micro_batch, with_micro_batch
 from minillama.train.optim import build_optimizer, set_learning_rates, zero_output_projections
 from minillama.train.parallel import clip_gradients, gradient_sync, parallelize
 from minillama.train.resume import checkpoint_to_resume, restore_run, save_run
 from minillama.train.run import Run, RunState
-
-
-def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
-    """Micro-steps per optimizer step; refuses a total batch that micro-batches cannot make up exactly."""
-    per_micro_step = micro_batch * seq_len * world_size
-    if total_tokens % per_micro_step == 0:
-        return total_tokens // per_micro_step
-    per_rank_tokens = total_tokens // world_size if total_tokens % world_size == 0 else None
-    fitting = [b for b in range(1, micro_batch * 2 + 1) if per_rank_tokens and per_rank_tokens % (b * seq_len) == 0]
-    nearby = max(per_micro_step, round(total_tokens / per_micro_step) * per_micro_step)
-    suggestion = f"micro_batch {', '.join(map(str, fitting[-4:]))}, or " if fitting else ""
-    raise MiniLlamaError(
-        f"batch.total_tokens {total_tokens:,} is not a multiple of micro_batch {micro_batch} x seq_len {seq_len} x "
-        f"{world_size} ranks = {per_micro_step:,}; use {suggestion}batch.total_tokens {nearby:,}"
-    )
 
 
 def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""Training memory per rank, by arithmetic on the config: what decides which preset fits on which GPU with ddp or
-fsdp. The model states (weights, gradients, optimizer) are exact for AdamW (bench/memory.py checks them against
-the tensors DDP and FSDP really hold); activations are an estimate of what a compiled bf16 step keeps for backward.
+"""Training memory per rank, and the batch arithmetic it depends on, from the config: what decides which preset
+fits on which GPU with ddp or fsdp, and which micro-batch (batch.micro_batch = "auto"). The model states (weights,
+gradients, optimizer) are exact for AdamW (bench/memory.py checks them against the tensors DDP and FSDP really hold);
+activations are an estimate of what a compiled bf16 step keeps for backward.
 """
 
 from __future__ import annotations
@@ -105,6 +106,21 @@ class MicroBatchChoice:
                 f"{self.estimate_bytes / 2**30:,.1f} GiB per rank of a {self.budget_bytes / 2**30:,.1f} GiB budget)")
 
 
+def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
+    """Micro-steps per optimizer step; refuses a total batch that micro-batches cannot make up exactly."""
+    per_micro_step = micro_batch * seq_len * world_size
+    if total_tokens % per_micro_step == 0:
+        return total_tokens // per_micro_step
+    per_rank_tokens = total_tokens // world_size if total_tokens % world_size == 0 else None
+    fitting = [b for b in range(1, micro_batch * 2 + 1) if per_rank_tokens and per_rank_tokens % (b * seq_len) == 0]
+    nearby = max(per_micro_step, round(total_tokens / per_micro_step) * per_micro_step)
+    suggestion = f"micro_batch {', '.join(map(str, fitting[-4:]))}, or " if fitting else ""
+    raise MiniLlamaError(
+        f"batch.total_tokens {total_tokens:,} is not a multiple of micro_batch {micro_batch} x seq_len {seq_len} x "
+        f"{world_size} ranks = {per_micro_step:,}; use {suggestion}batch.total_tokens {nearby:,}"
+    )
+
+
 def micro_batch_candidates(total_tokens: int, seq_len: int, ranks: int) -> list[int]:
     """Micro-batches that make up `total_tokens` per step exactly on `ranks` ranks, largest first."""
     sequences, remainder = divmod(total_tokens, seq_len * ranks)
@@ -118,9 +134,8 @@ def fitting_micro_batch(model: ModelConfig, parallel: str, ranks: int, total_tok
                         activation_checkpointing: str, budget_bytes: int, float32: bool = False) -> MicroBatchChoice:
     """The largest micro-batch whose per-rank estimate fits `budget_bytes`. The activation estimate is for bf16
     autocast; `float32` training (a CPU) keeps its activations at twice the size."""
-    sequences = total_tokens // (seq_len * ranks)
     for micro_batch in micro_batch_candidates(total_tokens, seq_len, ranks):
-        accumulation = sequences // micro_batch
+        accumulation = gradient_accumulation_steps(total_tokens, micro_batch, seq_len, ranks)
         parts = training_bytes_per_rank(model, parallel, ranks, micro_batch, seq_len, activation_checkpointing, accumulation)
         estimate = parts["total"] + (parts["activations"] if float32 else 0)
         if estimate <= budget_bytes:
@@ -134,12 +149,12 @@ def backed_off(choice: MicroBatchChoice, try_step: Callable[[int], None], total_
                ranks: int) -> MicroBatchChoice:
     """`choice`, or the next smaller micro-batches in turn, until one forward/backward (`try_step`) runs without
     running out of memory: what the estimate cannot see (the allocator, a compiler's workspace) is found by trying."""
-    sequences = total_tokens // (seq_len * ranks)
     for micro_batch in [b for b in micro_batch_candidates(total_tokens, seq_len, ranks) if b <= choice.micro_batch]:
         try:
             try_step(micro_batch)
         except torch.OutOfMemoryError:
             continue
-        return dataclasses.replace(choice, micro_batch=micro_batch, accumulation=sequences // micro_batch)
+        return dataclasses.replace(choice, micro_batch=micro_batch,
+                                   accumulation=gradient_accumulation_steps(total_tokens, micro_batch, seq_len, ranks))
     raise MiniLlamaError("even micro_batch 1 runs out of memory in a forward/backward pass; shorten batch.seq_len, "
                          "--set activation_checkpointing=full, or shard the model with parallel = fsdp over more GPUs")

@@ -13,7 +13,7 @@ from minillama.device import autocast, memory_bytes
 from minillama.distributed import Distributed, smallest_over_ranks
 from minillama.errors import MiniLlamaError
 from minillama.train.config import TrainConfig
-from minillama.train.memory import MEMORY_SHARE, MicroBatchChoice, backed_off, fitting_micro_batch
+from minillama.train.memory import MEMORY_SHARE, MicroBatchChoice, backed_off, fitting_micro_batch, gradient_accumulation_steps
 from minillama.train.parallel import gradient_sync
 
 
@@ -64,5 +64,5 @@ def _forward_backward(step_model: torch.nn.Module, config: TrainConfig, device: 
 def _agreed(choice: MicroBatchChoice, config: TrainConfig, ctx: Distributed, device: torch.device) -> MicroBatchChoice:
     """The smallest of the ranks' choices on every rank: all of them step on the same batch shapes."""
     micro_batch = smallest_over_ranks(choice.micro_batch, ctx, device)
-    sequences = config.batch.total_tokens // (config.batch.seq_len * ctx.world_size)
-    return dataclasses.replace(choice, micro_batch=micro_batch, accumulation=sequences // micro_batch)
+    accumulation = gradient_accumulation_steps(config.batch.total_tokens, micro_batch, config.batch.seq_len, ctx.world_size)
+    return dataclasses.replace(choice, micro_batch=micro_batch, accumulation=accumulation)

@@ -8,14 +8,13 @@ import os
 import statistics
 from pathlib import Path
 
-from minillama.checkpoint import read_checkpoint_info
 from minillama.device import autocast_dtype, memory_bytes, peak_flops, pick_device
 from minillama.distributed import Distributed
 from minillama.errors import ArgumentError
-from minillama.layout import complete_checkpoints
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.train.config import TrainConfig
-from minillama.train.memory import MicroBatchChoice, training_bytes_per_rank
+from minillama.train import history
+from minillama.train.memory import MicroBatchChoice, gradient_accumulation_steps, training_bytes_per_rank
 from minillama.train.micro_batch import estimated_micro_batch, with_micro_batch
 
 MEASURED_STEPS = 5  # steps timed before the time left is told (the first, which compiles, is not one of them)
@@ -79,8 +78,7 @@ def dry_run(config: TrainConfig, tokens_per_s: float | None = None) -> str:
     if config.batch.micro_batch == "auto":
         choice = estimated_micro_batch(config, device, autocast_dtype(device, config.dtype), Distributed(world_size=1))
         config = with_micro_batch(config, choice.micro_batch)
-    saved = complete_checkpoints(Path(config.run_dir))
-    start = read_checkpoint_info(saved[-1]).metadata.get("step", 0) if saved else 0
+    start = history.newest_step(Path(config.run_dir)) or 0
     float32 = autocast_dtype(device, config.dtype) is None
     return summary(config, ranks, choice, memory_bytes(device), start, tokens_per_s, peak_flops(device), float32)
 
@@ -89,8 +87,7 @@ def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, me
             tokens_per_s: float | None, peak_flops: float | None, float32: bool = False) -> str:
     """The whole plan of a run, from arithmetic alone (`float32`: trained without autocast, as on a CPU)."""
     batch = config.batch
-    sequences = batch.total_tokens // (batch.seq_len * ranks)
-    accumulation = sequences // batch.micro_batch
+    accumulation = gradient_accumulation_steps(batch.total_tokens, batch.micro_batch, batch.seq_len, ranks)
     flops = training_flops_per_token(config.model, batch.seq_len)
     parts = training_bytes_per_rank(config.model, config.parallel, ranks, batch.micro_batch, batch.seq_len,
                                     config.activation_checkpointing, accumulation)
