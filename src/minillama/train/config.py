@@ -66,7 +66,10 @@ class OptimConfig(ConfigSection):
     muon_momentum: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.95  # Nesterov momentum of Muon
     muon_momentum_warmup_steps: Annotated[int, NON_NEGATIVE] = 0  # Muon's momentum rises linearly from muon_momentum_start over these steps
     muon_momentum_start: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.85  # where the momentum warmup starts (modded-nanogpt: 0.85)
+    muon_momentum_cooldown_steps: Annotated[int, NON_NEGATIVE] = 0  # and falls back to muon_momentum_start over the last steps before max_steps
     muon_weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # decoupled, times muon_lr (Muon's original recipe has none)
+    muon_cautious_weight_decay: bool = False  # decay only the weights the update already moves toward zero (Chen et al. 2025)
+    muon_orthogonalization: Literal["newton_schulz", "polar_express"] = "newton_schulz"  # polar_express: Amsel et al. 2025's per-iteration coefficients
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.1  # on 2-D weights only (matmuls, embeddings); norms are not decayed
     embedding_lr_multiplier: Annotated[float, ABOVE_ZERO] = 1.0  # AdamW's rate for the embedding (and an untied head), times lr
     norm_lr_multiplier: Annotated[float, ABOVE_ZERO] = 1.0  # AdamW's rate for the norm gains, times lr
@@ -141,6 +144,10 @@ class TrainConfig:
                                  f"sequence of batch.seq_len={self.batch.seq_len} tokens")
         if not self.optim.warmup_steps < self.optim.max_steps:
             raise MiniLlamaError(f"run config field 'optim.warmup_steps' is {self.optim.warmup_steps}; expected 0 <= it < optim.max_steps")
+        momentum_steps = self.optim.muon_momentum_warmup_steps + self.optim.muon_momentum_cooldown_steps
+        if momentum_steps > self.optim.max_steps:
+            raise MiniLlamaError(f"run config fields 'optim.muon_momentum_warmup_steps' + 'optim.muon_momentum_cooldown_steps' are "
+                                 f"{momentum_steps}; expected at most optim.max_steps={self.optim.max_steps}")
 
     @property
     def last_step(self) -> int:

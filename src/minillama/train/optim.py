@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from minillama.train.config import OptimConfig
+from minillama.train.muon import Muon
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.Optimizer | MuonWithAdamW:
@@ -19,10 +20,9 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device)
     if config.name == "adamw":
         return _adamw([p for _, p in named], config, device)
     muon_params = [p for name, p in named if name.startswith("layers.") and p.dim() == 2]
-    muon = torch.optim.Muon(
-        [{"params": muon_params, "muon": True}], lr=config.muon_lr, weight_decay=config.muon_weight_decay,
-        momentum=config.muon_momentum, nesterov=True, adjust_lr_fn="original",
-    )
+    muon = Muon([{"params": muon_params, "muon": True}], lr=config.muon_lr, momentum=config.muon_momentum,
+                weight_decay=config.muon_weight_decay, method=config.muon_orthogonalization,
+                cautious_weight_decay=config.muon_cautious_weight_decay)
     others = [p for name, p in named if not (name.startswith("layers.") and p.dim() == 2)]
     return MuonWithAdamW(muon, _adamw(others, config, device))
 
@@ -55,7 +55,7 @@ class MuonWithAdamW:
     """Two optimizers stepped as one: what the training loop, the fp16 gradient scaler (which reads param_groups
     and calls step) and checkpoints see."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
 
     @property
@@ -105,11 +105,17 @@ def learning_rate(step: int, config: OptimConfig) -> float:
 
 
 def muon_momentum(step: int, config: OptimConfig) -> float:
-    """Muon's momentum at `step`: from muon_momentum_start up to muon_momentum over the warmup steps, then constant
-    (modded-nanogpt's warmup: early gradients are noisy, and a long average of them slows the first steps)."""
-    if step >= config.muon_momentum_warmup_steps:
-        return config.muon_momentum
-    return config.muon_momentum_start + step / config.muon_momentum_warmup_steps * (config.muon_momentum - config.muon_momentum_start)
+    """Muon's momentum at `step`: from muon_momentum_start up to muon_momentum over the warmup steps, constant, then
+    back down to muon_momentum_start over the cooldown steps that end at max_steps (modded-nanogpt's schedule: early
+    gradients are noisy, and a long average of them slows the first steps; at the end of the decay, a shorter
+    average lets the last small steps follow the newest gradients)."""
+    start, peak = config.muon_momentum_start, config.muon_momentum
+    if step < config.muon_momentum_warmup_steps:
+        return start + step / config.muon_momentum_warmup_steps * (peak - start)
+    to_go = config.max_steps - step
+    if to_go < config.muon_momentum_cooldown_steps:
+        return start + max(0, to_go) / config.muon_momentum_cooldown_steps * (peak - start)
+    return peak
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer | MuonWithAdamW, step: int, config: OptimConfig) -> float:
