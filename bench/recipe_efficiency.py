@@ -1,16 +1,19 @@
 """Does a recipe reach the AdamW recipe's loss with fewer tokens? Small models, three real corpora, 3 seeds, and an
 ablation of the speedrun recipe's options.
 
-usage: python bench/recipe_efficiency.py [--steps 150] [--seeds 0 1 2] [--corpora shakespeare python docs]
+usage: python bench/recipe_efficiency.py [--steps 150] [--seeds 0 1 2] [--corpora shakespeare python docs] [--options ...]
+                                         [--threads N]
 Each corpus is split by position into train (80%), tune (10%) and validation (10%) text, and gets its own
 1024-token BPE vocabulary, trained on the train part. The baseline is the reference recipe scaled down (AdamW,
 betas 0.9/0.95, weight decay 0.1, warmup + cosine to 10%, clip 1.0) with its learning rate picked from a sweep by the
 loss on the tune split (seed 0); Muon's learning rate is swept the same way (with AdamW's parts at the tuned rate).
-The validation split is only ever reported. Recipes: the baseline; Muon + WSD; the speedrun recipe (Muon + WSD with
-momentum warmup 0.85 -> 0.95, zero-initialised output projections and a higher embedding rate); and the speedrun
-recipe with each of its options off in turn. Every run sees the same batches for the same seed. Prints one JSON
-line per run, then a summary per corpus: final validation loss (mean and spread over seeds) at equal tokens, and the
-tokens each recipe needs to reach the baseline's mean final validation loss.
+The validation split is only ever reported. Recipes: the baseline; Muon + WSD; the speedrun recipe (Muon + WSD
+with every option of `speedrun_options`: Muon's momentum warmup and cooldown, Polar Express, weight decay and its
+cautious form, a higher embedding rate, zero-initialised output projections, batch-size stages); and the speedrun
+recipe with each option off in turn. Every run of a seed draws its batches from the same generator. Prints one
+JSON line per run, then a summary per corpus: final validation loss (mean and spread over seeds) after the same
+steps (fewer tokens where batch stages shrink the first steps), and the tokens each recipe needs to reach the
+baseline's mean final validation loss, as a fraction of the baseline's tokens.
 Corpora: tiny shakespeare ($MINILLAMA_TEST_DATA), the Python standard library's own .py files, and the prose of
 Python's documentation topics as shipped with the interpreter (pydoc_data); the last two are on every machine.
 """
@@ -25,7 +28,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,73 +37,140 @@ import torch
 from minillama.config import ModelConfig
 from minillama.model import Transformer
 from minillama.tokenizer import train_tokenizer
-from minillama.train.config import OptimConfig
+from minillama.train.config import BatchConfig, OptimConfig
 from minillama.train.optim import build_optimizer, set_learning_rates, zero_output_projections
 
-MODEL = ModelConfig(dim=192, n_layers=4, n_heads=3, n_kv_heads=3, vocab_size=1024, multiple_of=64, max_seq_len=128)
+MODEL = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=1024, multiple_of=64, max_seq_len=128)
 BATCH, SEQ = 16, 128
 EVALS = 10  # validation-loss points per run, for the tokens-to-target curve
 BASELINE = OptimConfig(name="adamw", schedule="cosine", weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
 SWEEP = (1e-3, 3e-3, 6e-3)
 MUON_SWEEP = (0.01, 0.02, 0.04)
-# The speedrun recipe's options, each as (what it changes in the optimizer config, whether it zero-initialises).
-OPTIONS = {
-    "momentum warmup": ({"muon_momentum_warmup_steps": None}, False),  # None: a fifth of the steps, filled in below
-    "zero-init projections": ({}, True),
-    "embedding lr x2": ({"embedding_lr_multiplier": 2.0}, False),
-}
 
 
-def corpus_text(name: str) -> str:
+@dataclass(frozen=True)
+class Recipe:
+    optim: OptimConfig
+    zero_init: bool = False  # zero_init_projections
+    stages: tuple[tuple[int, int], ...] = ()  # batch.stages, in tokens
+    # Candidates, measured here before the trainer has them: shorter sequences first (the same tokens per step),
+    # windows that start at a document's BOS, attention kept inside documents.
+    seq_len_stages: tuple[tuple[int, int], ...] = ()  # (until_step, seq_len)
+    bos_windows: bool = False
+    document_masking: bool = False
+
+
+def speedrun_options(steps: int) -> dict[str, dict]:
+    """The speedrun recipe's options, each as the changes it makes to a Muon + WSD recipe (optimizer fields, or
+    the recipe's own); the schedule lengths are fractions of the run."""
+    return {
+        "momentum warmup": {"muon_momentum_warmup_steps": max(1, steps // 5)},
+        "momentum cooldown": {"muon_momentum_cooldown_steps": max(1, steps // 10)},
+        "polar express": {"muon_orthogonalization": "polar_express"},
+        "muon weight decay 0.1": {"muon_weight_decay": 0.1},
+        "cautious weight decay": {"muon_cautious_weight_decay": True},
+        "embedding lr x2": {"embedding_lr_multiplier": 2.0},
+        "zero-init projections": {"zero_init": True},
+        # a quarter of the batch for the first tenth of the steps, half until a quarter
+        "batch stages": {"stages": ((steps // 10, BATCH // 4 * SEQ), (steps // 4, BATCH // 2 * SEQ))},
+    }
+
+
+def candidates(steps: int) -> dict[str, dict]:
+    """Options added one at a time to the speedrun recipe (not yet in the trainer: each must win first)."""
+    return {
+        "sequence-length stages": {"seq_len_stages": ((steps // 10, SEQ // 4), (steps // 4, SEQ // 2))},
+        "BOS-aligned windows": {"bos_windows": True},
+        "BOS-aligned windows + document masking": {"bos_windows": True, "document_masking": True},
+    }
+
+
+def documents(name: str) -> list[str]:
+    """A corpus as its documents: tiny shakespeare's paragraphs (as `prepare --split-paragraphs` makes them), the
+    standard library's top-level modules (the first 1.5M characters' worth), the documentation's topics."""
     if name == "shakespeare":
-        return (Path(os.environ.get("MINILLAMA_TEST_DATA", "../shared/data")) / "tinyshakespeare.txt").read_text()
+        text = (Path(os.environ.get("MINILLAMA_TEST_DATA", "../shared/data")) / "tinyshakespeare.txt").read_text()
+        return [paragraph for paragraph in text.split("\n\n") if paragraph.strip()]
     if name == "docs":
         from pydoc_data.topics import topics  # the language reference's prose, as `help()` shows it
 
-        return "\n\n".join(topics[key] for key in sorted(topics))
+        return [topics[key] for key in sorted(topics)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py"))  # the top-level modules: about 6 MB of real, varied code
-    return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)[:1_500_000]
+    files = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))]
+    return [text for text, before in zip(files, np.cumsum([0] + [len(f) for f in files])) if before < 1_500_000]
 
 
 def splits(name: str, folder: Path) -> dict[str, np.ndarray]:
-    text = corpus_text(name)
-    cut_tune, cut_val = int(len(text) * 0.8), int(len(text) * 0.9)
-    (folder / f"{name}.train.txt").write_text(text[:cut_tune])
+    """Train (80%), tune (10%) and validation (10%) documents by position, each document as BOS + its tokens (as
+    `prepare` writes them)."""
+    docs = documents(name)
+    cut_tune, cut_val = int(len(docs) * 0.8), int(len(docs) * 0.9)
+    (folder / f"{name}.train.txt").write_text("\n\n".join(docs[:cut_tune]))
     tokenizer = train_tokenizer([folder / f"{name}.train.txt"], MODEL.vocab_size, folder / f"{name}.model")
-    encode = lambda part: np.array(tokenizer.sp.encode(part), dtype=np.int64)  # noqa: E731
-    return {"train": encode(text[:cut_tune]), "tune": encode(text[cut_tune:cut_val]), "val": encode(text[cut_val:])}
+    encode = lambda part: np.array([t for doc in part for t in tokenizer.encode(doc)], dtype=np.int64)  # noqa: E731
+    return {"train": encode(docs[:cut_tune]), "tune": encode(docs[cut_tune:cut_val]), "val": encode(docs[cut_val:]),
+            "bos": np.array(tokenizer.bos_id)}
 
 
-def loss_on(model: Transformer, tokens: np.ndarray, windows: int = 32) -> float:
+class Documents:
+    """Attention kept inside documents, given to the model where a KV cache's view goes: each token sees only the
+    earlier tokens of its own document (a new one starts at each BOS) and its rotary position counts from that
+    document's start, as when the document is given alone."""
+
+    def __init__(self, tokens: torch.Tensor, bos: int):
+        starts = tokens == bos
+        index = torch.arange(tokens.shape[1]).expand_as(tokens)
+        self.positions = index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+        document = starts.cumsum(1)
+        causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()
+        self.mask = ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return keys, values
+
+
+def loss_of(model: Transformer, batch: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """The mean next-token loss of (B, T+1) tokens; with `bos`, attention kept inside documents."""
+    logits, _ = model(batch[:, :-1], cache=Documents(batch[:, :-1], bos) if bos is not None else None)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+def loss_on(model: Transformer, tokens: np.ndarray, bos: int | None, windows: int = 32) -> float:
     """Mean loss over the first `windows` windows of SEQ tokens (a fixed set)."""
     starts = np.arange(windows) * SEQ
-    batch = torch.from_numpy(np.stack([tokens[s : s + SEQ + 1] for s in starts]))
     with torch.no_grad():
-        return model.eval()(batch[:, :-1], batch[:, 1:])[1].item()
+        return loss_of(model.eval(), torch.from_numpy(np.stack([tokens[s : s + SEQ + 1] for s in starts])), bos).item()
 
 
-def run(data: dict[str, np.ndarray], optim: OptimConfig, seed: int, steps: int, held_out: str, zero_init: bool = False) -> dict:
+def run(data: dict[str, np.ndarray], recipe: Recipe, seed: int, steps: int, held_out: str) -> dict:
+    """Train the bench model with `recipe` for `steps` steps; the held-out loss at EVALS points, by tokens seen."""
     torch.manual_seed(seed)
     model = Transformer(MODEL)
-    if zero_init:
+    if recipe.zero_init:
         zero_output_projections(model)
+    optim = recipe.optim
     optimizer = build_optimizer(model, optim, torch.device("cpu"))
+    batch = BatchConfig(total_tokens=BATCH * SEQ, micro_batch=BATCH, seq_len=SEQ, stages=list(recipe.stages))
+    bos = int(data["bos"]) if recipe.document_masking else None
+    bos_starts = np.flatnonzero(data["train"][: -SEQ - 1] == data["bos"])
     batches = np.random.default_rng(seed)
-    curve, started = [], time.perf_counter()
+    curve, tokens, started = [], 0, time.perf_counter()
     for step in range(steps):
         model.train()
-        starts = batches.integers(0, len(data["train"]) - SEQ - 1, BATCH)
-        batch = torch.from_numpy(np.stack([data["train"][s : s + SEQ + 1] for s in starts]))
-        _, loss = model(batch[:, :-1], batch[:, 1:])
+        seq_len = next((length for until, length in recipe.seq_len_stages if step < until), SEQ)
+        count = batch.tokens_at(step) // seq_len
+        starts = (batches.choice(bos_starts, count) if recipe.bos_windows
+                  else batches.integers(0, len(data["train"]) - seq_len - 1, count))
+        loss = loss_of(model, torch.from_numpy(np.stack([data["train"][s : s + seq_len + 1] for s in starts])), bos)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         set_learning_rates(optimizer, step, optim)
         optimizer.step()
+        tokens += count * seq_len
         if (step + 1) % max(1, steps // EVALS) == 0 or step == steps - 1:
-            curve.append(((step + 1) * BATCH * SEQ, loss_on(model, data[held_out])))
-    return {"final": curve[-1][1], "curve": curve, "seconds": time.perf_counter() - started}
+            curve.append((tokens, loss_on(model, data[held_out], bos)))
+    return {"final": curve[-1][1], "curve": curve, "tokens": tokens, "seconds": time.perf_counter() - started}
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -119,28 +189,29 @@ def swept(data: dict[str, np.ndarray], make: Callable[[float], OptimConfig], gri
     todo = list(grid)
     while todo:
         for value in todo:
-            losses[value] = run(data, make(value), seed, steps, "tune")["final"]
+            losses[value] = run(data, Recipe(make(value)), seed, steps, "tune")["final"]
             print(json.dumps({"corpus": corpus, f"sweep_{label}": value, "tune_loss": round(losses[value], 4)}), flush=True)
         best, tried = min(losses, key=losses.get), sorted(losses)
         todo = [best / 2] if best == tried[0] else [best * 2] if best == tried[-1] else []
     return min(losses, key=losses.get)
 
 
-def recipes(lr: float, muon_lr: float, steps: int) -> dict[str, tuple[OptimConfig, bool]]:
+def recipes(lr: float, muon_lr: float, steps: int, chosen: list[str], tried: list[str]) -> dict[str, Recipe]:
+    """The baseline, Muon + WSD, the speedrun recipe (Muon + WSD with every chosen option), the speedrun recipe
+    with each of its options off in turn, and with each tried candidate added."""
     schedule = dict(max_steps=steps, warmup_steps=max(1, steps // 15))
     adamw = replace(BASELINE, lr=lr, min_lr=lr / 10, **schedule)
     muon = replace(adamw, name="muon", schedule="wsd", muon_lr=muon_lr)
+    options = {name: changes for name, changes in speedrun_options(steps).items() if name in chosen}
 
-    def speedrun(without: str | None = None) -> tuple[OptimConfig, bool]:
-        fields, zero_init = {}, False
-        for option, (changes, zeroes) in OPTIONS.items():
-            if option != without:
-                fields.update({k: (v if v is not None else max(1, steps // 5)) for k, v in changes.items()})
-                zero_init |= zeroes
-        return replace(muon, **fields), zero_init
+    def speedrun(without: str | None = None, added: dict | None = None) -> Recipe:
+        changes = {k: v for name, option in options.items() if name != without for k, v in option.items()} | (added or {})
+        own = {k: changes.pop(k) for k in [f.name for f in fields(Recipe)] if k in changes}
+        return Recipe(replace(muon, **changes), **own)
 
-    return {"adamw+cosine": (adamw, False), "muon+wsd": (muon, False), "speedrun": speedrun(),
-            **{f"speedrun without {option}": speedrun(option) for option in OPTIONS}}
+    return {"adamw+cosine": Recipe(adamw), "muon+wsd": Recipe(muon), "speedrun": speedrun(),
+            **{f"speedrun without {option}": speedrun(without=option) for option in options},
+            **{f"speedrun with {name}": speedrun(added=changes) for name, changes in candidates(steps).items() if name in tried}}
 
 
 def main() -> None:
@@ -148,8 +219,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--corpora", nargs="+", default=["shakespeare", "python", "docs"])
+    parser.add_argument("--options", nargs="+", default=list(speedrun_options(1)), help="the speedrun recipe's options")
+    parser.add_argument("--candidates", nargs="*", default=list(candidates(1)), help="options tried on top of the recipe")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="1 per corpus when running corpora side by side")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     schedule = dict(max_steps=args.steps, warmup_steps=max(1, args.steps // 15))
     total = args.steps * BATCH * SEQ
     with tempfile.TemporaryDirectory() as folder:
@@ -159,9 +233,9 @@ def main() -> None:
             muon_lr = swept(data, lambda v: replace(BASELINE, name="muon", schedule="wsd", lr=lr, min_lr=lr / 10, muon_lr=v, **schedule),
                             MUON_SWEEP, args.seeds[0], args.steps, "muon_lr", corpus)
             results: dict[str, list[dict]] = {}
-            for name, (optim, zero_init) in recipes(lr, muon_lr, args.steps).items():
+            for name, recipe in recipes(lr, muon_lr, args.steps, args.options, args.candidates).items():
                 for seed in args.seeds:
-                    result = run(data, optim, seed, args.steps, "val", zero_init)
+                    result = run(data, recipe, seed, args.steps, "val")
                     results.setdefault(name, []).append(result)
                     print(json.dumps({"corpus": corpus, "recipe": name, "seed": seed, "final_val_loss": round(result["final"], 4),
                                       "seconds": round(result["seconds"], 1)}), flush=True)
@@ -172,6 +246,7 @@ def main() -> None:
                 needed = tokens_to_reach(mean_curve, target)
                 finals = [r["final"] for r in runs]
                 summary[name] = {"final_val_loss": round(statistics.mean(finals), 4), "spread": round(max(finals) - min(finals), 4),
+                                 "tokens": runs[0]["tokens"],
                                  "tokens_to_adamw_final": needed and round(needed), "ratio": needed and round(needed / total, 3)}
             print(json.dumps({"corpus": corpus, "tokens_per_run": total, "tuned_adamw_lr": lr, "tuned_muon_lr": muon_lr,
                               "model": f"dim {MODEL.dim}, {MODEL.n_layers} layers", "recipes": summary, "goal": "speedrun ratio <= 0.25"}),

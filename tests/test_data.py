@@ -323,6 +323,24 @@ def test_a_step_reads_the_same_windows_however_ranks_and_micro_batches_split_it(
         assert first + step_windows(data_dir, 5, 2, 2, windows_per_step=12, state=json.loads(json.dumps(state)))[0] == expected
 
 
+def test_growing_steps_take_the_next_windows_of_the_order_and_end_an_epoch_only_between_steps(tmp_path):
+    """A batch-size schedule (batch.stages): steps of 6 windows read what a run of steps of 6 reads; a step of 12
+    that no longer fits the epoch (54 windows) starts the next, as a run of steps of 12 does; a resume in between
+    continues the same."""
+    data_dir = numbered_tokens(tmp_path, [200, 150, 90])
+
+    def step(loader, windows):
+        loader.set_step_windows(windows)
+        return sorted(w for _ in range(windows // 3) for w in next(loader)[0][:, 0].tolist())
+
+    staged, steady = TrainLoader(data_dir, 3, 8, seed=5, windows_per_step=12), TrainLoader(data_dir, 3, 8, seed=5, windows_per_step=6)
+    assert [step(staged, 6) for _ in range(8)] == [step(steady, 6) for _ in range(8)]  # 48 of the epoch's 54 windows
+    resumed = TrainLoader(data_dir, 3, 8, seed=5, windows_per_step=12)
+    resumed.load_state_dict(json.loads(json.dumps(staged.state_dict())))
+    twelve, _ = step_windows(data_dir, 6, world_size=1, batch=3, windows_per_step=12)  # 4 steps per epoch of 54
+    assert [step(staged, 12) for _ in range(2)] == [step(resumed, 12) for _ in range(2)] == twelve[4:6]
+
+
 def test_validation_set_does_not_depend_on_world_size(tmp_path):
     data_dir = numbered_tokens(tmp_path, [100, 100], val=[90, 60])
     one = sorted(x[:, 0].tolist() for x, _ in validation_batches(data_dir, 4, 8, total_tokens=120))

@@ -51,7 +51,8 @@ SPEEDRUN_OPTIONS = ["optim.muon_momentum_warmup_steps=10", "optim.muon_momentum_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd", "optim.decay_fraction=0.5", *SPEEDRUN_OPTIONS]],
+@pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd", "optim.decay_fraction=0.5", *SPEEDRUN_OPTIONS,
+                                         "batch.stages=[[12, 256]]"]],  # resumed at step 8, inside the stage
                          ids=["adamw", "muon"])
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer, recipe):
     overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=14", "model.dropout=0.1", *recipe)
@@ -92,7 +93,8 @@ def test_sigterm_saves_the_last_finished_step_and_the_resume_equals_an_uninterru
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is not set up on Windows runners")
-@pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd", *SPEEDRUN_OPTIONS]], ids=["adamw", "muon"])
+@pytest.mark.parametrize("recipe", [[], ["optim.name=muon", "optim.schedule=wsd", *SPEEDRUN_OPTIONS, "batch.stages=[[3, 512]]"]],
+                         ids=["adamw", "muon"])
 def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, data_dir, tokenizer, recipe):
     hellaswag = write_examples(tmp_path / "hellaswag.jsonl", 7)  # odd: the two ranks score 4 and 3 examples
     common = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=5", "batch.total_tokens=1024", "checkpoint.interval=1000",
@@ -108,6 +110,8 @@ def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, 
     double, double_records = train_losses(two / "run")
     assert [r["accumulation"] for r in single_records if r["kind"] == "run"] == [4]
     assert [r["accumulation"] for r in double_records if r["kind"] == "run"] == [2]
+    expected_tokens = [512, 512, 512, 1024, 1024] if recipe else [1024] * 5  # batch.stages: 512 before step 3
+    assert [r["tokens"] for r in double_records if r["kind"] == "train"] == expected_tokens
     assert len(single) == len(double) == 5
     tolerance = 1e-5
     assert max(abs(a - b) for a, b in zip(single, double)) < tolerance
@@ -117,6 +121,20 @@ def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, 
     assert [(r["hellaswag_examples"], r["hellaswag_acc_norm"]) for r in evals_single] == \
         [(r["hellaswag_examples"], r["hellaswag_acc_norm"]) for r in evals_double]
     assert evals_double[0]["hellaswag_examples"] == 7
+
+
+def test_batch_stages_give_each_step_its_tokens_and_the_plan_counts_them():
+    from minillama.train.config import BatchConfig
+    from minillama.train.plan import plan_line
+
+    batch = BatchConfig(total_tokens=1024, seq_len=64, stages=[(3, 256), (5, 512)])
+    assert [batch.tokens_at(step) for step in range(7)] == [256, 256, 256, 512, 512, 1024, 1024]
+    assert batch.tokens_between(0, 7) == 3 * 256 + 2 * 512 + 2 * 1024
+    assert batch.tokens_between(4, 6) == 512 + 1024 and batch.tokens_between(6, 6) == 0
+    config = load_train_config("configs/tiny.toml", ["batch.total_tokens=1024", "batch.seq_len=64", "batch.micro_batch=4",
+                                                     "batch.stages=[[3, 256], [5, 512]]", "optim.max_steps=7", "optim.warmup_steps=1"])
+    assert plan_line(config, 4) == "plan: 2.6k tokens in 3 steps of 1,024 (512 before step 5) (steps 4 to 6 of 7)"
+    assert load_train_config(None, ["batch.stages=[[200, 131072]]"]).batch.stages == [(200, 131_072)]
 
 
 def test_batch_arithmetic_error_proposes_valid_values():

@@ -57,8 +57,8 @@ class TrainLoader:
     windows, so ranks see disjoint windows and their union is what one process would see with world_size times
     the batch. An optimizer step takes the next `windows_per_step` windows of the order (an epoch ends only between
     steps), so however the ranks and micro-steps split them, a step sees the same windows: a run may resume on
-    another number of ranks or another micro-batch. The state is the same on every rank: (epoch, windows consumed),
-    plus the seed.
+    another number of ranks or another micro-batch. A batch-size schedule changes `windows_per_step` between steps
+    (`set_step_windows`). The state is the same on every rank: (epoch, windows consumed), plus the seed.
     """
 
     def __init__(self, data_dir: Path, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
@@ -70,10 +70,8 @@ class TrainLoader:
         self.n_shards = len(split_entries(self.manifest, split))
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.seed, self.shuffle, self.split = seed, shuffle, split
-        self.windows_per_step = windows_per_step or batch_size * world_size
-        if self.windows_per_step % (batch_size * world_size):
-            raise ValueError(f"windows_per_step {self.windows_per_step} is not a multiple of {batch_size} x {world_size}")
-        self.epoch, self.position = 0, 0
+        self.set_step_windows(windows_per_step or batch_size * world_size)  # the largest step: _begin_epoch checks it fits
+        self.epoch, self.position, self.step_left = 0, 0, 0
         self._buffer = np.empty((batch_size, seq_len + 1), dtype=np.int64)
         self._begin_epoch()
 
@@ -90,19 +88,27 @@ class TrainLoader:
             )
         self.window_order = rng.permutation(n_windows).astype(np.int64) if self.shuffle else np.arange(n_windows)
 
+    def set_step_windows(self, windows: int) -> None:
+        """Windows in each optimizer step from the next one on."""
+        if windows % (self.batch_size * self.world_size):
+            raise ValueError(f"windows_per_step {windows} is not a multiple of {self.batch_size} x {self.world_size}")
+        self.windows_per_step = windows
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         group = self.batch_size * self.world_size
-        step_begins = self.position % self.windows_per_step == 0
-        if step_begins and self.position + self.windows_per_step > len(self.window_order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._begin_epoch()
+        if self.step_left == 0:  # a step begins
+            if self.position + self.windows_per_step > len(self.window_order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._begin_epoch()
+            self.step_left = self.windows_per_step
         mine = self.window_order[self.position + self.rank * self.batch_size :][: self.batch_size]
         for row, window in enumerate(mine.tolist()):
             self.stream.read(self.offset + window * self.seq_len, self.seq_len + 1, self._buffer[row])
         self.position += group
+        self.step_left -= group
         batch = torch.from_numpy(self._buffer.copy())
         return batch[:, :-1], batch[:, 1:]
 
@@ -115,16 +121,9 @@ class TrainLoader:
         for key, value in expected.items():
             if state[key] != value:
                 raise MiniLlamaError(f"the checkpoint's data position was saved with {key}={state[key]}, this run has {value}")
-        # total_tokens and seq_len are fixed on resume, so windows per step are too; the split into ranks and
-        # micro-batches may change.
-        saved_per_step = state.get("windows_per_step", self.windows_per_step)  # (not saved before it was needed)
-        if saved_per_step != self.windows_per_step:
-            raise MiniLlamaError(f"the checkpoint's data position was saved with {saved_per_step} sequences per optimizer step; "
-                                 f"this run has {self.windows_per_step}")
-        if state["position"] % self.windows_per_step:
-            raise MiniLlamaError(f"the checkpoint's data position ({state['position']}) is not at an optimizer step's start; "
-                                 "the checkpoint is damaged")
-        self.epoch, self.position = state["epoch"], state["position"]
+        # Checkpoints are taken between steps, and the batch schedule (total_tokens, stages, seq_len) is fixed on
+        # resume, so the position is a step's start; the split into ranks and micro-batches may change.
+        self.epoch, self.position, self.step_left = state["epoch"], state["position"], 0
         self._begin_epoch()
 
 

@@ -49,6 +49,35 @@ class BatchConfig(ConfigSection):
     total_tokens: PositiveInt = 524_288  # tokens per optimizer step (2**19, about 0.5M as in GPT-3 small), all ranks together
     micro_batch: PositiveInt | Literal["auto"] = 64  # sequences per forward pass per rank ("auto": the most that fit); accumulation makes up the rest
     seq_len: PositiveInt = 1024  # tokens per sequence
+    stages: list[tuple[int, int]] = field(default_factory=list)  # [[until_step, tokens], ...]: smaller steps before those steps (batch-size warmup)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        pairs = [stage for stage in self.stages if len(stage) == 2 and all(isinstance(n, int) and n > 0 for n in stage)]
+        steps, sizes = [until for until, _ in pairs], [tokens for _, tokens in pairs] + [self.total_tokens]
+        if (len(pairs) < len(self.stages) or steps != sorted(set(steps)) or sizes != sorted(set(sizes))
+                or any(tokens % self.seq_len for tokens in sizes[:-1])):
+            raise MiniLlamaError(
+                f"run config field 'batch.stages' is {json.dumps(self.stages)}; expected [[until_step, tokens], ...] with "
+                f"until_step and tokens rising, tokens multiples of batch.seq_len={self.seq_len} and below "
+                f"batch.total_tokens={self.total_tokens}, e.g. [[200, {self.total_tokens // 4 // self.seq_len * self.seq_len}]]")
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens in optimizer step `step` (counted from 0): its stage's, else total_tokens."""
+        return next((tokens for until, tokens in self.stages if step < until), self.total_tokens)
+
+    def tokens_between(self, first: int, last: int) -> int:
+        """Tokens in steps first..last-1."""
+        total, step = 0, first
+        for until, tokens in self.stages:
+            if min(until, last) > step:
+                total, step = total + (min(until, last) - step) * tokens, min(until, last)
+        return total + max(0, last - step) * self.total_tokens
+
+    @property
+    def step_sizes(self) -> list[int]:
+        """Every number of tokens a step may have, smallest first."""
+        return [tokens for _, tokens in self.stages] + [self.total_tokens]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from minillama.train.config import TrainConfig, config_to_toml, load_train_confi
 
 # Fields a resume must keep: the checkpoint's weights, optimizer state and data position only mean something
 # for the same model, tokenizer and batch arithmetic; ddp and fsdp store optimizer state in different formats.
-FIXED_ON_RESUME = ("model.", "model_preset", "data.tokenizer", "data.dir", "batch.total_tokens", "batch.seq_len", "optim.name",
+FIXED_ON_RESUME = ("model.", "model_preset", "data.tokenizer", "data.dir", "batch.total_tokens", "batch.seq_len", "batch.stages", "optim.name",
                    "parallel")
 
 
@@ -46,7 +46,7 @@ def check_resume_config(run_dir: Path, config: TrainConfig) -> dict[str, tuple[A
         key, (before, now) = next(iter(fixed.items()))
         raise MiniLlamaError(
             f"{run_dir} was trained with {key} = {before!r}, this config gives {now!r}: a resume must keep the model, "
-            "tokenizer, data, batch (total_tokens, seq_len), optimizer and parallel; use another run_dir for a new run"
+            "tokenizer, data, batch (total_tokens, seq_len, stages), optimizer and parallel; use another run_dir for a new run"
         )
     return changes
 

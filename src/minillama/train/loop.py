@@ -92,7 +92,7 @@ def _train(run: Run) -> dict[str, Any]:
             last = train_step(run)
             _log_step(run, last)
             state.step += 1
-            if time_left.timed(state.step, last["step_time_s"]):
+            if time_left.timed(state.step, last["tokens_per_s"]):
                 run.logger.say(time_left.line(state.step))
             stopping = any_rank(signals.received is not None, run.ctx, run.device)
             if stopping or state.step % config.checkpoint.interval == 0 or state.step == config.last_step:
@@ -132,12 +132,15 @@ def train_step(run: Run) -> dict[str, Any]:
     started = time.perf_counter()
     run.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
-    for micro_step in range(run.accumulation):
+    tokens = config.batch.tokens_at(run.state.step)
+    accumulation = gradient_accumulation_steps(tokens, config.batch.micro_batch, config.batch.seq_len, run.ctx.world_size)
+    run.loader.set_step_windows(tokens // config.batch.seq_len)
+    for micro_step in range(accumulation):
         x, y = (t.to(device, non_blocking=True) for t in next(run.loader))
-        with gradient_sync(run.step_model, sync=micro_step == run.accumulation - 1):
+        with gradient_sync(run.step_model, sync=micro_step == accumulation - 1):
             with autocast(device, run.precision):
                 _, loss = run.step_model(x, y)
-            loss = loss / run.accumulation  # the gradient of the mean over all micro-batches
+            loss = loss / accumulation  # the gradient of the mean over all micro-batches
             loss_sum += loss.detach()
             run.scaler.scale(loss).backward()
     all_reduce_mean(loss_sum, run.ctx)
@@ -155,13 +158,13 @@ def train_step(run: Run) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"kind": "train", "step": run.state.step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
-            "step_time_s": time.perf_counter() - started}
+            "tokens": tokens, "step_time_s": time.perf_counter() - started}
 
 
 def _log_step(run: Run, record: dict[str, Any]) -> None:
     config, state = run.config, run.state
-    state.tokens_seen += config.batch.total_tokens
-    tokens_per_s = config.batch.total_tokens / record["step_time_s"]
+    state.tokens_seen += record["tokens"]
+    tokens_per_s = record["tokens"] / record["step_time_s"]
     record.update(tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s, time=time.time())
     if run.device.type == "cuda":
         record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(run.device)  # since the run began, this rank
@@ -212,6 +215,8 @@ def open_run(config: TrainConfig, resume: str, ctx: Distributed) -> Iterator[Run
         if ctx.is_main:
             print(choice.describe())
     changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
+    for tokens in config.batch.step_sizes[:-1]:  # every stage's batch is checked now, before any work
+        gradient_accumulation_steps(tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size, "batch.stages")
     accumulation = gradient_accumulation_steps(config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size)
     optimizer = build_optimizer(model, config.optim, device)  # after parallelize: FSDP replaces the parameters
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)

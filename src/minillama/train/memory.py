@@ -106,8 +106,10 @@ class MicroBatchChoice:
                 f"{self.estimate_bytes / 2**30:,.1f} GiB per rank of a {self.budget_bytes / 2**30:,.1f} GiB budget)")
 
 
-def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
-    """Micro-steps per optimizer step; refuses a total batch that micro-batches cannot make up exactly."""
+def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: int, world_size: int,
+                                field: str = "batch.total_tokens") -> int:
+    """Micro-steps per optimizer step; refuses a total batch (of the config's `field`) that micro-batches cannot
+    make up exactly."""
     per_micro_step = micro_batch * seq_len * world_size
     if total_tokens % per_micro_step == 0:
         return total_tokens // per_micro_step
@@ -116,8 +118,8 @@ def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: in
     nearby = max(per_micro_step, round(total_tokens / per_micro_step) * per_micro_step)
     suggestion = f"micro_batch {', '.join(map(str, fitting[-4:]))}, or " if fitting else ""
     raise MiniLlamaError(
-        f"batch.total_tokens {total_tokens:,} is not a multiple of micro_batch {micro_batch} x seq_len {seq_len} x "
-        f"{world_size} ranks = {per_micro_step:,}; use {suggestion}batch.total_tokens {nearby:,}"
+        f"{field} {total_tokens:,} is not a multiple of micro_batch {micro_batch} x seq_len {seq_len} x "
+        f"{world_size} ranks = {per_micro_step:,}; use {suggestion}{field} {nearby:,}"
     )
 
 

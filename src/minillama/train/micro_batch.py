@@ -5,6 +5,7 @@ accumulation makes up batch.total_tokens exactly, so the recipe is unchanged."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -29,7 +30,7 @@ def estimated_micro_batch(config: TrainConfig, device: torch.device, precision: 
         raise MiniLlamaError(f"batch.micro_batch = \"auto\" needs to know how much memory {device} has, and it cannot be told "
                              "here; set a number, e.g. --set batch.micro_batch=16")
     budget = int(available * MEMORY_SHARE.get(device.type, MEMORY_SHARE["cuda"]))
-    choice = fitting_micro_batch(config.model, config.parallel, ctx.world_size, config.batch.total_tokens, config.batch.seq_len,
+    choice = fitting_micro_batch(config.model, config.parallel, ctx.world_size, _every_step(config), config.batch.seq_len,
                                  config.activation_checkpointing, budget, float32=precision is None)
     return _agreed(choice, config, ctx, device)
 
@@ -41,9 +42,14 @@ def tried_micro_batch(choice: MicroBatchChoice, config: TrainConfig, step_model:
     or alone; under fsdp every pass gathers weights from all ranks, so the estimate alone decides."""
     if device.type != "cuda" or config.parallel == "fsdp":
         return choice
-    tried = backed_off(choice, _forward_backward(step_model, config, device, precision), config.batch.total_tokens,
+    tried = backed_off(choice, _forward_backward(step_model, config, device, precision), _every_step(config),
                        config.batch.seq_len, ctx.world_size)
     return _agreed(tried, config, ctx, device)
+
+
+def _every_step(config: TrainConfig) -> int:
+    """The largest batch every step's is a multiple of: a micro-batch that makes it up exactly makes up each stage."""
+    return math.gcd(*config.batch.step_sizes)
 
 
 def _forward_backward(step_model: torch.nn.Module, config: TrainConfig, device: torch.device,

@@ -36,10 +36,11 @@ def duration(seconds: float) -> str:
 
 def plan_line(config: TrainConfig, start_step: int) -> str:
     """What is left of the run, before its first step."""
-    steps = config.last_step - start_step
-    total = steps * config.batch.total_tokens
-    return (f"plan: {abbreviated(total)} tokens in {steps:,} steps of {config.batch.total_tokens:,} (steps {start_step:,} to "
-            f"{config.last_step - 1:,} of {config.optim.max_steps:,})")
+    steps, batch = config.last_step - start_step, config.batch
+    total = batch.tokens_between(start_step, config.last_step)
+    staged = [f"{tokens:,} before step {until:,}" for until, tokens in batch.stages if until > start_step]
+    return (f"plan: {abbreviated(total)} tokens in {steps:,} steps of {batch.total_tokens:,}" + (f" ({', '.join(staged)})" if staged else "")
+            + f" (steps {start_step:,} to {config.last_step - 1:,} of {config.optim.max_steps:,})")
 
 
 class TimeLeft:
@@ -48,21 +49,21 @@ class TimeLeft:
 
     def __init__(self, first_step: int, config: TrainConfig):
         self.first_step, self.config = first_step, config
-        self.step_times_s: list[float] = []
+        self.speeds: list[float] = []  # tokens per second
 
-    def timed(self, step: int, step_time_s: float) -> bool:
-        """Take the time of the step that ended at `step`; True when the time left is ready to tell."""
-        if step <= self.first_step + 1 or len(self.step_times_s) == MEASURED_STEPS:
+    def timed(self, step: int, tokens_per_s: float) -> bool:
+        """Take the speed of the step that ended at `step`; True when the time left is ready to tell."""
+        if step <= self.first_step + 1 or len(self.speeds) == MEASURED_STEPS:
             return False
-        self.step_times_s.append(step_time_s)
-        return len(self.step_times_s) == MEASURED_STEPS and step < self.config.last_step
+        self.speeds.append(tokens_per_s)
+        return len(self.speeds) == MEASURED_STEPS and step < self.config.last_step
 
     def line(self, step: int) -> str:
         """The time left at the median speed of the timed steps, and when the run will be done."""
-        step_s, steps_left = statistics.median(self.step_times_s), self.config.last_step - step
-        left = step_s * steps_left
+        speed, steps_left = statistics.median(self.speeds), self.config.last_step - step
+        left = self.config.batch.tokens_between(step, self.config.last_step) / speed
         finish = datetime.datetime.now() + datetime.timedelta(seconds=left)
-        return (f"at {abbreviated(self.config.batch.total_tokens / step_s)} tok/s (median of {len(self.step_times_s)} steps) the "
+        return (f"at {abbreviated(speed)} tok/s (median of {len(self.speeds)} steps) the "
                 f"{steps_left:,} steps left take about {duration(left)}: done around {finish:%Y-%m-%d %H:%M}")
 
 
@@ -87,6 +88,8 @@ def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, me
             tokens_per_s: float | None, peak_flops: float | None, float32: bool = False) -> str:
     """The whole plan of a run, from arithmetic alone (`float32`: trained without autocast, as on a CPU)."""
     batch = config.batch
+    for tokens in batch.step_sizes[:-1]:  # as training does: every stage must be made up exactly
+        gradient_accumulation_steps(tokens, batch.micro_batch, batch.seq_len, ranks, "batch.stages")
     accumulation = gradient_accumulation_steps(batch.total_tokens, batch.micro_batch, batch.seq_len, ranks)
     flops = training_flops_per_token(config.model, batch.seq_len)
     parts = training_bytes_per_rank(config.model, config.parallel, ranks, batch.micro_batch, batch.seq_len,
@@ -94,7 +97,6 @@ def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, me
     if float32:  # activations at twice their bf16 size
         parts["total"] += parts["activations"]
         parts["activations"] *= 2
-    steps = config.last_step - start_step
     lines = [
         f"model: {config.model_preset}, {count_parameters(config.model)['total']:,} parameters, {abbreviated(flops)} FLOPs per "
         f"token to train (6 per weight, plus attention at seq_len {batch.seq_len})",
@@ -108,7 +110,8 @@ def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, me
     speed, how = (tokens_per_s, "at the given speed") if tokens_per_s else (
         (0.4 * peak_flops * ranks / flops, "at 40% of this GPU's peak bf16 FLOPs") if peak_flops else (None, ""))
     if speed:
-        lines.append(f"time: about {duration(steps * batch.total_tokens / speed)} at {abbreviated(speed)} tok/s ({how})")
+        lines.append(f"time: about {duration(batch.tokens_between(start_step, config.last_step) / speed)} at {abbreviated(speed)} "
+                     f"tok/s ({how})")
     else:
         lines.append("time: pass --tokens-per-s N (e.g. a measured speed; docs/benchmarks.md has the H200's) for an estimate")
     return "\n".join(lines)

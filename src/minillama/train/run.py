@@ -46,7 +46,7 @@ class Run:
     precision: torch.dtype | None  # autocast dtype; None: float32
     tokenizer: Tokenizer
     data_dir: Path
-    accumulation: int  # micro-steps per optimizer step
+    accumulation: int  # micro-steps per optimizer step (of batch.total_tokens, after any smaller stages)
     model: Transformer  # the weights (sharded under fsdp); sampling and HellaSwag call it directly (ddp)
     compiled: torch.nn.Module  # `model` compiled (or itself; under fsdp a plain view of the gathered weights): validation loss
     step_model: torch.nn.Module  # `compiled` under DDP (or itself): what the micro-steps call
