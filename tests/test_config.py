@@ -1,5 +1,6 @@
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,11 @@ def test_train_help_explains_every_run_config_field_with_its_default(capsys):
     assert all(note and not note.startswith(("=", "(")) for _, note in described.values()), described
     assert described["optim.lr"][0] == "0.0006" and described["batch.total_tokens"][0] == "524288"
     assert described["eval.hellaswag_file"] == ("(none)", "local HellaSwag jsonl; None: download the official validation file")
+
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_its_saved_form_reads_back_equal(path, tmp_path):
+    config = load_train_config(path)
+    (tmp_path / "saved.toml").write_text(config_to_toml(config))
+    assert load_train_config(tmp_path / "saved.toml") == config

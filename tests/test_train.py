@@ -500,6 +500,16 @@ def test_auto_micro_batch_picks_the_largest_that_fits_the_estimate_and_keeps_the
         fitting_micro_batch(model, "ddp", 1, 524_288, 1024, "none", 2**30)
 
 
+def test_auto_micro_batch_makes_up_every_batch_stage_exactly(tmp_path, data_dir, tokenizer, monkeypatch):
+    from minillama.distributed import Distributed
+    from minillama.train import micro_batch
+
+    monkeypatch.setattr(micro_batch, "memory_bytes", lambda device: 2**40)  # memory is no limit: divisibility decides
+    for stages, expected in [("[]", 8), ("[[3, 256]]", 4), ("[[3, 192]]", 1)]:  # steps of 8 sequences; stages of 4, of 3
+        config = load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "batch.micro_batch=auto", f"batch.stages={stages}"))
+        assert micro_batch.estimated_micro_batch(config, torch.device("cpu"), None, Distributed(world_size=1)).micro_batch == expected
+
+
 def test_auto_micro_batch_backs_off_while_a_pass_runs_out_of_memory():
     from minillama.train.memory import MicroBatchChoice, backed_off
 
