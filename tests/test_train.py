@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import resource
@@ -15,7 +16,7 @@ from minillama.checkpoint import read_checkpoint_info
 from minillama.data.shards import read_manifest
 from minillama.errors import MiniLlamaError
 from minillama.files import DirectoryLock
-from minillama.config import ModelConfig
+from minillama.config import ModelConfig, to_dict
 from minillama.model import Transformer
 from minillama.train.config import OptimConfig, load_train_config
 from minillama.train.loop import train
@@ -69,6 +70,8 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer,
     assert resumed == expected  # bit for bit: same weights, optimizer, data position and dropout RNG
     kept = sorted(p.name for p in (killed / "run" / "checkpoints").iterdir())
     assert kept == ["step_0000012", "step_0000014"]  # keep_last=2, the final step always saved
+    saved = json.loads((killed / "run" / "checkpoints" / "step_0000014" / "config.json").read_text())["metadata"]["run_config"]
+    assert saved == json.loads(json.dumps(to_dict(load_train_config(killed / "run" / "config.toml"))))  # every option, in the checkpoint
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from minillama.checkpoint import fill_checkpoint, load_weights, save_checkpoint, unwritable_checkpoint
+from minillama.config import to_dict
 from minillama.distributed import Distributed, barrier, broadcast_object, gather_objects
 from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.files import commit_directory, temporary_directory
@@ -44,7 +45,8 @@ def save_run(run: Run) -> Path:
     rng = gather_objects(rng_state(run.device), run.ctx)
     training_state = {"scaler": run.scaler.state_dict(), "loader": run.loader.state_dict(), "rng": rng, **state.state_dict()}
     metadata = {"step": state.step, "run_dir": config.run_dir, "model_preset": config.model_preset,
-                "tokens_seen": state.tokens_seen, "eval_prompts": list(config.eval.prompts)}
+                "tokens_seen": state.tokens_seen, "eval_prompts": list(config.eval.prompts),
+                "run_config": to_dict(config)}  # how it was trained (every option), beside config.toml's history
     path = checkpoint_dir(run.run_dir, state.step)
     if is_sharded(run.model):
         save_sharded_checkpoint(path, run.model, run.optimizer, run.tokenizer, training_state, metadata, run.ctx)
