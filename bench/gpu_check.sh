@@ -24,6 +24,8 @@
 #    p50/p99 at 1, 8 and 32 clients, and head-of-line blocking (issue 24; ONLY=serve)
 # 10. batch.micro_batch = auto: the plan (--dry-run) and a 2-step run of 512 sequences per step, its pick (after the
 #    CUDA probe) and its peak memory beside the estimate (issue 30; ONLY="prepare auto_plan auto_run")
+# 11. the speedrun recipe beside the AdamW and Muon recipes on the same short run: speed and val loss (issue 28;
+#    ONLY="prepare recipe_adamw recipe_muon recipe_speedrun")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -33,10 +35,11 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
-    DEVICE=cpu SEQ=64 MICRO=2 BIG_MICRO=4 HALF_STEPS=4 NEW_TOKENS=8 EXAMPLES=16 BUDGET=1200 COMPILE=false PRESET=tiny AUTO_SEQUENCES=8
+    DEVICE=cpu SEQ=64 MICRO=2 BIG_MICRO=4 HALF_STEPS=4 NEW_TOKENS=8 EXAMPLES=16 BUDGET=1200 COMPILE=false PRESET=tiny AUTO_SEQUENCES=8 \
+        AB_STEPS=20
 else
     DEVICE=cuda SEQ=1024 MICRO=32 BIG_MICRO=64 HALF_STEPS=20 NEW_TOKENS=200 EXAMPLES=10042 BUDGET=290 COMPILE=auto PRESET=mini-llama-109M \
-        AUTO_SEQUENCES=512
+        AUTO_SEQUENCES=512 AB_STEPS=60
 fi
 NO_COMPILE=$([[ $COMPILE == false ]] && echo --no-compile)
 DEADLINE=$((SECONDS + BUDGET))
@@ -110,12 +113,13 @@ part prepare 30 python -m minillama prepare text "$DATA/tinyshakespeare.txt" --o
     --shard-tokens 1000000 --workers 4 --quiet
 RUN=$WORK/run
 # The same run both times: the second resumes from the first's checkpoint and goes on to the end.
-TRAIN=(python -m minillama train --config configs/mini-llama-109M.toml --set device="$DEVICE" --set compile="$COMPILE"
+SHORT_RUN=(--set device="$DEVICE" --set compile="$COMPILE"
     --set run_dir="$RUN" --set data.dir="$WORK/data" --set data.tokenizer="$DATA/llama2_tokenizer.model"
     --set batch.seq_len="$SEQ" --set batch.micro_batch="$MICRO" --set batch.total_tokens=$((2 * MICRO * SEQ))
     --set optim.max_steps=$((2 * HALF_STEPS)) --set optim.warmup_steps=$((HALF_STEPS / 4 + 1)) --set eval.interval=$((HALF_STEPS / 2))
     --set eval.val_tokens=$VAL_TOKENS --set eval.hellaswag_file="$DATA/hellaswag_val_head10.jsonl"
     --set checkpoint.interval="$HALF_STEPS")
+TRAIN=(python -m minillama train --config configs/mini-llama-109M.toml "${SHORT_RUN[@]}")
 part train_run_first_half 90 "${TRAIN[@]}" --set stop_at_step="$HALF_STEPS"
 part train_run_resumed 60 "${TRAIN[@]}"
 summarize_run "$RUN" "short training run (compiled, 2 halves, the second resumed)"
@@ -155,6 +159,23 @@ part auto_plan 30 "${AUTO[@]}" --dry-run
 part auto_run 150 "${AUTO[@]}"
 summarize_run "$WORK/auto_run" "micro_batch = auto ($AUTO_SEQUENCES sequences per step)"
 
+# The speedrun recipe beside the reference (AdamW) and Muon recipes (issue 28), each on the same short run: tiny
+# shakespeare, AB_STEPS steps of the short run's batch, the recipe's own schedule lengths scaled to the run. It shows
+# each recipe compiled on CUDA, its speed, and the val losses after the same steps; tiny shakespeare is far too small
+# to say whether the small-scale gains hold at 109M (docs/benchmarks.md names the run that would).
+# Past the budget of a full run: ONLY="prepare recipe_adamw recipe_muon recipe_speedrun".
+AB=(--set optim.max_steps="$AB_STEPS" --set optim.warmup_steps=$((AB_STEPS / 15 + 1)) --set eval.interval=$((AB_STEPS / 4))
+    --set eval.hellaswag=false --set eval.num_samples=0 --set checkpoint.interval=1000)
+SPEEDRUN_SCALED=(--set optim.muon_momentum_cooldown_steps=$((AB_STEPS / 10))
+    --set "batch.stages=[[$((AB_STEPS / 4)), $((MICRO * SEQ))]]")  # half the batch for the first quarter
+for recipe in adamw:mini-llama-109M muon:mini-llama-109M-muon speedrun:mini-llama-109M-speedrun; do
+    name=${recipe%%:*}
+    extra=()
+    if [[ $name == speedrun ]]; then extra=("${SPEEDRUN_SCALED[@]}"); fi
+    part "recipe_$name" 100 python -m minillama train --config "configs/${recipe#*:}.toml" "${SHORT_RUN[@]}" "${AB[@]}" "${extra[@]}" \
+        --set run_dir="$WORK/recipe_$name"
+    summarize_run "$WORK/recipe_$name" "recipe A/B: $name ($AB_STEPS steps of $((2 * MICRO * SEQ)) tokens)"
+done
 }
 
 checks 2>&1 | tee "$OUT/gpu_check.log"

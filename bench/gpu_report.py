@@ -42,6 +42,11 @@ def main() -> None:
         if "error" in r:
             rows.append((r["name"], "runs, loss falls, resumes", r["error"], "MISSED"))
             continue
+        if r["name"].startswith("recipe A/B"):
+            rows.append((r["name"], "runs compiled, loss falls; val losses side by side",
+                         f"loss {r['first_loss']} -> {r['last_loss']}, val loss {r['val_loss']} at steps {r['eval_steps']}, "
+                         f"median {r['median_tokens_per_s']:,} tokens/s", verdict(r["contiguous"] and r["last_loss"] < r["first_loss"])))
+            continue
         if r.get("micro_batch_estimate_gib") is not None:  # batch.micro_batch = auto
             fits = r["peak_memory_gib"] is None or r["peak_memory_gib"] <= 1.05 * r["micro_batch_estimate_gib"]
             rows.append((r["name"], "runs; peak within 5% of the estimate",

@@ -1,8 +1,8 @@
 """Does a recipe reach the AdamW recipe's loss with fewer tokens? Small models, three real corpora, 3 seeds, and an
 ablation of the speedrun recipe's options.
 
-usage: python bench/recipe_efficiency.py [--steps 150] [--seeds 0 1 2] [--corpora shakespeare python docs] [--options ...]
-                                         [--threads N]
+usage: python bench/recipe_efficiency.py [--steps 100] [--seeds 0 1 2] [--corpora shakespeare python docs] [--options ...]
+                                         [--candidates ...] [--lr X --muon-lr Y] [--threads N]
 Each corpus is split by position into train (80%), tune (10%) and validation (10%) text, and gets its own
 1024-token BPE vocabulary, trained on the train part. The baseline is the reference recipe scaled down (AdamW,
 betas 0.9/0.95, weight decay 0.1, warmup + cosine to 10%, clip 1.0) with its learning rate picked from a sweep by the
@@ -216,11 +216,13 @@ def recipes(lr: float, muon_lr: float, steps: int, chosen: list[str], tried: lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--corpora", nargs="+", default=["shakespeare", "python", "docs"])
     parser.add_argument("--options", nargs="+", default=list(speedrun_options(1)), help="the speedrun recipe's options")
     parser.add_argument("--candidates", nargs="*", default=list(candidates(1)), help="options tried on top of the recipe")
+    parser.add_argument("--lr", type=float, help="AdamW's rate, as an earlier sweep on the tune split found it (skips the sweep)")
+    parser.add_argument("--muon-lr", type=float, help="Muon's rate, likewise")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="1 per corpus when running corpora side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -229,9 +231,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for corpus in args.corpora:
             data = splits(corpus, Path(folder))
-            lr = swept(data, lambda v: replace(BASELINE, lr=v, min_lr=v / 10, **schedule), SWEEP, args.seeds[0], args.steps, "lr", corpus)
-            muon_lr = swept(data, lambda v: replace(BASELINE, name="muon", schedule="wsd", lr=lr, min_lr=lr / 10, muon_lr=v, **schedule),
-                            MUON_SWEEP, args.seeds[0], args.steps, "muon_lr", corpus)
+            lr = args.lr or swept(data, lambda v: replace(BASELINE, lr=v, min_lr=v / 10, **schedule), SWEEP, args.seeds[0], args.steps,
+                                  "lr", corpus)
+            muon_lr = args.muon_lr or swept(data, lambda v: replace(BASELINE, name="muon", schedule="wsd", lr=lr, min_lr=lr / 10,
+                                                                    muon_lr=v, **schedule), MUON_SWEEP, args.seeds[0], args.steps,
+                                            "muon_lr", corpus)
             results: dict[str, list[dict]] = {}
             for name, recipe in recipes(lr, muon_lr, args.steps, args.options, args.candidates).items():
                 for seed in args.seeds:

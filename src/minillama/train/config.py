@@ -49,7 +49,7 @@ class BatchConfig(ConfigSection):
     total_tokens: PositiveInt = 524_288  # tokens per optimizer step (2**19, about 0.5M as in GPT-3 small), all ranks together
     micro_batch: PositiveInt | Literal["auto"] = 64  # sequences per forward pass per rank ("auto": the most that fit); accumulation makes up the rest
     seq_len: PositiveInt = 1024  # tokens per sequence
-    stages: list[tuple[int, int]] = field(default_factory=list)  # [[until_step, tokens], ...]: smaller steps before those steps (batch-size warmup)
+    stages: list[tuple[int, int]] = field(default_factory=list)  # [[until_step, tokens], ...]: fewer tokens per step before each until_step (a batch-size warmup)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,7 +95,7 @@ class OptimConfig(ConfigSection):
     muon_momentum: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.95  # Nesterov momentum of Muon
     muon_momentum_warmup_steps: Annotated[int, NON_NEGATIVE] = 0  # Muon's momentum rises linearly from muon_momentum_start over these steps
     muon_momentum_start: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.85  # where the momentum warmup starts (modded-nanogpt: 0.85)
-    muon_momentum_cooldown_steps: Annotated[int, NON_NEGATIVE] = 0  # and falls back to muon_momentum_start over the last steps before max_steps
+    muon_momentum_cooldown_steps: Annotated[int, NON_NEGATIVE] = 0  # Muon's momentum falls back to muon_momentum_start over these last steps before max_steps
     muon_weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # decoupled, times muon_lr (Muon's original recipe has none)
     muon_cautious_weight_decay: bool = False  # decay only the weights the update already moves toward zero (Chen et al. 2025)
     muon_orthogonalization: Literal["newton_schulz", "polar_express"] = "newton_schulz"  # polar_express: Amsel et al. 2025's per-iteration coefficients
