@@ -2,15 +2,17 @@
 ablation of the speedrun recipe's options.
 
 usage: python bench/recipe_efficiency.py [--steps 100] [--seeds 0 1 2] [--corpora shakespeare python docs] [--options ...]
-                                         [--candidates ...] [--lr X --muon-lr Y] [--threads N]
+                                         [--candidates ...] [--lr X --muon-lr Y] [--embedding-lr 2 | --sweep-embedding-lr]
+                                         [--no-ablation] [--threads N]
 Each corpus is split by position into train (80%), tune (10%) and validation (10%) text, and gets its own
 1024-token BPE vocabulary, trained on the train part. The baseline is the reference recipe scaled down (AdamW,
 betas 0.9/0.95, weight decay 0.1, warmup + cosine to 10%, clip 1.0) with its learning rate picked from a sweep by the
 loss on the tune split (seed 0); Muon's learning rate is swept the same way (with AdamW's parts at the tuned rate).
 The validation split is only ever reported. Recipes: the baseline; Muon + WSD; the speedrun recipe (Muon + WSD
-with every option of `speedrun_options`: Muon's momentum warmup and cooldown, Polar Express, weight decay and its
-cautious form, a higher embedding rate, zero-initialised output projections, batch-size stages); and the speedrun
-recipe with each option off in turn. Every run of a seed draws its batches from the same generator. Prints one
+with every option of `speedrun_options` or those named by --options: Muon's momentum warmup and cooldown, Polar
+Express, weight decay and its cautious form, a higher embedding rate (x2, or --embedding-lr), zero-initialised
+output projections, batch-size stages); the speedrun recipe with each option off in turn (unless --no-ablation);
+and with each of the --candidates added. Every run of a seed draws its batches from the same generator. Prints one
 JSON line per run, then a summary per corpus: final validation loss (mean and spread over seeds) after the same
 steps (fewer tokens where batch stages shrink the first steps), and the tokens each recipe needs to reach the
 baseline's mean final validation loss, as a fraction of the baseline's tokens.
@@ -46,6 +48,7 @@ EVALS = 10  # validation-loss points per run, for the tokens-to-target curve
 BASELINE = OptimConfig(name="adamw", schedule="cosine", weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
 SWEEP = (1e-3, 3e-3, 6e-3)
 MUON_SWEEP = (0.01, 0.02, 0.04)
+EMBEDDING_SWEEP = (2.0, 4.0, 8.0)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Recipe:
     document_masking: bool = False
 
 
-def speedrun_options(steps: int) -> dict[str, dict]:
+def speedrun_options(steps: int, embedding_lr: float = 2.0) -> dict[str, dict]:
     """The speedrun recipe's options, each as the changes it makes to a Muon + WSD recipe (optimizer fields, or
     the recipe's own); the schedule lengths are fractions of the run."""
     return {
@@ -69,7 +72,7 @@ def speedrun_options(steps: int) -> dict[str, dict]:
         "polar express": {"muon_orthogonalization": "polar_express"},
         "muon weight decay 0.1": {"muon_weight_decay": 0.1},
         "cautious weight decay": {"muon_cautious_weight_decay": True},
-        "embedding lr x2": {"embedding_lr_multiplier": 2.0},
+        "embedding lr": {"embedding_lr_multiplier": embedding_lr},
         "zero-init projections": {"zero_init": True},
         # a quarter of the batch for the first tenth of the steps, half until a quarter
         "batch stages": {"stages": ((steps // 10, BATCH // 4 * SEQ), (steps // 4, BATCH // 2 * SEQ))},
@@ -181,28 +184,29 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
     return None
 
 
-def swept(data: dict[str, np.ndarray], make: Callable[[float], OptimConfig], grid: tuple[float, ...], seed: int, steps: int, label: str,
+def swept(data: dict[str, np.ndarray], make: Callable[[float], Recipe], grid: tuple[float, ...], seed: int, steps: int, label: str,
           corpus: str) -> float:
-    """The rate with the lowest tune loss; a best value at an edge of the grid extends it past that edge, so the
+    """The value with the lowest tune loss; a best value at an edge of the grid extends it past that edge, so the
     optimum is bracketed."""
     losses: dict[float, float] = {}
     todo = list(grid)
     while todo:
         for value in todo:
-            losses[value] = run(data, Recipe(make(value)), seed, steps, "tune")["final"]
+            losses[value] = run(data, make(value), seed, steps, "tune")["final"]
             print(json.dumps({"corpus": corpus, f"sweep_{label}": value, "tune_loss": round(losses[value], 4)}), flush=True)
         best, tried = min(losses, key=losses.get), sorted(losses)
         todo = [best / 2] if best == tried[0] else [best * 2] if best == tried[-1] else []
     return min(losses, key=losses.get)
 
 
-def recipes(lr: float, muon_lr: float, steps: int, chosen: list[str], tried: list[str]) -> dict[str, Recipe]:
+def recipes(lr: float, muon_lr: float, steps: int, chosen: list[str], tried: list[str], embedding_lr: float,
+            ablation: bool) -> dict[str, Recipe]:
     """The baseline, Muon + WSD, the speedrun recipe (Muon + WSD with every chosen option), the speedrun recipe
     with each of its options off in turn, and with each tried candidate added."""
     schedule = dict(max_steps=steps, warmup_steps=max(1, steps // 15))
     adamw = replace(BASELINE, lr=lr, min_lr=lr / 10, **schedule)
     muon = replace(adamw, name="muon", schedule="wsd", muon_lr=muon_lr)
-    options = {name: changes for name, changes in speedrun_options(steps).items() if name in chosen}
+    options = {name: changes for name, changes in speedrun_options(steps, embedding_lr).items() if name in chosen}
 
     def speedrun(without: str | None = None, added: dict | None = None) -> Recipe:
         changes = {k: v for name, option in options.items() if name != without for k, v in option.items()} | (added or {})
@@ -210,7 +214,7 @@ def recipes(lr: float, muon_lr: float, steps: int, chosen: list[str], tried: lis
         return Recipe(replace(muon, **changes), **own)
 
     return {"adamw+cosine": Recipe(adamw), "muon+wsd": Recipe(muon), "speedrun": speedrun(),
-            **{f"speedrun without {option}": speedrun(without=option) for option in options},
+            **{f"speedrun without {option}": speedrun(without=option) for option in options if ablation},
             **{f"speedrun with {name}": speedrun(added=changes) for name, changes in candidates(steps).items() if name in tried}}
 
 
@@ -220,6 +224,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--corpora", nargs="+", default=["shakespeare", "python", "docs"])
     parser.add_argument("--options", nargs="+", default=list(speedrun_options(1)), help="the speedrun recipe's options")
+    parser.add_argument("--embedding-lr", type=float, default=2.0, help="the embedding lr option's multiplier of AdamW's rate")
+    parser.add_argument("--sweep-embedding-lr", action="store_true", help="pick that multiplier on the tune split instead")
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True, help="each option off in turn")
     parser.add_argument("--candidates", nargs="*", default=list(candidates(1)), help="options tried on top of the recipe")
     parser.add_argument("--lr", type=float, help="AdamW's rate, as an earlier sweep on the tune split found it (skips the sweep)")
     parser.add_argument("--muon-lr", type=float, help="Muon's rate, likewise")
@@ -231,13 +238,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for corpus in args.corpora:
             data = splits(corpus, Path(folder))
-            lr = args.lr or swept(data, lambda v: replace(BASELINE, lr=v, min_lr=v / 10, **schedule), SWEEP, args.seeds[0], args.steps,
-                                  "lr", corpus)
-            muon_lr = args.muon_lr or swept(data, lambda v: replace(BASELINE, name="muon", schedule="wsd", lr=lr, min_lr=lr / 10,
-                                                                    muon_lr=v, **schedule), MUON_SWEEP, args.seeds[0], args.steps,
-                                            "muon_lr", corpus)
+            lr = args.lr or swept(data, lambda v: Recipe(replace(BASELINE, lr=v, min_lr=v / 10, **schedule)), SWEEP, args.seeds[0],
+                                  args.steps, "lr", corpus)
+            muon_lr = args.muon_lr or swept(data, lambda v: Recipe(replace(BASELINE, name="muon", schedule="wsd", lr=lr, min_lr=lr / 10,
+                                                                           muon_lr=v, **schedule)), MUON_SWEEP, args.seeds[0],
+                                            args.steps, "muon_lr", corpus)
+            embedding_lr = args.embedding_lr
+            if args.sweep_embedding_lr:  # the speedrun recipe's embedding multiplier, on the tune split like the rates
+                embedding_lr = swept(data, lambda v: recipes(lr, muon_lr, args.steps, args.options, [], v, False)["speedrun"],
+                                     EMBEDDING_SWEEP, args.seeds[0], args.steps, "embedding_lr", corpus)
             results: dict[str, list[dict]] = {}
-            for name, recipe in recipes(lr, muon_lr, args.steps, args.options, args.candidates).items():
+            for name, recipe in recipes(lr, muon_lr, args.steps, args.options, args.candidates, embedding_lr, args.ablation).items():
                 for seed in args.seeds:
                     result = run(data, recipe, seed, args.steps, "val")
                     results.setdefault(name, []).append(result)
@@ -253,8 +264,8 @@ def main() -> None:
                                  "tokens": runs[0]["tokens"],
                                  "tokens_to_adamw_final": needed and round(needed), "ratio": needed and round(needed / total, 3)}
             print(json.dumps({"corpus": corpus, "tokens_per_run": total, "tuned_adamw_lr": lr, "tuned_muon_lr": muon_lr,
-                              "model": f"dim {MODEL.dim}, {MODEL.n_layers} layers", "recipes": summary, "goal": "speedrun ratio <= 0.25"}),
-                  flush=True)
+                              "embedding_lr": embedding_lr, "model": f"dim {MODEL.dim}, {MODEL.n_layers} layers", "recipes": summary,
+                              "goal": "speedrun ratio <= 0.25"}), flush=True)
 
 
 if __name__ == "__main__":
