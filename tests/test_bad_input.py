@@ -350,6 +350,8 @@ CASES = [
     (["train", "--set", "optim.muon_orthogonalization=svd"], "run config field 'optim.muon_orthogonalization' is \"svd\"; expected one of \"newton_schulz\", \"polar_express\""),
     (["train", "--set", "batch.stages=[[100, 262144], [50, 393216]]"],
      "run config field 'batch.stages' is [[100, 262144], [50, 393216]]; expected [[until_step, tokens], ...] with until_step and tokens rising"),
+    (["train", "--set", "batch.stages=[[3, 1024]]", "--dry-run"],
+     "batch.stages 1,024 is not a multiple of micro_batch 64 x seq_len 1024 x 1 ranks = 65,536; use micro_batch 1, or batch.stages 65,536"),
     (["train", "--set", "batch.stages=[[100, 1000]]"], "tokens multiples of batch.seq_len=1024 and below batch.total_tokens=524288, e.g. [[200, 131072]]"),
     (["train", "--set", "optim.weight_decay=-1"], "run config field 'optim.weight_decay' is -1.0; expected a number >= 0"),
     (["train", "--set", "checkpoint.interval=0"], "run config field 'checkpoint.interval' is 0; expected a positive integer"),

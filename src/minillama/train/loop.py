@@ -29,7 +29,7 @@ from minillama.model import Transformer
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.train import history, monitor, plan
 from minillama.train.config import TrainConfig
-from minillama.train.memory import check_model_fits, gradient_accumulation_steps
+from minillama.train.memory import check_model_fits, full_step_accumulation, gradient_accumulation_steps
 from minillama.train.micro_batch import estimated_micro_batch, tried_micro_batch, with_micro_batch
 from minillama.train.optim import build_optimizer, set_learning_rates, zero_output_projections
 from minillama.train.parallel import clip_gradients, gradient_sync, parallelize
@@ -215,9 +215,7 @@ def open_run(config: TrainConfig, resume: str, ctx: Distributed) -> Iterator[Run
         if ctx.is_main:
             print(choice.describe())
     changes = history.check_resume_config(run_dir, config) if checkpoint is not None else {}
-    for tokens in config.batch.step_sizes[:-1]:  # every stage's batch is checked now, before any work
-        gradient_accumulation_steps(tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size, "batch.stages")
-    accumulation = gradient_accumulation_steps(config.batch.total_tokens, config.batch.micro_batch, config.batch.seq_len, ctx.world_size)
+    accumulation = full_step_accumulation(config.batch, ctx.world_size)
     optimizer = build_optimizer(model, config.optim, device)  # after parallelize: FSDP replaces the parameters
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     loader = TrainLoader(data_dir, config.batch.micro_batch, config.batch.seq_len, ctx.rank, ctx.world_size, config.seed,

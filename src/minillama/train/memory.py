@@ -17,6 +17,7 @@ from minillama.config import ModelConfig
 from minillama.device import memory_bytes
 from minillama.errors import MiniLlamaError
 from minillama.summary import parameter_shapes
+from minillama.train.config import BatchConfig
 
 FLOAT32, BFLOAT16 = 4, 2  # bytes per element
 
@@ -121,6 +122,14 @@ def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: in
         f"{field} {total_tokens:,} is not a multiple of micro_batch {micro_batch} x seq_len {seq_len} x "
         f"{world_size} ranks = {per_micro_step:,}; use {suggestion}{field} {nearby:,}"
     )
+
+
+def full_step_accumulation(batch: BatchConfig, ranks: int) -> int:
+    """Micro-steps of a step of batch.total_tokens, once every batch stage is known to be made up exactly too
+    (refused before any work, not when the stage comes)."""
+    for tokens in batch.step_sizes[:-1]:
+        gradient_accumulation_steps(tokens, batch.micro_batch, batch.seq_len, ranks, "batch.stages")
+    return gradient_accumulation_steps(batch.total_tokens, batch.micro_batch, batch.seq_len, ranks)
 
 
 def micro_batch_candidates(total_tokens: int, seq_len: int, ranks: int) -> list[int]:

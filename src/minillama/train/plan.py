@@ -14,7 +14,7 @@ from minillama.errors import ArgumentError
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.train.config import TrainConfig
 from minillama.train import history
-from minillama.train.memory import MicroBatchChoice, gradient_accumulation_steps, training_bytes_per_rank
+from minillama.train.memory import MicroBatchChoice, full_step_accumulation, training_bytes_per_rank
 from minillama.train.micro_batch import estimated_micro_batch, with_micro_batch
 
 MEASURED_STEPS = 5  # steps timed before the time left is told (the first, which compiles, is not one of them)
@@ -39,8 +39,9 @@ def plan_line(config: TrainConfig, start_step: int) -> str:
     steps, batch = config.last_step - start_step, config.batch
     total = batch.tokens_between(start_step, config.last_step)
     staged = [f"{tokens:,} before step {until:,}" for until, tokens in batch.stages if until > start_step]
-    return (f"plan: {abbreviated(total)} tokens in {steps:,} steps of {batch.total_tokens:,}" + (f" ({', '.join(staged)})" if staged else "")
-            + f" (steps {start_step:,} to {config.last_step - 1:,} of {config.optim.max_steps:,})")
+    stages = f" ({', '.join(staged)})" if staged else ""
+    return (f"plan: {abbreviated(total)} tokens in {steps:,} steps of {batch.total_tokens:,}{stages} (steps {start_step:,} to "
+            f"{config.last_step - 1:,} of {config.optim.max_steps:,})")
 
 
 class TimeLeft:
@@ -88,9 +89,7 @@ def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, me
             tokens_per_s: float | None, peak_flops: float | None, float32: bool = False) -> str:
     """The whole plan of a run, from arithmetic alone (`float32`: trained without autocast, as on a CPU)."""
     batch = config.batch
-    for tokens in batch.step_sizes[:-1]:  # as training does: every stage must be made up exactly
-        gradient_accumulation_steps(tokens, batch.micro_batch, batch.seq_len, ranks, "batch.stages")
-    accumulation = gradient_accumulation_steps(batch.total_tokens, batch.micro_batch, batch.seq_len, ranks)
+    accumulation = full_step_accumulation(batch, ranks)  # refuses what training would refuse
     flops = training_flops_per_token(config.model, batch.seq_len)
     parts = training_bytes_per_rank(config.model, config.parallel, ranks, batch.micro_batch, batch.seq_len,
                                     config.activation_checkpointing, accumulation)
