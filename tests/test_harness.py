@@ -16,8 +16,8 @@ lm_eval = pytest.importorskip("lm_eval", reason="needs the 'harness' extra (lm-e
 pytest.importorskip("accelerate", reason="the harness's HF model, the reference here, needs accelerate")
 
 from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
 
+from minillama.eval import harness  # noqa: E402
 from minillama.eval.harness import MiniLlamaLM  # noqa: E402
 
 EXAMPLE_TASKS = Path(__file__).resolve().parents[1] / "examples" / "tasks"
@@ -52,6 +52,11 @@ def task_dir(tmp_path_factory, test_data):
         "task: shakespeare_rolling\noutput_type: loglikelihood_rolling\n" + local.format(folder / "passages.jsonl")
         + 'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    with open(folder / "short_passages.jsonl", "w") as f:  # rolling texts that fit one window, for the server
+        f.writelines(json.dumps({"text": f"ROMEO: line {i}. " + "O speak again, bright angel! " * (i + 1)}) + "\n" for i in range(5))
+    (folder / "short_rolling.yaml").write_text(
+        "task: shakespeare_short_rolling\noutput_type: loglikelihood_rolling\n" + local.format(folder / "short_passages.jsonl")
+        + 'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n')
     (folder / "continue.yaml").write_text(
         "task: shakespeare_continue\noutput_type: generate_until\n" + local.format(folder / "next_line.jsonl")
         + 'doc_to_text: "{{context}}\\n"\ndoc_to_target: "{{next}}"\n'
@@ -69,8 +74,9 @@ def task_dir(tmp_path_factory, test_data):
 
 @pytest.fixture(scope="module")
 def task_manager(task_dir):
-    """The harness's index of every task and the local ones (building it takes seconds: once per module)."""
-    return TaskManager(include_path=str(task_dir))
+    """The harness's index of every task and the local ones, the one `eval harness --include-path` uses (building
+    it takes seconds: once)."""
+    return harness.task_manager(task_dir)
 
 
 def evaluate_both(checkpoint, manager, tmp_path, limit=None):
@@ -80,6 +86,16 @@ def evaluate_both(checkpoint, manager, tmp_path, limit=None):
     theirs = simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32", device="cpu", batch_size=8,
                              tasks=TASKS, task_manager=manager, log_samples=True, limit=limit)
     return ours, theirs
+
+
+def test_the_task_index_is_built_once_per_state_of_the_include_folder(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda include_path=None: built.append(include_path) or object())
+    (tmp_path / "a.yaml").write_text("task: a\n")
+    first = harness.task_manager(tmp_path)
+    assert harness.task_manager(tmp_path) is first and built == [str(tmp_path)]
+    (tmp_path / "b.yaml").write_text("task: b\n")  # a task added between two evaluations in one session
+    assert harness.task_manager(tmp_path) is not first and built == [str(tmp_path)] * 2
 
 
 @pytest.mark.slow
@@ -173,7 +189,7 @@ def test_registered_name_and_two_ranks_give_the_single_process_numbers(stories, 
 
 
 @pytest.mark.slow
-def test_lm_evals_own_api_client_scores_through_the_server_as_the_adapter_does_in_process(stories, task_dir, tmp_path):
+def test_lm_evals_own_api_client_scores_through_the_server_as_the_adapter_does_in_process(stories, task_manager, tmp_path):
     """`lm_eval --model local-completions` (token-id prompts, echo, logprobs, max_tokens 1 for log-likelihoods;
     generation with stop sequences) against `minillama serve`, on a multiple-choice, a rolling-perplexity and a
     generation task, gives the in-process adapter's numbers. The rolling texts fit in one window, since the
@@ -184,20 +200,13 @@ def test_lm_evals_own_api_client_scores_through_the_server_as_the_adapter_does_i
     from minillama.checkpoint import load_for_inference
     from minillama.serve.app import create_app
 
-    with open(task_dir / "short_passages.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": f"ROMEO: line {i}. " + "O speak again, bright angel! " * (i + 1)}) + "\n" for i in range(5))
-    (task_dir / "short_rolling.yaml").write_text(
-        "task: shakespeare_short_rolling\noutput_type: loglikelihood_rolling\ndataset_path: json\ndataset_name: null\n"
-        f"test_split: test\ndataset_kwargs:\n  data_files:\n    test: {task_dir / 'short_passages.jsonl'}\n"
-        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n')
     tasks = ["hellaswag_local", "shakespeare_short_rolling", "shakespeare_continue"]
-    manager = TaskManager(include_path=str(task_dir))
-    ours = simple_evaluate(model=MiniLlamaLM(str(stories), device="cpu", batch_size=8), tasks=tasks, task_manager=manager,
+    ours = simple_evaluate(model=MiniLlamaLM(str(stories), device="cpu", batch_size=8), tasks=tasks, task_manager=task_manager,
                            log_samples=True, limit=6)
     export_hf(stories, tmp_path / "hf")
     model, tokenizer, _ = load_for_inference(stories, "cpu", "float32")
     with serving(create_app(model, tokenizer, "stories260K")) as url:
-        theirs = simple_evaluate(model="local-completions", tasks=tasks, task_manager=manager, log_samples=True, limit=6,
+        theirs = simple_evaluate(model="local-completions", tasks=tasks, task_manager=task_manager, log_samples=True, limit=6,
                                  model_args=f"base_url={url}/v1/completions,model=stories260K,tokenizer_backend=huggingface,"
                                             f"tokenizer={tmp_path / 'hf'},add_bos_token=True,max_length=512,batch_size=4")
     for metric in ("acc,none", "acc_norm,none"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,24 @@ class MiniLlamaLM(TemplateLM):
         return results
 
 
+def task_manager(include_path: Path | None = None) -> Any:
+    """The harness's index of its tasks and those under `include_path`, built once per process for each state of
+    that folder's YAML files: building it reads every task file the harness ships (seconds), which repeated
+    `run_harness` calls in one session would otherwise pay each time."""
+    if include_path is None:
+        return _indexed_tasks(None, ())
+    folder = Path(include_path)
+    files = sorted(folder.rglob("*.yaml")) if folder.is_dir() else [folder]
+    return _indexed_tasks(str(folder), tuple((str(f), f.stat().st_mtime_ns) for f in files if f.exists()))
+
+
+@lru_cache(maxsize=4)
+def _indexed_tasks(include_path: str | None, yaml_files: tuple[tuple[str, int], ...]) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = None, batch_size: int = 16,
                 device: str = "auto", dtype: str = "auto", tokenizer: Path | None = None, include_path: Path | None = None,
                 num_fewshot: int | None = None, output: Path | None = None, log_samples: bool = False) -> dict[str, Any] | None:
@@ -224,7 +243,6 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
     `log_samples` also writes each document's requests, responses and metrics, in the harness's own
     samples_TASK_DATE.jsonl files (as `lm_eval --log_samples` does), beside `output`."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     if limit is not None and not limit > 0:  # NaN too
         raise MiniLlamaError(f"the example limit is {limit}; expected a positive number (or no limit)")
@@ -232,7 +250,7 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
         raise ArgumentError("no task names were given; pass {tasks}, e.g. hellaswag,arc_easy")
     if log_samples and output is None:
         raise ArgumentError("per-sample logs go beside the results file: give an {output} path for them")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ArgumentError("unknown harness task {task!r}; list them with `lm_eval ls tasks`, or pass {include_path} (a "
