@@ -503,6 +503,24 @@ def test_auto_micro_batch_picks_the_largest_that_fits_the_estimate_and_keeps_the
         fitting_micro_batch(model, "ddp", 1, 524_288, 1024, "none", 2**30)
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_the_optimizer_state_estimate_is_what_the_optimizer_holds_after_a_step(name, tie):
+    from minillama.train.memory import model_state_bytes
+
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=16,
+                         tie_embeddings=tie)
+    model = Transformer(config)
+    optimizer = build_optimizer(model, OptimConfig(name=name), torch.device("cpu"))
+    logits, _ = model(torch.randint(0, 96, (2, 16)))
+    logits.sum().backward()
+    optimizer.step()
+    parts = [optimizer.muon, optimizer.adamw] if name == "muon" else [optimizer]
+    held = sum(t.numel() * t.element_size() for part in parts for state in part.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0)  # AdamW's step counters are scalars
+    assert held == model_state_bytes(config, "ddp", 1, name)["optimizer"]
+
+
 def test_auto_micro_batch_makes_up_every_batch_stage_exactly(tmp_path, data_dir, tokenizer, monkeypatch):
     from minillama.distributed import Distributed
     from minillama.train import micro_batch
@@ -575,7 +593,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, data_dir, tokenize
     assert "batch: 512 tokens per step = 1 rank x 2 micro-steps x micro_batch 4 x seq_len 64" in out
     assert "plan: 512.0k tokens in 1,000 steps of 512 (steps 0 to 999 of 1,000)" in out
     assert "time: about 3 min at 2.6k tok/s (at the given speed)" in out  # 512,000 tokens / 2,560 tok/s = 200 s
-    assert "memory per rank (estimate: AdamW, float32): parameters " in out
+    assert "memory per rank (estimate: AdamW moments, float32): parameters " in out
     assert list(tmp_path.iterdir()) == []  # no run directory, no lock
 
 

@@ -200,7 +200,7 @@ def open_run(config: TrainConfig, resume: str, ctx: Distributed) -> Iterator[Run
     tokenizer = ready_tokenizer(config.data, config.model.vocab_size, ctx)
     data_dir = ready_data(config.data, tokenizer, config.model.vocab_size, ctx, device)
 
-    check_model_fits(config.model, config.parallel, device, ctx.world_size)
+    check_model_fits(config.model, config.parallel, device, ctx.world_size, config.optim.name)
     torch.manual_seed(config.seed)  # identical initial weights on every rank (FSDP then keeps each rank's slice)
     model = Transformer(config.model).to(device)
     if config.zero_init_projections:

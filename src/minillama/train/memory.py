@@ -1,6 +1,7 @@
 """Training memory per rank, and the batch arithmetic it depends on, from the config: what decides which preset
 fits on which GPU with ddp or fsdp, and which micro-batch (batch.micro_batch = "auto"). The model states (weights,
-gradients, optimizer) are exact for AdamW (bench/memory.py checks them against the tensors DDP and FSDP really hold);
+gradients, optimizer) are exact (bench/memory.py checks them against the tensors DDP and FSDP really hold for AdamW, a
+test against Muon's state);
 activations are an estimate of what a compiled bf16 step keeps for backward.
 """
 
@@ -20,6 +21,7 @@ from minillama.summary import parameter_shapes
 from minillama.train.config import BatchConfig
 
 FLOAT32, BFLOAT16 = 4, 2  # bytes per element
+OPTIMIZER_STATE = {"adamw": "AdamW moments", "muon": "Muon momentum and AdamW moments"}  # by optim.name
 
 
 def shard_elements(shape: tuple[int, ...], ranks: int) -> int:
@@ -28,11 +30,16 @@ def shard_elements(shape: tuple[int, ...], ranks: int) -> int:
     return math.ceil(shape[0] / ranks) * math.prod(shape[1:])
 
 
-def model_state_bytes(config: ModelConfig, parallel: str, ranks: int) -> dict[str, int]:
-    """Bytes of float32 weights, gradients and AdamW's two moments that one rank keeps between steps."""
-    shapes = parameter_shapes(config).values()
-    elements = sum(math.prod(s) for s in shapes) if parallel == "ddp" else sum(shard_elements(s, ranks) for s in shapes)
-    return {"parameters": FLOAT32 * elements, "gradients": FLOAT32 * elements, "optimizer": 2 * FLOAT32 * elements}
+def model_state_bytes(config: ModelConfig, parallel: str, ranks: int, optimizer: str = "adamw") -> dict[str, int]:
+    """Bytes of float32 weights, gradients and optimizer state that one rank keeps between steps: AdamW's two
+    moments per weight, or under optim.name = "muon" one momentum buffer for the blocks' matrices (Muon's) and
+    AdamW's two moments for the rest."""
+    shapes = parameter_shapes(config)
+    held = {name: math.prod(s) if parallel == "ddp" else shard_elements(s, ranks) for name, s in shapes.items()}
+    elements = sum(held.values())
+    in_muon = sum(n for name, n in held.items() if optimizer == "muon" and name.startswith("layers.") and len(shapes[name]) == 2)
+    return {"parameters": FLOAT32 * elements, "gradients": FLOAT32 * elements,
+            "optimizer": FLOAT32 * (2 * (elements - in_muon) + in_muon)}
 
 
 def step_bytes(config: ModelConfig, parallel: str, ranks: int, accumulation: int) -> int:
@@ -66,24 +73,24 @@ def activation_bytes_per_token(config: ModelConfig, activation_checkpointing: st
 
 
 def training_bytes_per_rank(config: ModelConfig, parallel: str, ranks: int, micro_batch: int, seq_len: int,
-                            activation_checkpointing: str = "none", accumulation: int = 2) -> dict[str, int]:
-    """The estimate in parts and in total (bytes), for AdamW and bf16 training."""
-    parts = model_state_bytes(config, parallel, ranks)
+                            activation_checkpointing: str = "none", accumulation: int = 2, optimizer: str = "adamw") -> dict[str, int]:
+    """The estimate in parts and in total (bytes), for bf16 training with `optimizer` (optim.name)."""
+    parts = model_state_bytes(config, parallel, ranks, optimizer)
     parts["step"] = step_bytes(config, parallel, ranks, accumulation)
     parts["activations"] = micro_batch * seq_len * activation_bytes_per_token(config, activation_checkpointing)
     parts["total"] = sum(parts.values())
     return parts
 
 
-def check_model_fits(model: ModelConfig, parallel: str, device: torch.device, ranks: int) -> None:
+def check_model_fits(model: ModelConfig, parallel: str, device: torch.device, ranks: int, optimizer: str = "adamw") -> None:
     """Refuse, before allocating anything, a model whose weights, gradients and optimizer moments alone do not
     fit in what the device holds (an allocation that large fails deep inside PyTorch, or swaps for minutes)."""
-    states = sum(model_state_bytes(model, parallel, ranks).values())
+    states = sum(model_state_bytes(model, parallel, ranks, optimizer).values())
     available = memory_bytes(device)
     if available is not None and states > available:
         parameters = sum(math.prod(shape) for shape in parameter_shapes(model).values())
         raise MiniLlamaError(f"the model ({parameters:,} parameters) needs {states / 2**30:,.1f} GiB per rank for its float32 "
-                             f"weights, gradients and AdamW moments alone, more than the {available / 2**30:,.1f} GiB of "
+                             f"weights, gradients and {OPTIMIZER_STATE[optimizer]} alone, more than the {available / 2**30:,.1f} GiB of "
                              f"{device}; choose a smaller model, or shard it over more GPUs with parallel = fsdp")
 
 
@@ -142,12 +149,14 @@ def micro_batch_candidates(total_tokens: int, seq_len: int, ranks: int) -> list[
 
 
 def fitting_micro_batch(model: ModelConfig, parallel: str, ranks: int, total_tokens: int, seq_len: int,
-                        activation_checkpointing: str, budget_bytes: int, float32: bool = False) -> MicroBatchChoice:
+                        activation_checkpointing: str, budget_bytes: int, float32: bool = False,
+                        optimizer: str = "adamw") -> MicroBatchChoice:
     """The largest micro-batch whose per-rank estimate fits `budget_bytes`. The activation estimate is for bf16
     autocast; `float32` training (a CPU) keeps its activations at twice the size."""
     for micro_batch in micro_batch_candidates(total_tokens, seq_len, ranks):
         accumulation = gradient_accumulation_steps(total_tokens, micro_batch, seq_len, ranks)
-        parts = training_bytes_per_rank(model, parallel, ranks, micro_batch, seq_len, activation_checkpointing, accumulation)
+        parts = training_bytes_per_rank(model, parallel, ranks, micro_batch, seq_len, activation_checkpointing, accumulation,
+                                        optimizer)
         estimate = parts["total"] + (parts["activations"] if float32 else 0)
         if estimate <= budget_bytes:
             return MicroBatchChoice(micro_batch, accumulation, estimate, budget_bytes)

@@ -31,7 +31,7 @@ def estimated_micro_batch(config: TrainConfig, device: torch.device, precision: 
                              "here; set a number, e.g. --set batch.micro_batch=16")
     budget = int(available * MEMORY_SHARE.get(device.type, MEMORY_SHARE["cuda"]))
     choice = fitting_micro_batch(config.model, config.parallel, ctx.world_size, _every_step(config), config.batch.seq_len,
-                                 config.activation_checkpointing, budget, float32=precision is None)
+                                 config.activation_checkpointing, budget, float32=precision is None, optimizer=config.optim.name)
     return _agreed(choice, config, ctx, device)
 
 

@@ -14,7 +14,7 @@ from minillama.errors import ArgumentError
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.train.config import TrainConfig
 from minillama.train import history
-from minillama.train.memory import MicroBatchChoice, full_step_accumulation, training_bytes_per_rank
+from minillama.train.memory import OPTIMIZER_STATE, MicroBatchChoice, full_step_accumulation, training_bytes_per_rank
 from minillama.train.micro_batch import estimated_micro_batch, with_micro_batch
 
 MEASURED_STEPS = 5  # steps timed before the time left is told (the first, which compiles, is not one of them)
@@ -92,7 +92,7 @@ def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, me
     accumulation = full_step_accumulation(batch, ranks)  # refuses what training would refuse
     flops = training_flops_per_token(config.model, batch.seq_len)
     parts = training_bytes_per_rank(config.model, config.parallel, ranks, batch.micro_batch, batch.seq_len,
-                                    config.activation_checkpointing, accumulation)
+                                    config.activation_checkpointing, accumulation, config.optim.name)
     if float32:  # activations at twice their bf16 size
         parts["total"] += parts["activations"]
         parts["activations"] *= 2
@@ -101,7 +101,7 @@ def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, me
         f"token to train (6 per weight, plus attention at seq_len {batch.seq_len})",
         f"batch: {batch.total_tokens:,} tokens per step = {ranks} {'rank' if ranks == 1 else 'ranks'} x {accumulation} micro-steps "
         f"x micro_batch {batch.micro_batch} x seq_len {batch.seq_len}" + (f" ({choice.describe()})" if choice else ""),
-        f"memory per rank (estimate: AdamW, {'float32' if float32 else 'bf16 autocast'}): "
+        f"memory per rank (estimate: {OPTIMIZER_STATE[config.optim.name]}, {'float32' if float32 else 'bf16 autocast'}): "
         + ", ".join(f"{k} {v / 2**30:,.2f} GiB" for k, v in parts.items())
         + (f"; the device reports {memory / 2**30:,.1f} GiB" if memory else ""),
         plan_line(config, start_step) + (", continuing the run's newest checkpoint" if start_step else ""),
