@@ -442,14 +442,12 @@ def test_data_checks_before_training(tmp_path, tokenizer):
         check_data(out, 320)
 
 
-@pytest.mark.slow
-def test_cli_prepare_bad_input_exit_code(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "minillama", "prepare", "text", str(tmp_path / "*.txt"), "--out", str(tmp_path / "o"),
-         "--tokenizer", str(tmp_path / "t.model")],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 2 and "matches no files" in result.stderr and "Traceback" not in result.stderr
+def test_cli_prepare_bad_input_exit_code(tmp_path, capsys):
+    from minillama.cli import main
+
+    assert main(["prepare", "text", str(tmp_path / "*.txt"), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "t.model")]) == 2
+    err = capsys.readouterr().err
+    assert "matches no files" in err and "Traceback" not in err
 
 
 def test_overwrite_removes_only_shards_and_a_second_prepare_is_refused(tmp_path, corpus_file, tokenizer):

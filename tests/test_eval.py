@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +7,7 @@ import torch
 from conftest import data_file, write_examples
 
 from minillama.checkpoint import load_checkpoint, save_checkpoint
+from minillama.cli import main
 from minillama.config import ModelConfig
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
@@ -122,26 +121,22 @@ def test_bad_hellaswag_files(tmp_path):
         load_examples(bad)
 
 
-@pytest.mark.slow
-def test_cli_hellaswag_json_and_exit_codes(tmp_path, tokenizer, small_config):
+def test_cli_hellaswag_json_and_exit_codes(tmp_path, tokenizer, small_config, capsys):
     model = Transformer(small_config)
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     data = write_examples(tmp_path / "hs.jsonl", 6)
-    result = subprocess.run([sys.executable, "-m", "minillama", "eval", "hellaswag", str(tmp_path / "ckpt"), "--data", str(data),
-                             "--json", "--batch-size", "4"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    assert main(["eval", "hellaswag", str(tmp_path / "ckpt"), "--data", str(data), "--json", "--batch-size", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["examples"] == 6 and len(report["predictions"]) == 6 and "completion-style" in report["scoring"]
     right = [float(p["pred_norm"] == p["label"]) for p in report["predictions"]]
     assert report["acc_norm_stderr"] == pytest.approx(np.std(right, ddof=1) / np.sqrt(6))  # as lm-eval's stderr
-    text = subprocess.run([sys.executable, "-m", "minillama", "eval", "hellaswag", str(tmp_path / "ckpt"), "--data", str(data)],
-                          capture_output=True, text=True).stdout
+    assert main(["eval", "hellaswag", str(tmp_path / "ckpt"), "--data", str(data)]) == 0
+    text = capsys.readouterr().out
     assert f"acc_norm {report['acc_norm']:.4f} ± {report['acc_norm_stderr']:.4f}" in text
     assert "(a sample of 6 of the 10,042 validation examples: at 95% confidence it tells a model apart from the reference" in text
     (tmp_path / "broken.jsonl").write_text("{\n")
-    failed = subprocess.run([sys.executable, "-m", "minillama", "eval", "hellaswag", str(tmp_path / "ckpt"), "--data",
-                             str(tmp_path / "broken.jsonl")], capture_output=True, text=True)
-    assert failed.returncode == 2 and "broken.jsonl:1" in failed.stderr
+    assert main(["eval", "hellaswag", str(tmp_path / "ckpt"), "--data", str(tmp_path / "broken.jsonl")]) == 2
+    assert "broken.jsonl:1" in capsys.readouterr().err
 
 
 def test_validation_loss_and_bits_per_byte_against_a_direct_computation(tmp_path, tokenizer, corpus_file, small_config):
@@ -255,15 +250,14 @@ def test_curves_draw_the_reference_loss_only_for_runs_like_it(tiny_run_dir):
 
 
 @pytest.mark.slow
-def test_plot_of_a_run_in_progress_and_of_no_run(tmp_path, tiny_run_dir):
+def test_plot_of_a_run_in_progress_and_of_no_run(tmp_path, tiny_run_dir, capsys):
     partial = tmp_path / "partial"
     partial.mkdir()
     lines = (tiny_run_dir / "metrics.jsonl").read_text().splitlines()
     (partial / "metrics.jsonl").write_text("\n".join(l for l in lines if '"kind": "eval"' not in l)[:-20])  # cut mid-line
     assert plot_runs([partial], tmp_path / "p.png").is_file()
-    result = subprocess.run([sys.executable, "-m", "minillama", "plot", str(tmp_path / "empty"), "-o", str(tmp_path / "x.png")],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "has no metrics.jsonl" in result.stderr
+    assert main(["plot", str(tmp_path / "empty"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -290,16 +284,15 @@ def test_notebooks_run_where_jupyter_starts_them(tiny_run_dir, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_eval_loss_command_reproduces_the_logged_val_loss(tiny_run_dir):
+def test_eval_loss_command_reproduces_the_logged_val_loss(tiny_run_dir, capsys):
     """The final evaluation runs after the last update, on the weights the final checkpoint holds."""
     records = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if r["kind"] == "eval"][-1]
     # without --data: the run's own data.dir (its config.toml names it)
-    result = subprocess.run([sys.executable, "-m", "minillama", "eval", "loss", str(tiny_run_dir), "--tokens", "1024",
-                             "--seq-len", "64", "--batch-size", "4", "--json"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert f"scoring {tiny_run_dir.parent / 'data'}, the run's data.dir" in result.stderr
-    measured = json.loads(result.stdout)
+    assert main(["eval", "loss", str(tiny_run_dir), "--tokens", "1024", "--seq-len", "64", "--batch-size", "4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert f"scoring {tiny_run_dir.parent / 'data'}, the run's data.dir" in err
+    measured = json.loads(out)
     assert abs(measured["loss"] - logged["val_loss"]) < 1e-5
     assert abs(measured["bits_per_byte"] - logged["val_bits_per_byte"]) < 1e-5
 

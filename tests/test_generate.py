@@ -1,5 +1,4 @@
 import io
-import subprocess
 import sys
 
 import pytest
@@ -188,13 +187,12 @@ def test_cli_stream_prints_characters_spelled_in_byte_tokens_whole(stories, caps
         assert capsys.readouterr().out == f"Sample 0: Once upon a time{expected}\n"
 
 
-@pytest.mark.slow
-def test_cli_refuses_a_tokenizer_with_another_vocab(tmp_path, tokenizer):
+def test_cli_refuses_a_tokenizer_with_another_vocab(tmp_path, tokenizer, capsys):
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=512, multiple_of=16, max_seq_len=32))
     save_checkpoint(tmp_path / "ckpt", model)
-    result = subprocess.run([sys.executable, "-m", "minillama", "generate", str(tmp_path / "ckpt"), "hi", "--tokenizer", str(tokenizer.path)],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "has vocab 320, checkpoint" in result.stderr and "has 512" in result.stderr
+    assert main(["generate", str(tmp_path / "ckpt"), "hi", "--tokenizer", str(tokenizer.path)]) == 2
+    err = capsys.readouterr().err
+    assert "has vocab 320, checkpoint" in err and "has 512" in err
 
 
 def test_top_k_zero_means_no_cut(model):
@@ -204,14 +202,17 @@ def test_top_k_zero_means_no_cut(model):
     assert sampled(0) == sampled(None) != sampled(2)
 
 
-@pytest.mark.slow
-def test_cli_interactive_prompts_get_successive_seeds_and_long_prompts_fail_before_printing(tmp_path, model, tokenizer):
+def test_cli_interactive_prompts_get_successive_seeds_and_long_prompts_fail_before_printing(tmp_path, model, tokenizer, capsys,
+                                                                                             monkeypatch):
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
-    base = [sys.executable, "-m", "minillama", "generate", str(tmp_path / "ckpt"), "--num-samples", "1", "--max-new-tokens", "10"]
-    interactive = subprocess.run(base + ["--interactive", "--seed", "7"], input="The cat\nThe cat\n", capture_output=True, text=True)
-    first, second = [line for line in interactive.stdout.splitlines() if line.startswith("Sample 0:")]
+    base = ["generate", str(tmp_path / "ckpt"), "--num-samples", "1", "--max-new-tokens", "10"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"The cat\nThe cat\n")))  # as a terminal's lines arrive
+    assert main(base + ["--interactive", "--seed", "7"]) == 0
+    out, err = capsys.readouterr()
+    first, second = [line for line in out.splitlines() if line.startswith("Sample 0:")]
     assert first == "Sample 0: The cat" + generate(model, tokenizer, "The cat", 1, 10, seed=7)[0]
     assert second == "Sample 0: The cat" + generate(model, tokenizer, "The cat", 1, 10, seed=8)[0] != first
-    assert f"using {tmp_path / 'ckpt'}" in interactive.stderr
-    too_long = subprocess.run(base[:5] + ["word " * 200] + base[5:], capture_output=True, text=True)
-    assert too_long.returncode == 2 and too_long.stdout == "" and "too many for the model's max_seq_len of 128" in too_long.stderr
+    assert f"using {tmp_path / 'ckpt'}" in err
+    assert main(base[:2] + ["word " * 200] + base[2:]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "too many for the model's max_seq_len of 128" in err

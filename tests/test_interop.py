@@ -4,7 +4,6 @@ import os
 import random
 import struct
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from conftest import data_file
 from safetensors.torch import load_file
 
 from minillama.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
+from minillama.cli import main
 from minillama.config import ModelConfig
 from minillama.errors import MiniLlamaError
 from minillama.generate import document_end_ids, generate_tokens
@@ -232,8 +232,7 @@ def test_untied_model_round_trips_through_llama2c(tmp_path, small_config, tokeni
     assert all(torch.equal(a, b) for a, b in zip(model_state_dict(model).values(), model_state_dict(back).values()))
 
 
-@pytest.mark.slow
-def test_bad_llama2c_files(tmp_path, small_config, tokenizer):
+def test_bad_llama2c_files(tmp_path, small_config, tokenizer, capsys):
     save_checkpoint(tmp_path / "ckpt", Transformer(small_config), tokenizer)
     export_llama2c(tmp_path / "ckpt", tmp_path / "good.bin", version=1)
     good = (tmp_path / "good.bin").read_bytes()
@@ -251,9 +250,9 @@ def test_bad_llama2c_files(tmp_path, small_config, tokenizer):
     other = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=512, multiple_of=16, max_seq_len=32))
     save_checkpoint(tmp_path / "other", other)
     export_llama2c(tmp_path / "other", tmp_path / "v512.bin")
-    result = subprocess.run([sys.executable, "-m", "minillama", "import", "llama2c", str(tmp_path / "v512.bin"), str(tmp_path / "out"),
-                             "--tokenizer", str(tokenizer.path)], capture_output=True, text=True)
-    assert result.returncode == 2 and "has vocab 320" in result.stderr and "has 512" in result.stderr
+    assert main(["import", "llama2c", str(tmp_path / "v512.bin"), str(tmp_path / "out"), "--tokenizer", str(tokenizer.path)]) == 2
+    err = capsys.readouterr().err
+    assert "has vocab 320" in err and "has 512" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -348,8 +347,6 @@ def tree(folder):
 
 
 def test_exports_and_imports_never_replace_what_they_did_not_write(tmp_path, small_config, tokenizer, capsys):
-    from minillama.cli import main
-
     run = tmp_path / "run"
     save_checkpoint(run / "checkpoints" / "step_0000001", Transformer(small_config), tokenizer, training_state={"step": 1})
     (tmp_path / "notes").mkdir()
@@ -390,8 +387,6 @@ def test_exports_and_imports_never_replace_what_they_did_not_write(tmp_path, sma
 @pytest.mark.slow
 def test_leftovers_of_a_killed_export_are_cleared_by_the_next_one_and_a_live_writers_are_not(tmp_path, small_config, tokenizer,
                                                                                                corpus_file):
-    from minillama.cli import main
-
     save_checkpoint(tmp_path / "ckpt", Transformer(small_config), tokenizer)
     dead = subprocess.Popen(["true"])
     dead.wait()  # a process id that no longer runs, as after kill -9
