@@ -452,8 +452,7 @@ def test_a_full_disk_at_a_save_is_one_line_and_the_last_checkpoint_stays_loadabl
              "optim.warmup_steps=1", "checkpoint.interval=2", "checkpoint.keep_last=1", f"parallel={parallel}"]
     overrides = tiny_run(tmp_path, data_dir, tokenizer, *small)
     config = config_file(tmp_path, overrides)
-    command = [sys.executable, "-m", "minillama", "train", "--config", str(config)]
-    assert subprocess.run(command + ["--set", "stop_at_step=2"], capture_output=True).returncode == 0
+    train(load_train_config(config, ["stop_at_step=2"]))
     step2 = tmp_path / "run" / "checkpoints" / "step_0000002"
     limit = max(p.stat().st_size for p in step2.rglob("*") if p.is_file()) - 1  # every other file it writes is smaller
 
@@ -461,13 +460,14 @@ def test_a_full_disk_at_a_save_is_one_line_and_the_last_checkpoint_stays_loadabl
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a short write instead of the signal that kills
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size)
+    result = subprocess.run([sys.executable, "-m", "minillama", "train", "--config", str(config)], capture_output=True, text=True,
+                            preexec_fn=limit_file_size)  # a process of its own: the limit is per process
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"minillama: error: could not write checkpoint {tmp_path / 'run' / 'checkpoints' / 'step_0000004'} (")
     assert last.endswith("a full disk, quota or file-size limit? free some space and run the same command again to resume from the last checkpoint")
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000002"]
-    assert subprocess.run(command, capture_output=True).returncode == 0  # space again: it resumes from step 2
+    train(load_train_config(config))  # space again: the same run resumes from step 2
     assert len(train_losses(tmp_path / "run")[0]) == 4
 
 

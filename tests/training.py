@@ -40,9 +40,12 @@ def run_cli(*args, env_extra=None, check=True):
 
 
 def uninterrupted_losses(tmp_path, overrides):
+    """The losses of the run `overrides` describe, trained in this process from start to end."""
+    from minillama.train.loop import train
+
     folder = tmp_path / "straight"
     folder.mkdir()
-    run_cli("-m", "minillama", "train", "--config", str(config_file(folder, overrides)), "--set", f"run_dir={folder / 'run'}")
+    train(load_train_config(config_file(folder, overrides), [f"run_dir={folder / 'run'}"]))
     return train_losses(folder / "run")[0]
 
 
