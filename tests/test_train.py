@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_examples
-from training import config_file, run_cli, start_run_until_step, tiny_run, train_losses, uninterrupted_losses
+from training import config_file, resume_in_this_process, run_cli, start_run_until_step, tiny_run, train_losses, uninterrupted_losses
 
 from minillama.checkpoint import read_checkpoint_info
 from minillama.data.shards import read_manifest
@@ -60,11 +60,11 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, data_dir, tokenizer,
     expected = uninterrupted_losses(tmp_path, overrides)
     killed = tmp_path / "killed"
     # kill -9 once step 9 is logged: after the step-8 checkpoint, mid-interval
-    process, command = start_run_until_step(killed, overrides, 9, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process, _ = start_run_until_step(killed, overrides, 9, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert sorted(p.name for p in (killed / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] <= "step_0000012"
-    run_cli(*command[1:], "--resume")
+    resume_in_this_process(killed)
     resumed, _ = train_losses(killed / "run")
     assert len(resumed) == len(expected) == 14
     assert resumed == expected  # bit for bit: same weights, optimizer, data position and dropout RNG
@@ -81,7 +81,7 @@ def test_sigterm_saves_the_last_finished_step_and_the_resume_equals_an_uninterru
     overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=14", "checkpoint.interval=100")
     expected = uninterrupted_losses(tmp_path, overrides)
     stopped = tmp_path / "stopped"
-    process, command = start_run_until_step(stopped, overrides, 5, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process, _ = start_run_until_step(stopped, overrides, 5, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 143, stderr
@@ -90,7 +90,7 @@ def test_sigterm_saves_the_last_finished_step_and_the_resume_equals_an_uninterru
     assert stderr.strip().splitlines()[-1] == (f"minillama: stopped by SIGTERM after step {steps_done}; saved {checkpoint}; "
                                                "run the same command to resume")
     assert 6 <= steps_done < 14 and checkpoint.is_dir()
-    run_cli(*command[1:], "--resume")
+    resume_in_this_process(stopped)
     assert train_losses(stopped / "run")[0] == expected
 
 
@@ -105,7 +105,7 @@ def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, 
     one, two = tmp_path / "one", tmp_path / "two"
     for folder in (one, two):
         folder.mkdir()
-    run_cli("-m", "minillama", "train", "--config", str(config_file(one, common)), "--set", f"run_dir={one / 'run'}")
+    train(load_train_config(config_file(one, common), [f"run_dir={one / 'run'}"]))
     run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minillama", "train",
             "--config", str(config_file(two, common)), "--set", f"run_dir={two / 'run'}",
             env_extra={"OMP_NUM_THREADS": "1"})

@@ -49,6 +49,13 @@ def uninterrupted_losses(tmp_path, overrides):
     return train_losses(folder / "run")[0]
 
 
+def resume_in_this_process(folder):
+    """`minillama train --resume` of the run `start_run_until_step` started in `folder`, called in this process."""
+    from minillama.train.loop import train
+
+    train(load_train_config(folder / "run.toml", [f"run_dir={folder / 'run'}"]), resume="always")
+
+
 def torchrun(nproc, *args):
     """`python -m minillama ARGS` under torchrun with `nproc` processes on this machine."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "minillama", *args]
