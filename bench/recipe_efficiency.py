@@ -2,8 +2,8 @@
 ablation of the speedrun recipe's options.
 
 usage: python bench/recipe_efficiency.py [--steps 100] [--seeds 0 1 2] [--corpora shakespeare python docs] [--options ...]
-                                         [--candidates ...] [--lr X --muon-lr Y] [--embedding-lr 2 | --sweep-embedding-lr]
-                                         [--no-ablation] [--threads N]
+                                         [--candidates ...] [--lr X --muon-lr Y] [--embedding-lr 2 --stages 10%/25% | --tune-speedrun]
+                                         [--no-ablation] [--budgets 0.2 0.25 ...] [--threads N]
 Each corpus is split by position into train (80%), tune (10%) and validation (10%) text, and gets its own
 1024-token BPE vocabulary, trained on the train part. The baseline is the reference recipe scaled down (AdamW,
 betas 0.9/0.95, weight decay 0.1, warmup + cosine to 10%, clip 1.0) with its learning rate picked from a sweep by the
@@ -15,7 +15,12 @@ output projections, batch-size stages); the speedrun recipe with each option off
 and with each of the --candidates added. Every run of a seed draws its batches from the same generator. Prints one
 JSON line per run, then a summary per corpus: final validation loss (mean and spread over seeds) after the same
 steps (fewer tokens where batch stages shrink the first steps), and the tokens each recipe needs to reach the
-baseline's mean final validation loss, as a fraction of the baseline's tokens.
+baseline's mean final validation loss, as a fraction of the baseline's tokens. That fraction is read off a run
+planned for all the steps (mid-run, WSD is still at its peak rate, its loss above what a run that decays there
+reaches); a speedrun plans its own, shorter run (the speedrun config sets max_steps), so Muon + WSD and the speedrun
+recipe are also trained for each of --budgets (fractions of --steps) with every schedule length scaled to that run,
+and the fewest tokens of a run whose mean final validation loss reaches the baseline's is reported too
+(`own_schedule_ratio`).
 Corpora: tiny shakespeare ($MINILLAMA_TEST_DATA), the Python standard library's own .py files, and the prose of
 Python's documentation topics as shipped with the interpreter (pydoc_data); the last two are on every machine.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sysconfig
@@ -49,6 +55,8 @@ BASELINE = OptimConfig(name="adamw", schedule="cosine", weight_decay=0.1, beta1=
 SWEEP = (1e-3, 3e-3, 6e-3)
 MUON_SWEEP = (0.01, 0.02, 0.04)
 EMBEDDING_SWEEP = (2.0, 4.0, 8.0)
+# Batch stages: until this fraction of the steps, the batch divided by this much.
+STAGES = {"10%/25%": ((0.1, 4), (0.25, 2)), "25%/50%": ((0.25, 4), (0.5, 2))}
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class Recipe:
     document_masking: bool = False
 
 
-def speedrun_options(steps: int, embedding_lr: float = 2.0) -> dict[str, dict]:
+def speedrun_options(steps: int, embedding_lr: float = 2.0, stages: str = "10%/25%") -> dict[str, dict]:
     """The speedrun recipe's options, each as the changes it makes to a Muon + WSD recipe (optimizer fields, or
     the recipe's own); the schedule lengths are fractions of the run."""
     return {
@@ -74,8 +82,7 @@ def speedrun_options(steps: int, embedding_lr: float = 2.0) -> dict[str, dict]:
         "cautious weight decay": {"muon_cautious_weight_decay": True},
         "embedding lr": {"embedding_lr_multiplier": embedding_lr},
         "zero-init projections": {"zero_init": True},
-        # a quarter of the batch for the first tenth of the steps, half until a quarter
-        "batch stages": {"stages": ((steps // 10, BATCH // 4 * SEQ), (steps // 4, BATCH // 2 * SEQ))},
+        "batch stages": {"stages": tuple((int(steps * until), BATCH // divisor * SEQ) for until, divisor in STAGES[stages])},
     }
 
 
@@ -199,14 +206,38 @@ def swept(data: dict[str, np.ndarray], make: Callable[[float], Recipe], grid: tu
     return min(losses, key=losses.get)
 
 
+def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
+    """The held-out loss curve averaged over seeds (the same tokens at each evaluation)."""
+    return [(t, statistics.mean(r["curve"][i][1] for r in runs)) for i, (t, _) in enumerate(runs[0]["curve"])]
+
+
+def tuned_speedrun(data: dict[str, np.ndarray], lr: float, muon_lr: float, steps: int, chosen: list[str], seeds: list[int],
+                   corpus: str) -> tuple[float, str]:
+    """The embedding multiplier and batch stages picked on the tune split by what the goal measures: the fewest
+    tokens for the speedrun recipe's mean tune curve to reach the baseline's mean final tune loss (over all seeds);
+    ties, or none reaching it, by the final tune loss."""
+    baseline = recipes(lr, muon_lr, steps, [], [], 1.0, False)["adamw+cosine"]
+    target = statistics.mean(run(data, baseline, seed, steps, "tune")["final"] for seed in seeds)
+    scores = {}
+    for embedding_lr in EMBEDDING_SWEEP:
+        for stages in STAGES:
+            curve = mean_curve([run(data, recipes(lr, muon_lr, steps, chosen, [], embedding_lr, False, stages)["speedrun"], seed, steps,
+                                    "tune") for seed in seeds])
+            needed = tokens_to_reach(curve, target)
+            scores[embedding_lr, stages] = (math.inf if needed is None else needed, curve[-1][1])
+            print(json.dumps({"corpus": corpus, "tune_embedding_lr": embedding_lr, "tune_stages": stages, "adamw_tune_loss": round(target, 4),
+                              "tokens_to_reach": needed and round(needed), "final_tune_loss": round(curve[-1][1], 4)}), flush=True)
+    return min(scores, key=scores.get)
+
+
 def recipes(lr: float, muon_lr: float, steps: int, chosen: list[str], tried: list[str], embedding_lr: float,
-            ablation: bool) -> dict[str, Recipe]:
+            ablation: bool, stages: str = "10%/25%") -> dict[str, Recipe]:
     """The baseline, Muon + WSD, the speedrun recipe (Muon + WSD with every chosen option), the speedrun recipe
     with each of its options off in turn, and with each tried candidate added."""
     schedule = dict(max_steps=steps, warmup_steps=max(1, steps // 15))
     adamw = replace(BASELINE, lr=lr, min_lr=lr / 10, **schedule)
     muon = replace(adamw, name="muon", schedule="wsd", muon_lr=muon_lr)
-    options = {name: changes for name, changes in speedrun_options(steps, embedding_lr).items() if name in chosen}
+    options = {name: changes for name, changes in speedrun_options(steps, embedding_lr, stages).items() if name in chosen}
 
     def speedrun(without: str | None = None, added: dict | None = None) -> Recipe:
         changes = {k: v for name, option in options.items() if name != without for k, v in option.items()} | (added or {})
@@ -225,11 +256,15 @@ def main() -> None:
     parser.add_argument("--corpora", nargs="+", default=["shakespeare", "python", "docs"])
     parser.add_argument("--options", nargs="+", default=list(speedrun_options(1)), help="the speedrun recipe's options")
     parser.add_argument("--embedding-lr", type=float, default=2.0, help="the embedding lr option's multiplier of AdamW's rate")
-    parser.add_argument("--sweep-embedding-lr", action="store_true", help="pick that multiplier on the tune split instead")
+    parser.add_argument("--stages", choices=list(STAGES), default="10%/25%", help="the batch stages option's schedule")
+    parser.add_argument("--tune-speedrun", action="store_true",
+                        help="pick the embedding multiplier and the batch stages on the tune split instead (all seeds)")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True, help="each option off in turn")
     parser.add_argument("--candidates", nargs="*", default=list(candidates(1)), help="options tried on top of the recipe")
     parser.add_argument("--lr", type=float, help="AdamW's rate, as an earlier sweep on the tune split found it (skips the sweep)")
     parser.add_argument("--muon-lr", type=float, help="Muon's rate, likewise")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[0.2, 0.25, 0.33, 0.5],
+                        help="fractions of --steps: Muon + WSD and the speedrun recipe trained for that many steps, their schedules scaled")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="1 per corpus when running corpora side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -243,28 +278,42 @@ def main() -> None:
             muon_lr = args.muon_lr or swept(data, lambda v: Recipe(replace(BASELINE, name="muon", schedule="wsd", lr=lr, min_lr=lr / 10,
                                                                            muon_lr=v, **schedule)), MUON_SWEEP, args.seeds[0],
                                             args.steps, "muon_lr", corpus)
-            embedding_lr = args.embedding_lr
-            if args.sweep_embedding_lr:  # the speedrun recipe's embedding multiplier, on the tune split like the rates
-                embedding_lr = swept(data, lambda v: recipes(lr, muon_lr, args.steps, args.options, [], v, False)["speedrun"],
-                                     EMBEDDING_SWEEP, args.seeds[0], args.steps, "embedding_lr", corpus)
+            embedding_lr, stages = args.embedding_lr, args.stages
+            if args.tune_speedrun:
+                embedding_lr, stages = tuned_speedrun(data, lr, muon_lr, args.steps, args.options, args.seeds, corpus)
             results: dict[str, list[dict]] = {}
-            for name, recipe in recipes(lr, muon_lr, args.steps, args.options, args.candidates, embedding_lr, args.ablation).items():
+            for name, recipe in recipes(lr, muon_lr, args.steps, args.options, args.candidates, embedding_lr, args.ablation,
+                                         stages).items():
                 for seed in args.seeds:
                     result = run(data, recipe, seed, args.steps, "val")
                     results.setdefault(name, []).append(result)
                     print(json.dumps({"corpus": corpus, "recipe": name, "seed": seed, "final_val_loss": round(result["final"], 4),
                                       "seconds": round(result["seconds"], 1)}), flush=True)
             target = statistics.mean(r["final"] for r in results["adamw+cosine"])
+            budgets = {}
+            for name in ("muon+wsd", "speedrun"):
+                for fraction in args.budgets:  # a shorter run of its own, as a speedrun config sets max_steps
+                    steps = round(args.steps * fraction)
+                    recipe = recipes(lr, muon_lr, steps, args.options, [], embedding_lr, False, stages)[name]
+                    runs = [run(data, recipe, seed, steps, "val") for seed in args.seeds]
+                    finals = [r["final"] for r in runs]
+                    budgets.setdefault(name, []).append(
+                        {"steps": steps, "ratio": round(runs[0]["tokens"] / total, 3), "final_val_loss": round(statistics.mean(finals), 4),
+                         "spread": round(max(finals) - min(finals), 4), "reaches": statistics.mean(finals) <= target})
+                    print(json.dumps({"corpus": corpus, "recipe": name, "own_steps": steps, "finals": [round(f, 4) for f in finals]}),
+                          flush=True)
             summary = {}
             for name, runs in results.items():
-                mean_curve = [(t, statistics.mean(r["curve"][i][1] for r in runs)) for i, (t, _) in enumerate(runs[0]["curve"])]
-                needed = tokens_to_reach(mean_curve, target)
+                needed = tokens_to_reach(mean_curve(runs), target)
                 finals = [r["final"] for r in runs]
                 summary[name] = {"final_val_loss": round(statistics.mean(finals), 4), "spread": round(max(finals) - min(finals), 4),
                                  "tokens": runs[0]["tokens"],
                                  "tokens_to_adamw_final": needed and round(needed), "ratio": needed and round(needed / total, 3)}
             print(json.dumps({"corpus": corpus, "tokens_per_run": total, "tuned_adamw_lr": lr, "tuned_muon_lr": muon_lr,
-                              "embedding_lr": embedding_lr, "model": f"dim {MODEL.dim}, {MODEL.n_layers} layers", "recipes": summary,
+                              "embedding_lr": embedding_lr, "stages": stages, "model": f"dim {MODEL.dim}, {MODEL.n_layers} layers", "recipes": summary,
+                              "own_schedule": budgets,
+                              "own_schedule_ratio": {name: min((b["ratio"] for b in rows if b["reaches"]), default=None)
+                                                     for name, rows in budgets.items()},
                               "goal": "speedrun ratio <= 0.25"}), flush=True)
 
 
