@@ -167,7 +167,7 @@ summarize_run "$WORK/auto_run" "micro_batch = auto ($AUTO_SEQUENCES sequences pe
 AB=(--set optim.max_steps="$AB_STEPS" --set optim.warmup_steps=$((AB_STEPS / 15 + 1)) --set eval.interval=$((AB_STEPS / 4))
     --set eval.hellaswag=false --set eval.num_samples=0 --set checkpoint.interval=1000)
 SPEEDRUN_SCALED=(--set optim.muon_momentum_cooldown_steps=$((AB_STEPS / 10))
-    --set "batch.stages=[[$((AB_STEPS / 4)), $((MICRO * SEQ))]]")  # half the batch for the first quarter
+    --set "batch.stages=[[$((AB_STEPS / 2)), $((MICRO * SEQ))]]")  # half the batch for the first half (two micro-batches: no quarter)
 for recipe in adamw:mini-llama-109M muon:mini-llama-109M-muon speedrun:mini-llama-109M-speedrun; do
     name=${recipe%%:*}
     extra=()
