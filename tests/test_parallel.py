@@ -63,23 +63,6 @@ def test_two_rank_fsdp_matches_one_process_with_double_accumulation(tmp_path, da
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp_samples_on_rank_0_alone_without_hellaswag_and_matches_one_process(tmp_path, data_dir, tokenizer):
-    """Rank 0 samples while rank 1 goes straight on to the next step (no HellaSwag to keep them together): the
-    sampling must not touch FSDP's state, or the next step's gathers differ across ranks (gloo aborts)."""
-    overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=6", "batch.total_tokens=1024", "eval.interval=2",
-                         "eval.num_samples=2", "eval.sample_tokens=12", "checkpoint.interval=1000")
-    train(load_train_config("configs/tiny.toml", overrides))
-    sharded = tmp_path / "sharded"
-    sharded.mkdir()
-    run_cli(*torchrun(2, "train", "--config", str(config_file(sharded, overrides)), "--set", f"run_dir={sharded / 'run'}",
-                      "--set", "parallel=fsdp")[1:], env_extra={"OMP_NUM_THREADS": "1"})
-    (single, single_records), (double, double_records) = train_losses(tmp_path / "run"), train_losses(sharded / "run")
-    assert len(single) == len(double) == 6 and max(abs(a - b) for a, b in zip(single, double)) < 1e-5
-    samples = [[r["samples"] for r in records if r["kind"] == "samples"] for records in (single_records, double_records)]
-    assert len(samples[1]) == 4 and samples[0] == samples[1]  # steps 0, 2, 4, 6: the same text from gathered weights
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir, tokenizer, mode):
     """Recomputed activations replay the forward's dropout masks, so the gradients are the same."""
@@ -184,20 +167,24 @@ def test_one_rank_fsdp_equals_the_plain_run_with_a_tied_or_untied_head(tmp_path,
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp_with_muon_matches_one_process(tmp_path, data_dir, tokenizer):
+def test_two_rank_fsdp_with_muon_and_samples_on_rank_0_alone_matches_one_process(tmp_path, data_dir, tokenizer):
     """Muon orthogonalises whole matrices; under FSDP each rank holds a slice of each, and the iteration (and the
-    cautious decay's sign test) on those sharded tensors must still act on the whole matrix."""
+    cautious decay's sign test) on those sharded tensors must still act on the whole matrix. Rank 0 samples while
+    rank 1 goes straight on to the next step (no HellaSwag to keep them together): the sampling must not touch
+    FSDP's state, or the next step's gathers differ across ranks (gloo aborts)."""
     overrides = tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=6", "batch.total_tokens=1024", "optim.name=muon",
                          "optim.schedule=wsd", "checkpoint.interval=1000", "optim.muon_orthogonalization=polar_express",
-                         "optim.muon_weight_decay=0.1", "optim.muon_cautious_weight_decay=true")
+                         "optim.muon_weight_decay=0.1", "optim.muon_cautious_weight_decay=true", "eval.interval=2",
+                         "eval.num_samples=2", "eval.sample_tokens=12")
     train(load_train_config("configs/tiny.toml", overrides))
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     run_cli(*torchrun(2, "train", "--config", str(config_file(sharded, overrides)), "--set", f"run_dir={sharded / 'run'}",
                       "--set", "parallel=fsdp")[1:], env_extra={"OMP_NUM_THREADS": "1"})
-    single, double = train_losses(tmp_path / "run")[0], train_losses(sharded / "run")[0]
-    assert len(single) == len(double) == 6
-    assert max(abs(a - b) for a, b in zip(single, double)) < 1e-5
+    (single, single_records), (double, double_records) = train_losses(tmp_path / "run"), train_losses(sharded / "run")
+    assert len(single) == len(double) == 6 and max(abs(a - b) for a, b in zip(single, double)) < 1e-5
+    samples = [[r["samples"] for r in records if r["kind"] == "samples"] for records in (single_records, double_records)]
+    assert len(samples[1]) == 4 and samples[0] == samples[1]  # steps 0, 2, 4, 6: the same text from gathered weights
 
 
 @pytest.mark.slow

@@ -35,8 +35,9 @@ def unigram_entropy(data_dir):
 @pytest.mark.slow
 def test_loss_falls_well_below_unigram_entropy(tmp_path, data_dir, tokenizer):
     """A model that learned nothing beyond token frequencies scores the unigram entropy; the grammar of the
-    corpus makes much lower loss reachable, and 90 steps of the tiny model must get a good part of the way."""
-    config = load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=90", "checkpoint.interval=1000"))
+    corpus makes much lower loss reachable, and 40 steps of the tiny model must get a good part of the way (they
+    reach about a quarter of it; 90 steps, a ninth)."""
+    config = load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, "stop_at_step=40", "checkpoint.interval=1000"))
     train(config)
     losses, records = train_losses(tmp_path / "run")
     final_val = [r for r in records if r["kind"] == "eval"][-1]
