@@ -74,9 +74,8 @@ def task_dir(tmp_path_factory, test_data):
 
 @pytest.fixture(scope="module")
 def task_manager(task_dir):
-    """The harness's index of every task and the local ones, the one `eval harness --include-path` uses (building
-    it takes seconds: once)."""
-    return harness.task_manager(task_dir)
+    """The index of the local tasks, the one `eval harness --include-path` uses when it holds every task asked for."""
+    return harness.task_manager(task_dir, TASKS + ["hellaswag_stock", "shakespeare_short_rolling"])
 
 
 def evaluate_both(checkpoint, manager, tmp_path, limit=None):
@@ -88,14 +87,23 @@ def evaluate_both(checkpoint, manager, tmp_path, limit=None):
     return ours, theirs
 
 
-def test_the_task_index_is_built_once_per_state_of_the_include_folder(tmp_path, monkeypatch):
+def test_the_task_index_is_built_once_per_state_of_the_include_folder_and_of_it_alone_when_it_holds_the_tasks(tmp_path,
+                                                                                                           monkeypatch):
     built = []
-    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda include_path=None: built.append(include_path) or object())
+
+    class Index:  # lm-eval's TaskManager as far as the choice goes: the folder's task "a", or the harness's too
+        def __init__(self, include_path=None, include_defaults=True):
+            built.append((include_path, include_defaults))
+            self.all_subtasks = ["a", "arc_easy"] if include_defaults else ["a"]
+
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", Index)
     (tmp_path / "a.yaml").write_text("task: a\n")
-    first = harness.task_manager(tmp_path)
-    assert harness.task_manager(tmp_path) is first and built == [str(tmp_path)]
+    own = harness.task_manager(tmp_path, ["a"])
+    assert harness.task_manager(tmp_path, ["a"]) is own and built == [(str(tmp_path), False)]
+    assert harness.task_manager(tmp_path, ["a", "arc_easy"]).all_subtasks == ["a", "arc_easy"]
+    assert built == [(str(tmp_path), False), (str(tmp_path), True)]
     (tmp_path / "b.yaml").write_text("task: b\n")  # a task added between two evaluations in one session
-    assert harness.task_manager(tmp_path) is not first and built == [str(tmp_path)] * 2
+    assert harness.task_manager(tmp_path, ["a"]) is not own and built[-1] == (str(tmp_path), False) and len(built) == 3
 
 
 @pytest.mark.slow
@@ -156,7 +164,7 @@ def test_cli_runs_tasks_writes_results_into_the_run_and_report_shows_them(tiny, 
 
 @pytest.mark.slow
 def test_cli_refuses_unknown_tasks_bad_limits_and_hub_tasks_offline_in_one_line(stories, task_dir, capsys, monkeypatch):
-    assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_locale", "--include-path", str(task_dir)]) == 2
+    assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_locale"]) == 2  # checked against the harness's tasks
     assert capsys.readouterr().err.startswith("minillama: error: unknown harness task 'hellaswag_locale'; list them with")
     assert main(["eval", "harness", str(stories), "--tasks", "hellaswag_local", "--limit", "0", "--include-path", str(task_dir)]) == 2
     assert capsys.readouterr().err == "minillama: error: the example limit is 0.0; expected a positive number (or no limit)\n"

@@ -217,22 +217,27 @@ class MiniLlamaLM(TemplateLM):
         return results
 
 
-def task_manager(include_path: Path | None = None) -> Any:
-    """The harness's index of its tasks and those under `include_path`, built once per process for each state of
-    that folder's YAML files: building it reads every task file the harness ships (seconds), which repeated
-    `run_harness` calls in one session would otherwise pay each time."""
+def task_manager(include_path: Path | None = None, tasks: Sequence[str] = ()) -> Any:
+    """The harness's index of tasks: of `include_path` alone when every one of `tasks` is a plain task there
+    (indexing the thousands of task files the harness ships takes seconds, in every process of a torchrun), else
+    of the harness's own tasks and those under `include_path`. Built once per process for each state of that
+    folder's YAML files, so repeated `run_harness` calls in one session pay for it once."""
     if include_path is None:
-        return _indexed_tasks(None, ())
+        return _indexed_tasks(None, (), True)
     folder = Path(include_path)
     files = sorted(folder.rglob("*.yaml")) if folder.is_dir() else [folder]
-    return _indexed_tasks(str(folder), tuple((str(f), f.stat().st_mtime_ns) for f in files if f.exists()))
+    state = tuple((str(f), f.stat().st_mtime_ns) for f in files if f.exists())
+    own = _indexed_tasks(str(folder), state, False)
+    if tasks and all(task in own.all_subtasks for task in tasks):
+        return own
+    return _indexed_tasks(str(folder), state, True)
 
 
 @lru_cache(maxsize=4)
-def _indexed_tasks(include_path: str | None, yaml_files: tuple[tuple[str, int], ...]) -> Any:
+def _indexed_tasks(include_path: str | None, yaml_files: tuple[tuple[str, int], ...], with_harness_tasks: bool) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=with_harness_tasks)
 
 
 def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = None, batch_size: int = 16,
@@ -250,7 +255,7 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
         raise ArgumentError("no task names were given; pass {tasks}, e.g. hellaswag,arc_easy")
     if log_samples and output is None:
         raise ArgumentError("per-sample logs go beside the results file: give an {output} path for them")
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ArgumentError("unknown harness task {task!r}; list them with `lm_eval ls tasks`, or pass {include_path} (a "
