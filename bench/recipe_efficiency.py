@@ -2,7 +2,7 @@
 ablation of the speedrun recipe's options.
 
 usage: python bench/recipe_efficiency.py [--steps 100] [--seeds 0 1 2] [--corpora shakespeare python docs] [--options ...]
-                                         [--candidates ...] [--lr X --muon-lr Y] [--embedding-lr 2 --stages 10%/25% | --tune-speedrun]
+                                         [--candidates ...] [--lr X --muon-lr Y] [--embedding-lr 2 --stages 10%/25% | --tune-speedrun] [--tune-speedrun-muon-lr]
                                          [--no-ablation] [--budgets 0.2 0.25 ...] [--threads N]
 Each corpus is split by position into train (80%), tune (10%) and validation (10%) text, and gets its own
 1024-token BPE vocabulary, trained on the train part. The baseline is the reference recipe scaled down (AdamW,
@@ -211,29 +211,29 @@ def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
     return [(t, statistics.mean(r["curve"][i][1] for r in runs)) for i, (t, _) in enumerate(runs[0]["curve"])]
 
 
-def tuned_speedrun(data: dict[str, np.ndarray], lr: float, muon_lr: float, steps: int, chosen: list[str], seeds: list[int],
-                   corpus: str) -> tuple[float, str]:
-    """The embedding multiplier and batch stages picked on the tune split by what the goal measures: the fewest
-    tokens for the speedrun recipe's mean tune curve to reach the baseline's mean final tune loss (over all seeds);
-    ties, or none reaching it, by the final tune loss."""
-    baseline = recipes(lr, muon_lr, steps, [], [], 1.0, False)["adamw+cosine"]
+def tuned_speedrun(data: dict[str, np.ndarray], lr: float, steps: int, chosen: list[str], seeds: list[int], corpus: str,
+                   grid: list[tuple[float, float, str]]) -> tuple[float, float, str]:
+    """The speedrun recipe's (Muon rate, embedding multiplier, batch stages) from `grid`, picked on the tune split
+    by what the goal measures: the fewest tokens for its mean tune curve to reach the baseline's mean final tune
+    loss (over all seeds); ties, or none reaching it, by the final tune loss."""
+    baseline = recipes(lr, grid[0][0], steps, [], [], 1.0, False)["adamw+cosine"]
     target = statistics.mean(run(data, baseline, seed, steps, "tune")["final"] for seed in seeds)
     scores = {}
-    for embedding_lr in EMBEDDING_SWEEP:
-        for stages in STAGES:
-            curve = mean_curve([run(data, recipes(lr, muon_lr, steps, chosen, [], embedding_lr, False, stages)["speedrun"], seed, steps,
-                                    "tune") for seed in seeds])
-            needed = tokens_to_reach(curve, target)
-            scores[embedding_lr, stages] = (math.inf if needed is None else needed, curve[-1][1])
-            print(json.dumps({"corpus": corpus, "tune_embedding_lr": embedding_lr, "tune_stages": stages, "adamw_tune_loss": round(target, 4),
-                              "tokens_to_reach": needed and round(needed), "final_tune_loss": round(curve[-1][1], 4)}), flush=True)
+    for muon_lr, embedding_lr, stages in grid:
+        curve = mean_curve([run(data, recipes(lr, muon_lr, steps, chosen, [], embedding_lr, False, stages)["speedrun"], seed, steps,
+                                "tune") for seed in seeds])
+        needed = tokens_to_reach(curve, target)
+        scores[muon_lr, embedding_lr, stages] = (math.inf if needed is None else needed, curve[-1][1])
+        print(json.dumps({"corpus": corpus, "tune_muon_lr": muon_lr, "tune_embedding_lr": embedding_lr, "tune_stages": stages,
+                          "adamw_tune_loss": round(target, 4), "tokens_to_reach": needed and round(needed),
+                          "final_tune_loss": round(curve[-1][1], 4)}), flush=True)
     return min(scores, key=scores.get)
 
 
 def recipes(lr: float, muon_lr: float, steps: int, chosen: list[str], tried: list[str], embedding_lr: float,
-            ablation: bool, stages: str = "10%/25%") -> dict[str, Recipe]:
-    """The baseline, Muon + WSD, the speedrun recipe (Muon + WSD with every chosen option), the speedrun recipe
-    with each of its options off in turn, and with each tried candidate added."""
+            ablation: bool, stages: str = "10%/25%", speedrun_muon_lr: float | None = None) -> dict[str, Recipe]:
+    """The baseline, Muon + WSD, the speedrun recipe (Muon + WSD with every chosen option, at `speedrun_muon_lr`
+    if given), the speedrun recipe with each of its options off in turn, and with each tried candidate added."""
     schedule = dict(max_steps=steps, warmup_steps=max(1, steps // 15))
     adamw = replace(BASELINE, lr=lr, min_lr=lr / 10, **schedule)
     muon = replace(adamw, name="muon", schedule="wsd", muon_lr=muon_lr)
@@ -242,7 +242,7 @@ def recipes(lr: float, muon_lr: float, steps: int, chosen: list[str], tried: lis
     def speedrun(without: str | None = None, added: dict | None = None) -> Recipe:
         changes = {k: v for name, option in options.items() if name != without for k, v in option.items()} | (added or {})
         own = {k: changes.pop(k) for k in [f.name for f in fields(Recipe)] if k in changes}
-        return Recipe(replace(muon, **changes), **own)
+        return Recipe(replace(muon, muon_lr=speedrun_muon_lr or muon_lr, **changes), **own)
 
     return {"adamw+cosine": Recipe(adamw), "muon+wsd": Recipe(muon), "speedrun": speedrun(),
             **{f"speedrun without {option}": speedrun(without=option) for option in options if ablation},
@@ -259,6 +259,8 @@ def main() -> None:
     parser.add_argument("--stages", choices=list(STAGES), default="10%/25%", help="the batch stages option's schedule")
     parser.add_argument("--tune-speedrun", action="store_true",
                         help="pick the embedding multiplier and the batch stages on the tune split instead (all seeds)")
+    parser.add_argument("--tune-speedrun-muon-lr", action="store_true",
+                        help="pick the speedrun recipe's own Muon rate (Muon + WSD's / 2, x1, x2) on the tune split likewise")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True, help="each option off in turn")
     parser.add_argument("--candidates", nargs="*", default=list(candidates(1)), help="options tried on top of the recipe")
     parser.add_argument("--lr", type=float, help="AdamW's rate, as an earlier sweep on the tune split found it (skips the sweep)")
@@ -278,12 +280,14 @@ def main() -> None:
             muon_lr = args.muon_lr or swept(data, lambda v: Recipe(replace(BASELINE, name="muon", schedule="wsd", lr=lr, min_lr=lr / 10,
                                                                            muon_lr=v, **schedule)), MUON_SWEEP, args.seeds[0],
                                             args.steps, "muon_lr", corpus)
-            embedding_lr, stages = args.embedding_lr, args.stages
-            if args.tune_speedrun:
-                embedding_lr, stages = tuned_speedrun(data, lr, muon_lr, args.steps, args.options, args.seeds, corpus)
+            speedrun_muon_lr, embedding_lr, stages = muon_lr, args.embedding_lr, args.stages
+            grid = ([(muon_lr, e, s) for e in EMBEDDING_SWEEP for s in STAGES] if args.tune_speedrun else []) + (
+                [(m, embedding_lr, stages) for m in (muon_lr / 2, muon_lr, muon_lr * 2)] if args.tune_speedrun_muon_lr else [])
+            if grid:
+                speedrun_muon_lr, embedding_lr, stages = tuned_speedrun(data, lr, args.steps, args.options, args.seeds, corpus, grid)
             results: dict[str, list[dict]] = {}
             for name, recipe in recipes(lr, muon_lr, args.steps, args.options, args.candidates, embedding_lr, args.ablation,
-                                         stages).items():
+                                         stages, speedrun_muon_lr).items():
                 for seed in args.seeds:
                     result = run(data, recipe, seed, args.steps, "val")
                     results.setdefault(name, []).append(result)
@@ -294,7 +298,7 @@ def main() -> None:
             for name in ("muon+wsd", "speedrun"):
                 for fraction in args.budgets:  # a shorter run of its own, as a speedrun config sets max_steps
                     steps = round(args.steps * fraction)
-                    recipe = recipes(lr, muon_lr, steps, args.options, [], embedding_lr, False, stages)[name]
+                    recipe = recipes(lr, muon_lr, steps, args.options, [], embedding_lr, False, stages, speedrun_muon_lr)[name]
                     runs = [run(data, recipe, seed, steps, "val") for seed in args.seeds]
                     finals = [r["final"] for r in runs]
                     budgets.setdefault(name, []).append(
@@ -310,7 +314,7 @@ def main() -> None:
                                  "tokens": runs[0]["tokens"],
                                  "tokens_to_adamw_final": needed and round(needed), "ratio": needed and round(needed / total, 3)}
             print(json.dumps({"corpus": corpus, "tokens_per_run": total, "tuned_adamw_lr": lr, "tuned_muon_lr": muon_lr,
-                              "embedding_lr": embedding_lr, "stages": stages, "model": f"dim {MODEL.dim}, {MODEL.n_layers} layers", "recipes": summary,
+                              "speedrun_muon_lr": speedrun_muon_lr, "embedding_lr": embedding_lr, "stages": stages, "model": f"dim {MODEL.dim}, {MODEL.n_layers} layers", "recipes": summary,
                               "own_schedule": budgets,
                               "own_schedule_ratio": {name: min((b["ratio"] for b in rows if b["reaches"]), default=None)
                                                      for name, rows in budgets.items()},
