@@ -2,8 +2,8 @@
 ablation of the speedrun recipe's options.
 
 usage: python bench/recipe_efficiency.py [--steps 100] [--seeds 0 1 2] [--corpora shakespeare python docs] [--options ...]
-                                         [--candidates ...] [--lr X --muon-lr Y] [--embedding-lr 2 --stages 10%/25% | --tune-speedrun] [--tune-speedrun-muon-lr]
-                                         [--no-ablation] [--budgets 0.2 0.25 ...] [--threads N]
+                                         [--candidates ...] [--lr X --muon-lr Y] [--embedding-lr 2 --stages 10%/25% | --tune-speedrun]
+                                         [--tune-speedrun-muon-lr] [--no-ablation] [--budgets 0.2 0.25 ...] [--threads N]
 Each corpus is split by position into train (80%), tune (10%) and validation (10%) text, and gets its own
 1024-token BPE vocabulary, trained on the train part. The baseline is the reference recipe scaled down (AdamW,
 betas 0.9/0.95, weight decay 0.1, warmup + cosine to 10%, clip 1.0) with its learning rate picked from a sweep by the
