@@ -19,6 +19,7 @@ from minillama.device import memory_bytes
 from minillama.errors import MiniLlamaError
 from minillama.summary import parameter_shapes
 from minillama.train.config import BatchConfig
+from minillama.train.optim import takes_muon
 
 FLOAT32, BFLOAT16 = 4, 2  # bytes per element
 OPTIMIZER_STATE = {"adamw": "AdamW moments", "muon": "Muon momentum and AdamW moments"}  # by optim.name
@@ -37,7 +38,7 @@ def model_state_bytes(config: ModelConfig, parallel: str, ranks: int, optimizer:
     shapes = parameter_shapes(config)
     held = {name: math.prod(s) if parallel == "ddp" else shard_elements(s, ranks) for name, s in shapes.items()}
     elements = sum(held.values())
-    in_muon = sum(n for name, n in held.items() if optimizer == "muon" and name.startswith("layers.") and len(shapes[name]) == 2)
+    in_muon = sum(n for name, n in held.items() if optimizer == "muon" and takes_muon(name, len(shapes[name])))
     return {"parameters": FLOAT32 * elements, "gradients": FLOAT32 * elements,
             "optimizer": FLOAT32 * (2 * (elements - in_muon) + in_muon)}
 

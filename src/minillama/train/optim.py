@@ -19,12 +19,18 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device)
     named = list(model.named_parameters())  # a tied head appears once, as the embedding
     if config.name == "adamw":
         return _adamw([p for _, p in named], config, device)
-    muon_params = [p for name, p in named if name.startswith("layers.") and p.dim() == 2]
+    muon_params = [p for name, p in named if takes_muon(name, p.dim())]
     muon = Muon([{"params": muon_params, "muon": True}], lr=config.muon_lr, momentum=config.muon_momentum,
                 weight_decay=config.muon_weight_decay, method=config.muon_orthogonalization,
                 cautious_weight_decay=config.muon_cautious_weight_decay)
-    others = [p for name, p in named if not (name.startswith("layers.") and p.dim() == 2)]
+    others = [p for name, p in named if not takes_muon(name, p.dim())]
     return MuonWithAdamW(muon, _adamw(others, config, device))
+
+
+def takes_muon(name: str, dims: int) -> bool:
+    """Whether optim.name = "muon" gives a parameter to Muon: the 2-D weights inside the blocks, not the embedding
+    (nor the tied head), an untied head or the norm gains, which AdamW keeps."""
+    return name.startswith("layers.") and dims == 2
 
 
 def zero_output_projections(model: nn.Module) -> None:
