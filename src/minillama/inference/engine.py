@@ -89,13 +89,16 @@ class Completion:
 @dataclass
 class Update:
     """What one step added to one completion: text that became final, the token (None when none was added: a
-    stop token, or a prompt scored only) and the chosen token's log-probabilities, and the finish reason."""
+    stop token, or a prompt scored only) and the chosen token's log-probabilities, the finish reason, and how many
+    of the completion's tokens came before this step's (a reader on another thread may see later steps' tokens
+    already appended)."""
 
     completion: Completion
     text: str
     token: int | None
     logprobs: TokenLogprobs | None
     finish_reason: str | None
+    position: int
 
 
 class Engine:
@@ -266,12 +269,12 @@ class Engine:
         if len(completion.tokens) >= request.max_tokens:
             delta += text.finish() if text else ""  # a stop string completed by held-back bytes still stops it
             return self._finish(completion, delta, token, entry, "stop" if text and text.stopped else "length")
-        return Update(completion, delta, token, entry, None)
+        return Update(completion, delta, token, entry, None, len(completion.tokens) - 1)
 
     @staticmethod
     def _finish(completion: Completion, text: str, token: int | None, entry: TokenLogprobs | None, reason: str) -> Update:
         completion.finish_reason = reason
-        return Update(completion, text, token, entry, reason)
+        return Update(completion, text, token, entry, reason, len(completion.tokens) - (token is not None))
 
     def _release(self, completion: Completion) -> None:
         """Free a finished or cancelled completion's row: the last running row moves into it."""

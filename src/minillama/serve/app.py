@@ -413,8 +413,7 @@ class Reply:
             prompt = list(completion.request.prompt)
             start = len(self.prompt_texts[index]) if self.body.echo else 0
             entries.append(update.logprobs)
-            before = completion.tokens if update.token is None else completion.tokens[:-1]  # a stop token is not kept
-            offsets.append(text_offset(tokenizer, prompt, before, start))
+            offsets.append(text_offset(tokenizer, prompt, completion.tokens[: update.position], start))
         logprobs = logprobs_payload(tokenizer, entries, offsets) if self.body.logprobs is not None else None
         return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": update.finish_reason}
 
