@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from minillama.train.config import (
     config_to_toml,
     load_train_config,
 )
+from minillama.train.memory import full_step_accumulation, micro_batch_candidates
 
 
 @pytest.mark.parametrize(
@@ -123,3 +125,13 @@ def test_every_shipped_config_loads_and_its_saved_form_reads_back_equal(path, tm
     config = load_train_config(path)
     (tmp_path / "saved.toml").write_text(config_to_toml(config))
     assert load_train_config(tmp_path / "saved.toml") == config
+
+
+@pytest.mark.parametrize("ranks", [1, 8])
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("mini-llama-*.toml")), ids=lambda p: p.name)
+def test_every_109M_config_makes_up_each_of_its_steps_on_one_gpu_or_eight(path, ranks):
+    """What their comments promise: `torchrun --nproc_per_node=8` runs them as they are, batch stages included."""
+    batch = load_train_config(path).batch
+    micro_batches = ([batch.micro_batch] if batch.micro_batch != "auto"
+                     else micro_batch_candidates(math.gcd(*batch.step_sizes), batch.seq_len, ranks))
+    full_step_accumulation(dataclasses.replace(batch, micro_batch=micro_batches[0]), ranks)

@@ -598,6 +598,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, data_dir, tokenize
     assert list(tmp_path.iterdir()) == []  # no run directory, no lock
 
 
+def test_dry_run_under_torchrun_chooses_the_micro_batch_for_its_ranks(tmp_path, data_dir, tokenizer, capsys, monkeypatch):
+    """Each of 4 ranks takes a quarter of a step: the first stage's 256 tokens are one 64-token sequence per rank,
+    so "auto" must choose 1 there, as training's ranks would (not the 4 one process alone could take)."""
+    from minillama.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    overrides = tiny_run(tmp_path, data_dir, tokenizer, "batch.micro_batch=auto", "batch.stages=[[10, 256]]")
+    assert main(["train", "--config", "configs/tiny.toml", *[f"--set={o}" for o in overrides], "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "batch: 512 tokens per step = 4 ranks x 2 micro-steps x micro_batch 1 x seq_len 64 (batch.micro_batch auto: 1 (2 micro-steps" in out
+
+
 def test_speedrun_options_set_momentum_and_group_rates_by_step_and_zero_init_starts_blocks_as_identities():
     from dataclasses import replace
 

@@ -25,14 +25,21 @@ def with_micro_batch(config: TrainConfig, micro_batch: int) -> TrainConfig:
 def estimated_micro_batch(config: TrainConfig, device: torch.device, precision: torch.dtype | None,
                           ctx: Distributed) -> MicroBatchChoice:
     """The largest micro-batch whose estimate fits MEMORY_SHARE of what the device holds, the same on every rank."""
+    return _agreed(estimate_for_ranks(config, device, precision, ctx.world_size), config, ctx, device)
+
+
+def estimate_for_ranks(config: TrainConfig, device: torch.device, precision: torch.dtype | None,
+                       ranks: int) -> MicroBatchChoice:
+    """This device's choice when the run has `ranks` ranks, from the estimate alone (what `--dry-run` can know
+    without starting them): each rank takes its share of every step, so more ranks leave fewer sequences per rank."""
     available = memory_bytes(device)
     if available is None:
         raise MiniLlamaError(f"batch.micro_batch = \"auto\" needs to know how much memory {device} has, and it cannot be told "
                              "here; set a number, e.g. --set batch.micro_batch=16")
     budget = int(available * MEMORY_SHARE.get(device.type, MEMORY_SHARE["cuda"]))
-    choice = fitting_micro_batch(config.model, config.parallel, ctx.world_size, _every_step(config), config.batch.seq_len,
+    choice = fitting_micro_batch(config.model, config.parallel, ranks, _every_step(config), config.batch.seq_len,
                                  config.activation_checkpointing, budget, float32=precision is None, optimizer=config.optim.name)
-    return _agreed(choice, config, ctx, device)
+    return _with_full_step_accumulation(choice, config, ranks)
 
 
 def tried_micro_batch(choice: MicroBatchChoice, config: TrainConfig, step_model: torch.nn.Module, device: torch.device,
@@ -70,5 +77,10 @@ def _forward_backward(step_model: torch.nn.Module, config: TrainConfig, device: 
 def _agreed(choice: MicroBatchChoice, config: TrainConfig, ctx: Distributed, device: torch.device) -> MicroBatchChoice:
     """The smallest of the ranks' choices on every rank: all of them step on the same batch shapes."""
     micro_batch = smallest_over_ranks(choice.micro_batch, ctx, device)
-    accumulation = gradient_accumulation_steps(config.batch.total_tokens, micro_batch, config.batch.seq_len, ctx.world_size)
-    return dataclasses.replace(choice, micro_batch=micro_batch, accumulation=accumulation)
+    return _with_full_step_accumulation(dataclasses.replace(choice, micro_batch=micro_batch), config, ctx.world_size)
+
+
+def _with_full_step_accumulation(choice: MicroBatchChoice, config: TrainConfig, ranks: int) -> MicroBatchChoice:
+    """`choice` with the micro-steps of a step of batch.total_tokens (it was fitted to the smallest stage's)."""
+    accumulation = gradient_accumulation_steps(config.batch.total_tokens, choice.micro_batch, config.batch.seq_len, ranks)
+    return dataclasses.replace(choice, accumulation=accumulation)

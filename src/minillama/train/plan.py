@@ -9,13 +9,12 @@ import statistics
 from pathlib import Path
 
 from minillama.device import autocast_dtype, memory_bytes, peak_flops, pick_device
-from minillama.distributed import Distributed
 from minillama.errors import ArgumentError
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.train.config import TrainConfig
 from minillama.train import history
 from minillama.train.memory import OPTIMIZER_STATE, MicroBatchChoice, full_step_accumulation, training_bytes_per_rank
-from minillama.train.micro_batch import estimated_micro_batch, with_micro_batch
+from minillama.train.micro_batch import estimate_for_ranks, with_micro_batch
 
 MEASURED_STEPS = 5  # steps timed before the time left is told (the first, which compiles, is not one of them)
 
@@ -78,7 +77,7 @@ def dry_run(config: TrainConfig, tokens_per_s: float | None = None) -> str:
     ranks = int(os.environ.get("WORLD_SIZE", 1))
     choice = None
     if config.batch.micro_batch == "auto":
-        choice = estimated_micro_batch(config, device, autocast_dtype(device, config.dtype), Distributed(world_size=1))
+        choice = estimate_for_ranks(config, device, autocast_dtype(device, config.dtype), ranks)
         config = with_micro_batch(config, choice.micro_batch)
     start = history.newest_step(Path(config.run_dir)) or 0
     float32 = autocast_dtype(device, config.dtype) is None
