@@ -2,25 +2,27 @@
 ablation of the speedrun recipe's options.
 
 usage: python bench/recipe_efficiency.py [--steps 100] [--seeds 0 1 2] [--corpora shakespeare python docs] [--options ...]
-                                         [--candidates ...] [--lr X --muon-lr Y] [--embedding-lr 2 --stages 10%/25% | --tune-speedrun]
-                                         [--tune-speedrun-muon-lr] [--no-ablation] [--budgets 0.2 0.25 ...] [--threads N]
-Each corpus is split by position into train (80%), tune (10%) and validation (10%) text, and gets its own
-1024-token BPE vocabulary, trained on the train part. The baseline is the reference recipe scaled down (AdamW,
-betas 0.9/0.95, weight decay 0.1, warmup + cosine to 10%, clip 1.0) with its learning rate picked from a sweep by the
-loss on the tune split (seed 0); Muon's learning rate is swept the same way (with AdamW's parts at the tuned rate).
-The validation split is only ever reported. Recipes: the baseline; Muon + WSD; the speedrun recipe (Muon + WSD
-with every option of `speedrun_options` or those named by --options: Muon's momentum warmup and cooldown, Polar
-Express, weight decay and its cautious form, a higher embedding rate (x2, or --embedding-lr), zero-initialised
-output projections, batch-size stages); the speedrun recipe with each option off in turn (unless --no-ablation);
-and with each of the --candidates added. Every run of a seed draws its batches from the same generator. Prints one
-JSON line per run, then a summary per corpus: final validation loss (mean and spread over seeds) after the same
-steps (fewer tokens where batch stages shrink the first steps), and the tokens each recipe needs to reach the
-baseline's mean final validation loss, as a fraction of the baseline's tokens. That fraction is read off a run
-planned for all the steps (mid-run, WSD is still at its peak rate, its loss above what a run that decays there
-reaches); a speedrun plans its own, shorter run (the speedrun config sets max_steps), so Muon + WSD and the speedrun
-recipe are also trained for each of --budgets (fractions of --steps) with every schedule length scaled to that run,
-and the fewest tokens of a run whose mean final validation loss reaches the baseline's is reported too
-(`own_schedule_ratio`).
+                                         [--candidates ...] [--lr X --muon-lr Y] [--stages 25%/50%]
+                                         [--embedding-lr 4 --speedrun-muon-lr Z | --tune-speedrun]
+                                         [--no-ablation] [--budgets 0.2 0.25 ...] [--threads N]
+Each corpus is split by position into train (80%), tune (10%) and validation (10%) text, and gets its own 1024-token
+BPE vocabulary, trained on the train part; a split's loss is measured on 64 windows spread evenly over all of it. The
+baseline is the reference recipe scaled down (AdamW, betas 0.9/0.95, weight decay 0.1, warmup + cosine to 10%, clip
+1.0) with its learning rate picked from a sweep by the loss on the tune split (seed 0); Muon's learning rate is swept
+the same way (with AdamW's parts at the tuned rate). The validation split is only ever reported. Recipes: the
+baseline; Muon + WSD; the speedrun recipe (Muon + WSD with every option of `speedrun_options` or those named by
+--options: Muon's momentum warmup and cooldown, Polar Express, weight decay and its cautious form, a higher embedding
+rate (x4, or --embedding-lr), zero-initialised output projections, batch-size stages), whose own Muon rate (a
+quarter, half or all of Muon + WSD's) and embedding multiplier --tune-speedrun picks on the tune split by the goal's
+measure (all seeds); the speedrun recipe with each option off in turn (unless --no-ablation); and with each of the
+--candidates added. Every run of a seed draws its batches from the same generator. Prints one JSON line per run, then
+a summary per corpus: final validation loss (mean and spread over seeds) after the same steps (fewer tokens where
+batch stages shrink the first steps), and the tokens each recipe needs to reach the baseline's mean final validation
+loss, as a fraction of the baseline's tokens. That fraction is read off a run planned for all the steps (mid-run, WSD
+is still at its peak rate, its loss above what a run that decays there reaches); a speedrun plans its own, shorter
+run (the speedrun config sets max_steps), so Muon + WSD and the speedrun recipe are also trained for each of
+--budgets (fractions of --steps) with every schedule length scaled to that run, and the fewest tokens of a run whose
+mean final validation loss reaches the baseline's is reported too (`own_schedule_ratio`).
 Corpora: tiny shakespeare ($MINILLAMA_TEST_DATA), the Python standard library's own .py files, and the prose of
 Python's documentation topics as shipped with the interpreter (pydoc_data); the last two are on every machine.
 """
@@ -51,10 +53,12 @@ from minillama.train.optim import build_optimizer, set_learning_rates, zero_outp
 MODEL = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=1024, multiple_of=64, max_seq_len=128)
 BATCH, SEQ = 16, 128
 EVALS = 10  # validation-loss points per run, for the tokens-to-target curve
+EVAL_WINDOWS = 64  # windows of SEQ tokens per held-out loss, spread over the whole split
 BASELINE = OptimConfig(name="adamw", schedule="cosine", weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
 SWEEP = (1e-3, 3e-3, 6e-3)
 MUON_SWEEP = (0.01, 0.02, 0.04)
 EMBEDDING_SWEEP = (2.0, 4.0, 8.0)
+MUON_FRACTIONS = (0.25, 0.5, 1.0)  # the speedrun's Muon rate, as fractions of Muon + WSD's tuned rate
 # Batch stages: until this fraction of the steps, the batch divided by this much.
 STAGES = {"10%/25%": ((0.1, 4), (0.25, 2)), "25%/50%": ((0.25, 4), (0.5, 2))}
 
@@ -71,7 +75,7 @@ class Recipe:
     document_masking: bool = False
 
 
-def speedrun_options(steps: int, embedding_lr: float = 2.0, stages: str = "10%/25%") -> dict[str, dict]:
+def speedrun_options(steps: int, embedding_lr: float = 4.0, stages: str = "25%/50%") -> dict[str, dict]:
     """The speedrun recipe's options, each as the changes it makes to a Muon + WSD recipe (optimizer fields, or
     the recipe's own); the schedule lengths are fractions of the run."""
     return {
@@ -145,9 +149,10 @@ def loss_of(model: Transformer, batch: torch.Tensor, bos: int | None) -> torch.T
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
 
-def loss_on(model: Transformer, tokens: np.ndarray, bos: int | None, windows: int = 32) -> float:
-    """Mean loss over the first `windows` windows of SEQ tokens (a fixed set)."""
-    starts = np.arange(windows) * SEQ
+def loss_on(model: Transformer, tokens: np.ndarray, bos: int | None) -> float:
+    """Mean loss over EVAL_WINDOWS windows of SEQ tokens spread evenly over the split (a fixed set): the first few
+    thousand tokens alone would be one or two documents of a corpus of long ones."""
+    starts = np.linspace(0, len(tokens) - SEQ - 1, EVAL_WINDOWS).astype(int)
     with torch.no_grad():
         return loss_of(model.eval(), torch.from_numpy(np.stack([tokens[s : s + SEQ + 1] for s in starts])), bos).item()
 
@@ -231,7 +236,7 @@ def tuned_speedrun(data: dict[str, np.ndarray], lr: float, steps: int, chosen: l
 
 
 def recipes(lr: float, muon_lr: float, steps: int, chosen: list[str], tried: list[str], embedding_lr: float,
-            ablation: bool, stages: str = "10%/25%", speedrun_muon_lr: float | None = None) -> dict[str, Recipe]:
+            ablation: bool, stages: str = "25%/50%", speedrun_muon_lr: float | None = None) -> dict[str, Recipe]:
     """The baseline, Muon + WSD, the speedrun recipe (Muon + WSD with every chosen option, at `speedrun_muon_lr`
     if given), the speedrun recipe with each of its options off in turn, and with each tried candidate added."""
     schedule = dict(max_steps=steps, warmup_steps=max(1, steps // 15))
@@ -255,16 +260,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--corpora", nargs="+", default=["shakespeare", "python", "docs"])
     parser.add_argument("--options", nargs="+", default=list(speedrun_options(1)), help="the speedrun recipe's options")
-    parser.add_argument("--embedding-lr", type=float, default=2.0, help="the embedding lr option's multiplier of AdamW's rate")
-    parser.add_argument("--stages", choices=list(STAGES), default="10%/25%", help="the batch stages option's schedule")
+    parser.add_argument("--embedding-lr", type=float, default=4.0, help="the embedding lr option's multiplier of AdamW's rate")
+    parser.add_argument("--stages", choices=list(STAGES), default="25%/50%", help="the batch stages option's schedule")
     parser.add_argument("--tune-speedrun", action="store_true",
-                        help="pick the embedding multiplier and the batch stages on the tune split instead (all seeds)")
-    parser.add_argument("--tune-speedrun-muon-lr", action="store_true",
-                        help="pick the speedrun recipe's own Muon rate (Muon + WSD's / 2, x1, x2) on the tune split likewise")
+                        help="pick the speedrun's Muon rate (a quarter, half or all of Muon + WSD's) and embedding multiplier "
+                             "on the tune split (all seeds)")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True, help="each option off in turn")
     parser.add_argument("--candidates", nargs="*", default=list(candidates(1)), help="options tried on top of the recipe")
     parser.add_argument("--lr", type=float, help="AdamW's rate, as an earlier sweep on the tune split found it (skips the sweep)")
     parser.add_argument("--muon-lr", type=float, help="Muon's rate, likewise")
+    parser.add_argument("--speedrun-muon-lr", type=float, help="the speedrun's own Muon rate, as --tune-speedrun found it "
+                                                                "(default: Muon + WSD's)")
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.2, 0.25, 0.33, 0.5],
                         help="fractions of --steps: Muon + WSD and the speedrun recipe trained for that many steps, their schedules scaled")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="1 per corpus when running corpora side by side")
@@ -280,10 +286,9 @@ def main() -> None:
             muon_lr = args.muon_lr or swept(data, lambda v: Recipe(replace(BASELINE, name="muon", schedule="wsd", lr=lr, min_lr=lr / 10,
                                                                            muon_lr=v, **schedule)), MUON_SWEEP, args.seeds[0],
                                             args.steps, "muon_lr", corpus)
-            speedrun_muon_lr, embedding_lr, stages = muon_lr, args.embedding_lr, args.stages
-            grid = ([(muon_lr, e, s) for e in EMBEDDING_SWEEP for s in STAGES] if args.tune_speedrun else []) + (
-                [(m, embedding_lr, stages) for m in (muon_lr / 2, muon_lr, muon_lr * 2)] if args.tune_speedrun_muon_lr else [])
-            if grid:
+            speedrun_muon_lr, embedding_lr, stages = args.speedrun_muon_lr or muon_lr, args.embedding_lr, args.stages
+            if args.tune_speedrun:
+                grid = [(muon_lr * f, e, stages) for f in MUON_FRACTIONS for e in EMBEDDING_SWEEP]
                 speedrun_muon_lr, embedding_lr, stages = tuned_speedrun(data, lr, args.steps, args.options, args.seeds, corpus, grid)
             results: dict[str, list[dict]] = {}
             for name, recipe in recipes(lr, muon_lr, args.steps, args.options, args.candidates, embedding_lr, args.ablation,
@@ -314,7 +319,8 @@ def main() -> None:
                                  "tokens": runs[0]["tokens"],
                                  "tokens_to_adamw_final": needed and round(needed), "ratio": needed and round(needed / total, 3)}
             print(json.dumps({"corpus": corpus, "tokens_per_run": total, "tuned_adamw_lr": lr, "tuned_muon_lr": muon_lr,
-                              "speedrun_muon_lr": speedrun_muon_lr, "embedding_lr": embedding_lr, "stages": stages, "model": f"dim {MODEL.dim}, {MODEL.n_layers} layers", "recipes": summary,
+                              "speedrun_muon_lr": speedrun_muon_lr, "embedding_lr": embedding_lr, "stages": stages,
+                              "model": f"dim {MODEL.dim}, {MODEL.n_layers} layers", "recipes": summary,
                               "own_schedule": budgets,
                               "own_schedule_ratio": {name: min((b["ratio"] for b in rows if b["reaches"]), default=None)
                                                      for name, rows in budgets.items()},
