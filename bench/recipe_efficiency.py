@@ -4,7 +4,7 @@ ablation of the speedrun recipe's options.
 usage: python bench/recipe_efficiency.py [--steps 100] [--seeds 0 1 2] [--corpora shakespeare python docs] [--options ...]
                                          [--candidates ...] [--lr X --muon-lr Y] [--stages 25%/50%]
                                          [--embedding-lr 4 --speedrun-muon-lr Z | --tune-speedrun]
-                                         [--no-ablation] [--budgets 0.2 0.25 ...] [--threads N]
+                                         [--no-ablation] [--budgets 0.2 0.25 ...] [--equal-tokens] [--threads N]
 Each corpus is split by position into train (80%), tune (10%) and validation (10%) text, and gets its own 1024-token
 BPE vocabulary, trained on the train part; a split's loss is measured on 64 windows spread evenly over all of it. The
 baseline is the reference recipe scaled down (AdamW, betas 0.9/0.95, weight decay 0.1, warmup + cosine to 10%, clip
@@ -22,7 +22,8 @@ loss, as a fraction of the baseline's tokens. That fraction is read off a run pl
 is still at its peak rate, its loss above what a run that decays there reaches); a speedrun plans its own, shorter
 run (the speedrun config sets max_steps), so Muon + WSD and the speedrun recipe are also trained for each of
 --budgets (fractions of --steps) with every schedule length scaled to that run, and the fewest tokens of a run whose
-mean final validation loss reaches the baseline's is reported too (`own_schedule_ratio`).
+mean final validation loss reaches the baseline's is reported too (`own_schedule_ratio`). --equal-tokens trains the
+speedrun recipe for the steps that make the baseline's tokens, its final loss at equal tokens.
 Corpora: tiny shakespeare ($MINILLAMA_TEST_DATA), the Python standard library's own .py files, and the prose of
 Python's documentation topics as shipped with the interpreter (pydoc_data); the last two are on every machine.
 """
@@ -157,6 +158,10 @@ def loss_on(model: Transformer, tokens: np.ndarray, bos: int | None) -> float:
         return loss_of(model.eval(), torch.from_numpy(np.stack([tokens[s : s + SEQ + 1] for s in starts])), bos).item()
 
 
+def batch_of(recipe: Recipe) -> BatchConfig:
+    return BatchConfig(total_tokens=BATCH * SEQ, micro_batch=BATCH, seq_len=SEQ, stages=list(recipe.stages))
+
+
 def run(data: dict[str, np.ndarray], recipe: Recipe, seed: int, steps: int, held_out: str) -> dict:
     """Train the bench model with `recipe` for `steps` steps; the held-out loss at EVALS points, by tokens seen."""
     torch.manual_seed(seed)
@@ -165,7 +170,7 @@ def run(data: dict[str, np.ndarray], recipe: Recipe, seed: int, steps: int, held
         zero_output_projections(model)
     optim = recipe.optim
     optimizer = build_optimizer(model, optim, torch.device("cpu"))
-    batch = BatchConfig(total_tokens=BATCH * SEQ, micro_batch=BATCH, seq_len=SEQ, stages=list(recipe.stages))
+    batch = batch_of(recipe)
     bos = int(data["bos"]) if recipe.document_masking else None
     bos_starts = np.flatnonzero(data["train"][: -SEQ - 1] == data["bos"])
     batches = np.random.default_rng(seed)
@@ -273,6 +278,8 @@ def main() -> None:
                                                                 "(default: Muon + WSD's)")
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.2, 0.25, 0.33, 0.5],
                         help="fractions of --steps: Muon + WSD and the speedrun recipe trained for that many steps, their schedules scaled")
+    parser.add_argument("--equal-tokens", action="store_true",
+                        help="also train the speedrun recipe for as many steps as make the baseline's tokens, schedules scaled")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="1 per corpus when running corpora side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -311,6 +318,14 @@ def main() -> None:
                          "spread": round(max(finals) - min(finals), 4), "reaches": statistics.mean(finals) <= target})
                     print(json.dumps({"corpus": corpus, "recipe": name, "own_steps": steps, "finals": [round(f, 4) for f in finals]}),
                           flush=True)
+            if args.equal_tokens:  # its stages make the first steps smaller: more steps for the same tokens
+                steps = next(n for n in range(args.steps, 4 * args.steps) if batch_of(
+                    recipes(lr, muon_lr, n, args.options, [], embedding_lr, False, stages, speedrun_muon_lr)["speedrun"]).tokens_between(0, n) >= total)
+                recipe = recipes(lr, muon_lr, steps, args.options, [], embedding_lr, False, stages, speedrun_muon_lr)["speedrun"]
+                runs = [run(data, recipe, seed, steps, "val") for seed in args.seeds]
+                results[f"speedrun, {steps} steps"] = runs
+                print(json.dumps({"corpus": corpus, "recipe": "speedrun", "equal_token_steps": steps,
+                                  "finals": [round(r["final"], 4) for r in runs]}), flush=True)
             summary = {}
             for name, runs in results.items():
                 needed = tokens_to_reach(mean_curve(runs), target)
