@@ -306,11 +306,15 @@ def main() -> None:
                     print(json.dumps({"corpus": corpus, "recipe": name, "seed": seed, "final_val_loss": round(result["final"], 4),
                                       "seconds": round(result["seconds"], 1)}), flush=True)
             target = statistics.mean(r["final"] for r in results["adamw+cosine"])
+
+            def planned(name: str, steps: int) -> Recipe:  # the recipe with every schedule scaled to a run of `steps`
+                return recipes(lr, muon_lr, steps, args.options, [], embedding_lr, False, stages, speedrun_muon_lr)[name]
+
             budgets = {}
             for name in ("muon+wsd", "speedrun"):
                 for fraction in args.budgets:  # a shorter run of its own, as a speedrun config sets max_steps
                     steps = round(args.steps * fraction)
-                    recipe = recipes(lr, muon_lr, steps, args.options, [], embedding_lr, False, stages, speedrun_muon_lr)[name]
+                    recipe = planned(name, steps)
                     runs = [run(data, recipe, seed, steps, "val") for seed in args.seeds]
                     finals = [r["final"] for r in runs]
                     budgets.setdefault(name, []).append(
@@ -319,10 +323,9 @@ def main() -> None:
                     print(json.dumps({"corpus": corpus, "recipe": name, "own_steps": steps, "finals": [round(f, 4) for f in finals]}),
                           flush=True)
             if args.equal_tokens:  # its stages make the first steps smaller: more steps for the same tokens
-                steps = next(n for n in range(args.steps, 4 * args.steps) if batch_of(
-                    recipes(lr, muon_lr, n, args.options, [], embedding_lr, False, stages, speedrun_muon_lr)["speedrun"]).tokens_between(0, n) >= total)
-                recipe = recipes(lr, muon_lr, steps, args.options, [], embedding_lr, False, stages, speedrun_muon_lr)["speedrun"]
-                runs = [run(data, recipe, seed, steps, "val") for seed in args.seeds]
+                steps = next(n for n in range(args.steps, 4 * args.steps)
+                             if batch_of(planned("speedrun", n)).tokens_between(0, n) >= total)
+                runs = [run(data, planned("speedrun", steps), seed, steps, "val") for seed in args.seeds]
                 results[f"speedrun, {steps} steps"] = runs
                 print(json.dumps({"corpus": corpus, "recipe": "speedrun", "equal_token_steps": steps,
                                   "finals": [round(r["final"], 4) for r in runs]}), flush=True)
