@@ -247,8 +247,7 @@ def test_a_chunked_upload_cannot_pass_the_body_limit_or_block_the_server(served)
     finally:
         connection.close()
     assert status in (None, 413)
-    started = time.monotonic()
-    assert get(f"{served[0]}/health") == {"status": "ok"} and time.monotonic() - started < 2
+    assert get(f"{served[0]}/health") == {"status": "ok"}  # the server goes on serving
 
 
 def test_a_host_header_that_is_not_allowed_is_refused(served):
@@ -398,13 +397,24 @@ def test_tokenizer_endpoints_speak_vllms_shapes(served):
     assert status == 400 and answer["error"]["param"] == "tokens"
 
 
-def test_metrics_count_requests_tokens_and_latency_in_prometheus_format(served, client):
+def metric_samples(url: str) -> dict[str, float]:
+    """The server's /metrics as {name[labels]: value}, read by Prometheus' own parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        return {s.name + str(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(response.read().decode())
+                for s in f.samples}
+
+
+def wait_until_running(url: str, count: int) -> None:
+    """Until the engine decodes `count` completions (an event to wait for, not a time to guess)."""
+    while metric_samples(url)["minillama_num_requests_running[]"] < count:
+        time.sleep(0.01)
+
+
+def test_metrics_count_requests_tokens_and_latency_in_prometheus_format(served, client):
     def samples():
-        with urllib.request.urlopen(f"{served[0]}/metrics", timeout=10) as response:
-            return {s.name + str(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(response.read().decode())
-                    for s in f.samples}
+        return metric_samples(served[0])
 
     before = samples()
     client.completions.create(model="stories260K", prompt="Tim", max_tokens=5, temperature=0, n=2)
@@ -424,7 +434,7 @@ def test_a_full_queue_answers_429_and_takes_requests_again_once_it_drains(storie
     with serving(create_app(model, tokenizer, "stories260K", max_batch=2, max_queued=2)) as url:
         long = threading.Thread(target=post, args=(f"{url}/v1/completions", {"prompt": "Once", "max_tokens": 400, "temperature": 0}))
         long.start()
-        time.sleep(0.5)
+        wait_until_running(url, 1)
         status, answer = post(f"{url}/v1/completions", {"prompt": "Tim", "max_tokens": 4, "n": 2})
         assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded" and "retry later" in answer["error"]["message"]
         assert post(f"{url}/v1/completions", {"prompt": "Tim", "max_tokens": 4})[0] == 200  # one more fits
@@ -476,29 +486,26 @@ def test_if_the_engine_thread_dies_health_says_so_requests_get_503_and_the_serve
 
 @pytest.mark.slow
 def test_short_requests_do_not_wait_for_a_long_one(served):
-    """Continuous batching: 8 short requests sent while a 400-token one runs join at the next step and finish
-    long before it (a batch-at-a-time server made them wait for the whole long request)."""
+    """Continuous batching: 8 short requests sent while a 400-token one runs join at the next step and all finish
+    while it still runs (a batch-at-a-time server made them wait for the whole long request). How much sooner is a
+    speed, measured by bench/serve_load.py; this checks the order."""
     url = served[0]
+    finished = []
 
-    def timed(body):
-        started = time.monotonic()
+    def send(name, body):
         assert post(f"{url}/v1/completions", body)[0] == 200
-        return time.monotonic() - started
+        finished.append(name)
 
-    long_body = {"prompt": "Once", "max_tokens": 400, "temperature": 0, "stop": None}
-    alone = timed(long_body)
-    durations = {}
-    long = threading.Thread(target=lambda: durations.setdefault("long", timed(long_body)))
+    long = threading.Thread(target=send, args=("long", {"prompt": "Once", "max_tokens": 400, "temperature": 0, "stop": None}))
     long.start()
-    time.sleep(0.1 * alone)
-    shorts = [threading.Thread(target=lambda i=i: durations.setdefault(i, timed({"prompt": f"Tim {i}", "max_tokens": 8,
-                                                                               "temperature": 0}))) for i in range(8)]
+    wait_until_running(url, 1)
+    shorts = [threading.Thread(target=send, args=(i, {"prompt": f"Tim {i}", "max_tokens": 8, "temperature": 0}))
+              for i in range(8)]
     for thread in shorts:
         thread.start()
     for thread in [long, *shorts]:
         thread.join()
-    median_short = sorted(durations[i] for i in range(8))[4]
-    assert median_short < 0.5 * alone, (median_short, alone)
+    assert finished[-1] == "long" and sorted(finished[:-1]) == list(range(8)), finished
 
 
 def test_a_port_in_use_or_a_host_that_does_not_resolve_is_one_line_before_anything_loads(stories, capsys):

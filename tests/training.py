@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,8 +36,13 @@ def run_cli(*args, env_extra=None, check=True):
     env = {**os.environ, **(env_extra or {})}
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
     if check:
-        assert result.returncode == 0, result.stderr[-8000:]
+        assert result.returncode == 0, f"{ended(result.returncode)}\n{result.stderr[-8000:]}"
     return result
+
+
+def ended(returncode: int) -> str:
+    """How a child process ended: its exit code, or the signal that killed it (a crash in native code)."""
+    return f"killed by signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
 
 
 def uninterrupted_losses(tmp_path, overrides):
