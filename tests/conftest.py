@@ -202,8 +202,10 @@ def serving(app):
     """Serve an ASGI app with uvicorn on a thread of this process; its base URL inside the block."""
     import uvicorn
 
+    from minillama.serve.app import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -204,7 +204,7 @@ configs:
 
 
 def fineweb_snapshot(folder, files, with_card=True):
-    """A miniature of the dataset repository as huggingface-cli leaves it: the card (its config YAML) and parquet
+    """A miniature of the dataset repository as `hf download` leaves it: the card (its config YAML) and parquet
     files under sample/10BT/, plus a crawl under data/ that the sample must not read."""
     (folder / "sample" / "10BT").mkdir(parents=True)
     (folder / "data" / "CC-MAIN-2024-10").mkdir(parents=True)
@@ -245,7 +245,7 @@ def test_a_missing_or_empty_fineweb_snapshot_is_one_line(tmp_path, tokenizer, ca
 
     (tmp_path / "empty").mkdir()
     for folder, message in [(tmp_path / "nowhere", "--from nowhere is not a folder"),
-                            (tmp_path / "empty", "--from empty holds no sample/10BT/* files; download them with: huggingface-cli")]:
+                            (tmp_path / "empty", "--from empty holds no sample/10BT/* files; download them with: hf download")]:
         assert main(["prepare", "fineweb-edu", "--from", str(folder), "--out", str(tmp_path / "out"),
                      "--tokenizer", str(tokenizer.path)]) == 2
         err = capsys.readouterr().err

@@ -215,7 +215,7 @@ def test_gguf_metadata_describes_the_model(stories, tmp_path):
 def test_gguf_export_refuses_in_one_line_and_changes_nothing(stories, tmp_path, capsys):
     (tmp_path / "notes.gguf").write_text("mine")
     assert main(["export", "gguf", str(stories), str(tmp_path / "notes.gguf")]) == 2
-    assert capsys.readouterr().err == (f"using {stories}\nminillama: error: {tmp_path / 'notes.gguf'} already exists; choose a "
+    assert capsys.readouterr().err == (f"minillama: error: {tmp_path / 'notes.gguf'} already exists; choose a "
                                        "new path for the GGUF file, or pass --force to replace an earlier GGUF file there\n")
     assert main(["export", "gguf", str(stories), str(tmp_path / "notes.gguf"), "--force"]) == 2
     assert "exists and is not a GGUF file" in capsys.readouterr().err

@@ -186,6 +186,14 @@ BAD_REQUESTS = [
     ({"prompt": ["hi"] * 200, "n": 16}, "prompt", "200 prompts x n=16 is 3,200 completions; this server queues at most 256"),
     ({"prompt": "hi", "stream_options": {"include_usage": True, "x": 1}}, "stream_options", "unknown field 'stream_options.x'"),
     ({"max_tokens": 4}, "prompt", "Field required"),
+    # strict types, as OpenAI's API takes them: a string is not a number, nor "yes" a boolean
+    ({"prompt": "hi", "max_tokens": "5"}, "max_tokens", "valid integer"),
+    ({"prompt": "hi", "n": "2"}, "n", "valid integer"),
+    ({"prompt": "hi", "logprobs": "5"}, "logprobs", "valid integer"),
+    ({"prompt": "hi", "seed": "1"}, "seed", "valid integer"),
+    ({"prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
+    ({"prompt": "hi", "echo": "yes"}, "echo", "valid boolean"),
+    ({"prompt": "hi", "temperature": "0.5"}, "temperature", "valid number"),
 ]
 
 
@@ -197,6 +205,49 @@ def test_a_bad_request_is_a_400_naming_the_field_and_the_server_keeps_serving(se
     assert status == 400 and error["param"] == param and message in error["message"], error
     assert error["type"] == "invalid_request_error"
     assert post(f"{url}/v1/completions", {"prompt": "ok", "max_tokens": 2})[0] == 200
+
+
+def test_a_json_body_is_read_as_json_whatever_its_content_type(served):
+    """`curl -d '{...}'` sends application/x-www-form-urlencoded; the body is JSON all the same."""
+    for content_type in ("application/x-www-form-urlencoded", None):
+        request = urllib.request.Request(f"{served[0]}/v1/completions", data=b'{"prompt": "Tim", "max_tokens": 3}',
+                                         headers={"Content-Type": content_type} if content_type else {})
+        if content_type is None:
+            request.remove_header("Content-type")  # urllib adds the form type to any body by default
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 3
+    status, answer = post(f"{served[0]}/v1/completions", b"prompt=Tim")
+    assert status == 400 and "not valid JSON" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("request_bytes", [b"GARBAGE\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                           b"Content-Length: -5\r\n\r\n"])
+def test_malformed_http_is_answered_in_openais_error_shape(served, request_bytes):
+    import socket
+    from urllib.parse import urlparse
+
+    address = urlparse(served[0])
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        connection.sendall(request_bytes)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("the request is not valid HTTP")
+    assert get(f"{served[0]}/health") == {"status": "ok"}
+
+
+def test_every_accepted_seed_works_with_several_completions(served):
+    """Choice i samples with seed + i, which wraps around past 2^63 - 1: the largest seed works with n and with a
+    list of prompts, and its second choice samples as seed 0 does."""
+    url = served[0]
+    body = {"prompt": ["Once", "Lily"], "seed": 2**63 - 1, "max_tokens": 6, "temperature": 1.0, "n": 2}
+    status, answer = post(f"{url}/v1/completions", body)
+    assert status == 200 and len(answer["choices"]) == 4, answer
+    from_zero = post(f"{url}/v1/completions", {**body, "prompt": "Once", "seed": 0, "n": 1})[1]["choices"][0]["text"]
+    assert answer["choices"][1]["text"] == from_zero
 
 
 def test_every_openai_field_at_its_no_op_value_is_accepted(served, client):
@@ -282,8 +333,10 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits(stories, tmp_path):
         assert events[-1] == "[DONE]"
         finish = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
         assert finish in (["length"], ["stop"]) and len(events) > 3
-        # uvicorn drains, then re-raises the SIGTERM it caught, so the exit status says what ended the server
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        # uvicorn drains, then re-raises the SIGTERM it caught: the command's own exit, as every command's on SIGTERM
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        assert process.stderr.read().splitlines()[-1] == ("minillama: the server stopped on SIGTERM, after the requests in "
+                                                          "flight had finished")
     finally:
         process.kill()
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import write_examples
+from conftest import synthetic_corpus, write_examples
 from training import config_file, resume_in_this_process, run_cli, start_run_until_step, tiny_run, train_losses, uninterrupted_losses
 
 from minillama.checkpoint import read_checkpoint_info
@@ -17,6 +17,8 @@ from minillama.data.shards import read_manifest
 from minillama.errors import MiniLlamaError
 from minillama.files import DirectoryLock
 from minillama.config import ModelConfig, to_dict
+from minillama.data.prepare import prepare
+from minillama.data.sources import LocalFiles
 from minillama.model import Transformer
 from minillama.train.config import OptimConfig, load_train_config
 from minillama.train.loop import train
@@ -638,3 +640,24 @@ def test_speedrun_options_set_momentum_and_group_rates_by_step_and_zero_init_sta
     _, loss = model(tokens, tokens)
     loss.backward()
     assert all(block.attention.wo.weight.grad.abs().sum() > 0 for block in model.layers)  # they move at the first step
+
+
+def test_a_resume_on_data_prepared_again_is_refused(tmp_path, corpus_file, tokenizer, capsys):
+    """A checkpoint's data position counts windows in the shards it was trained on: after `prepare --overwrite`
+    made other shards in the same folder, `--resume` would continue silently on other data. It is refused."""
+    from minillama.cli import main
+
+    data = tmp_path / "shards"
+    prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), data, tokenizer, shard_tokens=20_000, val_tokens=4_096,
+            progress=False)
+    train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data, tokenizer, "stop_at_step=4")))
+    other = tmp_path / "other.txt"
+    other.write_text(synthetic_corpus(3000, seed=7))
+    prepare(LocalFiles([str(other)], split_paragraphs=True), data, tokenizer, shard_tokens=20_000, val_tokens=4_096,
+            overwrite=True, progress=False)
+    config = config_file(tmp_path, tiny_run(tmp_path, data, tokenizer, "stop_at_step=8"))
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--resume"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"minillama: error: the train shards of {data} are not the ones this checkpoint's data position counts in (the data "
+        "was prepared again since); resume on the data it was trained on, or start a new run_dir")

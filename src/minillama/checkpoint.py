@@ -11,6 +11,7 @@ directory that looks like a checkpoint but is not one.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minillama.config import ModelConfig, from_dict, to_dict
-from minillama.errors import MiniLlamaError
-from minillama.files import write_directory_atomically
+from minillama.errors import ArgumentError, MiniLlamaError
+from minillama.files import require_regular_file, write_directory_atomically
 from minillama.layout import CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, find_checkpoint
 from minillama.model import Transformer, meta_model, rotary_tables
 from minillama.tensors import check_stored_tensors
-from minillama.tokenizer import Tokenizer, check_vocab
+from minillama.tokenizer import LLAMA2_TOKENIZER_SHA256, Tokenizer, check_vocab
 
 FORMAT = "minillama-checkpoint"
 FORMAT_VERSION = 1
@@ -112,10 +113,14 @@ def read_checkpoint_info(path: Path) -> Checkpoint:
     config_path = path / CONFIG_FILE
     if not path.is_dir():
         raise MiniLlamaError(f"{path} is not a checkpoint directory (expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE})")
+    require_regular_file(config_path, f"a checkpoint's {CONFIG_FILE}")
     try:
-        data = json.loads(config_path.read_text())
+        data = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MiniLlamaError(f"{path} has no {CONFIG_FILE}; it is not a Mini Llama checkpoint") from None
+    except UnicodeDecodeError as exc:
+        raise MiniLlamaError(f"{config_path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                             "the checkpoint is damaged") from None
     except json.JSONDecodeError as exc:
         raise MiniLlamaError(f"{config_path} is not valid JSON ({exc}); the checkpoint is damaged") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -156,6 +161,10 @@ def _read_checked_weights(path: Path, model: Transformer, device: str | torch.de
         from minillama.sharded import read_weights  # torch.distributed.checkpoint takes 0.7 s to import
 
         return read_weights(Path(path) / SHARDED_DIR, expected, device)
+    require_regular_file(weights_path, f"a checkpoint's {WEIGHTS_FILE}")
+    if weights_path.is_symlink() and not weights_path.exists():
+        raise MiniLlamaError(f"{weights_path} is a symbolic link to {os.readlink(weights_path)}, which does not exist; "
+                             "point it at the weights, or use another checkpoint")
     try:
         state = load_file(str(weights_path), device=str(device))
     except FileNotFoundError:
@@ -189,6 +198,10 @@ def load_checkpoint_tokenizer(info: Checkpoint, override: str | Path | None = No
     """The tokenizer stored in the checkpoint, unless the user names another; checked against the model."""
     from minillama.tokenizer import load_tokenizer
 
+    if not override and info.tokenizer_path is None and info.tokenizer_fingerprint not in (None, LLAMA2_TOKENIZER_SHA256):
+        raise ArgumentError("{checkpoint_dir} has no tokenizer.model, and its model was trained with another tokenizer "
+                            "than Llama 2's (vocabulary {vocab}); pass {tokenizer} PATH to the tokenizer.model it was trained with",
+                            checkpoint_dir=info.path, vocab=info.config.vocab_size)
     tokenizer = load_tokenizer(override) if override or info.tokenizer_path is None else Tokenizer(info.tokenizer_path)
     check_vocab(tokenizer, info.config.vocab_size, f"checkpoint {info.path}", "pass the tokenizer the model was trained with")
     return tokenizer

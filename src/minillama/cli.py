@@ -11,8 +11,10 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from minillama.errors import ArgumentError, MiniLlamaError, TrainingStopped
+from minillama.files import output_lock, require_folder_of
 
 Handler = Callable[[argparse.Namespace], None]
 
@@ -80,16 +82,21 @@ def cmd_prepare_check(args: argparse.Namespace) -> None:
     from minillama.data.loader import verify_shards
     from minillama.data.shards import read_manifest
 
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise MiniLlamaError(f"--vocab-size is {args.vocab_size}; expected the model's vocabulary size, a positive integer")
     manifest = read_manifest(Path(args.data_dir))
     if manifest is None:
         raise MiniLlamaError(f"{args.data_dir} has no manifest.json; is it a folder made by `minillama prepare`?")
-    manifest = verify_shards(Path(args.data_dir), args.vocab_size or manifest["tokenizer"]["vocab_size"], progress=not args.quiet)
+    vocab_size = manifest["tokenizer"]["vocab_size"] if args.vocab_size is None else args.vocab_size
+    manifest = verify_shards(Path(args.data_dir), vocab_size, progress=not args.quiet)
     print(f"{args.data_dir}: {len(manifest['shards'])} shards, {manifest['tokens']:,} tokens, every sha256 and token id checked")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from minillama.train.config import load_train_config
 
+    if args.tokens_per_s is not None and not args.dry_run:
+        raise MiniLlamaError("--tokens-per-s goes with --dry-run (it estimates the plan's time); training measures its speed")
     config = load_train_config(args.config, args.set)
     if args.dry_run:
         from minillama.train.plan import dry_run
@@ -108,17 +115,17 @@ def _say_which(info) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from minillama.checkpoint import load_for_inference
-    from minillama.generate import generate, stream
+    from minillama.generate import check_num_samples, generate, stream
     from minillama.inference.engine import check_length
-    from minillama.inference.sampling import SamplingParams
+    from minillama.inference.sampling import SamplingParams, nth_seed
 
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # refused before the model loads
+    check_num_samples(args.num_samples)
     if args.max_new_tokens < 1:
         raise MiniLlamaError(f"--max-new-tokens is {args.max_new_tokens}; expected at least 1")
     if not args.interactive:
         _check_prompt(args.prompt)
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
-    _say_which(info)
 
     def run(prompt: str, seed: int | None) -> None:
         prompt_ids = tokenizer.encode(prompt, bos=True)
@@ -135,13 +142,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 print(f"Sample {i}: {prompt}{completion}")
 
     if not args.interactive:
-        run(args.prompt or "", args.seed)
+        prompt = args.prompt or ""
+        check_length(model.config.max_seq_len, len(tokenizer.encode(prompt, bos=True)), args.max_new_tokens)
+        _say_which(info)  # once the command proceeds: a refusal stays one line
+        run(prompt, args.seed)
         return
+    _say_which(info)
     print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
     sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     for i, line in enumerate(sys.stdin):
         try:
-            run(_check_prompt(line.rstrip("\n")), None if args.seed is None else args.seed + i)  # each its own seed
+            run(_check_prompt(line.rstrip("\n")), nth_seed(args.seed, i))  # each its own seed
         except MiniLlamaError as exc:
             print(f"minillama: {exc}; type another prompt", file=sys.stderr)
 
@@ -167,12 +178,14 @@ def cmd_eval_hellaswag(args: argparse.Namespace) -> None:
     from minillama.checkpoint import load_for_inference
     from minillama.eval.hellaswag import (
         HELLASWAG_VAL_EXAMPLES,
+        check_batch_size,
         download_hellaswag,
         evaluate_hellaswag,
         load_examples,
     )
     from minillama.eval.plot import REFERENCE_HELLASWAG
 
+    check_batch_size(args.batch_size)
     examples = load_examples(Path(args.data) if args.data else download_hellaswag(), args.limit)
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
     _say_which(info)
@@ -195,11 +208,10 @@ def cmd_eval_hellaswag(args: argparse.Namespace) -> None:
 def cmd_eval_loss(args: argparse.Namespace) -> None:
     from minillama.checkpoint import load_for_inference
     from minillama.data.loader import check_data
-    from minillama.eval.loss import evaluate_loss
+    from minillama.eval.loss import check_loss_settings, evaluate_loss
     from minillama.train.history import data_dir_of
 
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
-    _say_which(info)
     data = Path(args.data) if args.data else data_dir_of(info.path)
     if data is None:
         raise MiniLlamaError(f"{info.path} is not inside a training run, so it has no data of its own: pass --data DIR "
@@ -207,7 +219,9 @@ def cmd_eval_loss(args: argparse.Namespace) -> None:
     if not args.data:
         print(f"scoring {data}, the run's data.dir", file=sys.stderr)
     check_data(data, info.config.vocab_size, tokenizer.fingerprint)
-    seq_len = args.seq_len or info.config.max_seq_len
+    seq_len = info.config.max_seq_len if args.seq_len is None else args.seq_len
+    check_loss_settings(info.config.max_seq_len, args.batch_size, seq_len, args.tokens)
+    _say_which(info)
     result = evaluate_loss(model, data, tokenizer, args.batch_size, seq_len, args.tokens)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -228,6 +242,8 @@ def cmd_eval_harness(args: argparse.Namespace) -> None:
             raise
         raise MiniLlamaError("eval harness needs EleutherAI's lm-evaluation-harness: pip install 'minillama[harness]'") from None
     checkpoint = find_checkpoint(Path(args.checkpoint))
+    if args.output:
+        require_folder_of(Path(args.output), "harness results file")
     output = Path(args.output) if args.output else harness_output(checkpoint)
     results = run_harness(checkpoint, [t.strip() for t in args.tasks.split(",") if t.strip()], args.limit, args.batch_size,
                           args.device, args.dtype, Path(args.tokenizer) if args.tokenizer else None,
@@ -254,35 +270,38 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from minillama.eval.plot import plot_runs
 
+    require_folder_of(Path(args.out), "plot")
     print(f"wrote {plot_runs([Path(r) for r in args.run_dirs], Path(args.out), args.smoothing)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from minillama.eval.report import curves_path, write_report
 
+    if args.out:
+        require_folder_of(Path(args.out), "report")
     report = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"wrote {report} and {curves_path(report).name} beside it")
 
 
 def _checkpoint_to_export(args: argparse.Namespace) -> Path:
-    """The checkpoint an export reads (a run directory means its newest), named on stderr."""
+    """The checkpoint an export reads (a run directory means its newest); the export names it once written."""
     from minillama.layout import find_checkpoint
 
-    checkpoint = find_checkpoint(Path(args.checkpoint))
-    print(f"using {checkpoint}", file=sys.stderr)
-    return checkpoint
+    return find_checkpoint(Path(args.checkpoint))
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from minillama.interop.hf import export_hf
 
-    print(f"wrote {export_hf(_checkpoint_to_export(args), Path(args.out), args.dtype, force=args.force)}")
+    checkpoint = _checkpoint_to_export(args)
+    print(f"wrote {export_hf(checkpoint, Path(args.out), args.dtype, force=args.force)} from {checkpoint}")
 
 
 def cmd_export_llama2c(args: argparse.Namespace) -> None:
     from minillama.interop.llama2c import export_llama2c
 
-    print(f"wrote {export_llama2c(_checkpoint_to_export(args), Path(args.out), args.version, force=args.force)}")
+    checkpoint = _checkpoint_to_export(args)
+    print(f"wrote {export_llama2c(checkpoint, Path(args.out), args.version, force=args.force)} from {checkpoint}")
 
 
 def cmd_export_llama2c_tokenizer(args: argparse.Namespace) -> None:
@@ -294,12 +313,13 @@ def cmd_export_llama2c_tokenizer(args: argparse.Namespace) -> None:
 def cmd_export_gguf(args: argparse.Namespace) -> None:
     from minillama.interop.llamacpp import export_gguf
 
-    out, fell_back = export_gguf(_checkpoint_to_export(args), Path(args.out), args.dtype, force=args.force,
+    checkpoint = _checkpoint_to_export(args)
+    out, fell_back = export_gguf(checkpoint, Path(args.out), args.dtype, force=args.force,
                                  tokenizer_path=Path(args.tokenizer_path) if args.tokenizer_path else None)
     if fell_back:
         print(f"note: {len(fell_back)} matrices have rows that are not a multiple of 32, which q8_0 needs; they are "
               f"stored as f16: {', '.join(fell_back)}", file=sys.stderr)
-    print(f"wrote {out}")
+    print(f"wrote {out} from {checkpoint}")
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
@@ -312,6 +332,18 @@ def cmd_import_llama2c(args: argparse.Namespace) -> None:
     from minillama.interop.llama2c import import_llama2c
 
     print(f"wrote checkpoint {import_llama2c(Path(args.source), Path(args.out), Path(args.tokenizer), force=args.force)}")
+
+
+def _writing_out(handler: Handler) -> Handler:
+    """An export or import command that holds a lock on its output path while it runs: a second command writing the
+    same path at once is refused, rather than both finishing and one silently replacing the other."""
+
+    def locked(args: argparse.Namespace) -> None:
+        require_folder_of(Path(args.out), "output")
+        with output_lock(Path(args.out), f"minillama {args.command} command"):
+            handler(args)
+
+    return locked
 
 
 Subparsers = argparse._SubParsersAction
@@ -342,7 +374,7 @@ def _shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 100,000,000)")
     p.add_argument("--val-tokens", type=int, help="tokens in the validation split, taken first (default: one shard)")
     p.add_argument("--max-tokens", type=int, help="stop after this many tokens in all")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default: 1)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes, at most one per CPU core (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -365,7 +397,7 @@ def _add_prepare(commands: Subparsers) -> None:
     p.add_argument("--subset", default="sample-10BT", help="dataset config, e.g. sample-10BT, sample-100BT (default: sample-10BT)")
     p.add_argument("--from", dest="snapshot", metavar="DIR",
                    help="read a local copy of the dataset repository instead of the hub (no internet needed): the folder "
-                        "`huggingface-cli download HuggingFaceFW/fineweb-edu --repo-type dataset --include \"sample/10BT/*\" "
+                        "`hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include \"sample/10BT/*\" "
                         "--local-dir DIR` fills; same rows, same order, same shards")
     _shard_options(p)
     p = _command(prepare, "text", "Tokenize local .txt, .jsonl or .parquet files (globs allowed).", cmd_prepare_text)
@@ -488,18 +520,18 @@ def _force_option(p: argparse.ArgumentParser, what: str) -> None:
 def _add_interop(commands: Subparsers) -> None:
     export = _group(commands, "export", "Export a checkpoint to Hugging Face transformers, llama.cpp (GGUF) or llama2.c "
                     "(or a tokenizer to run.c's format).", "FORMAT")
-    p = _command(export, "hf", "Write a directory that transformers' AutoModelForCausalLM and AutoTokenizer load as Llama.", cmd_export_hf)
+    p = _command(export, "hf", "Write a directory that transformers' AutoModelForCausalLM and AutoTokenizer load as Llama.", _writing_out(cmd_export_hf))
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
     _force_option(p, "Hugging Face export")
-    p = _command(export, "llama2c", "Write a llama2.c model file that run.c samples from.", cmd_export_llama2c)
+    p = _command(export, "llama2c", "Write a llama2.c model file that run.c samples from.", _writing_out(cmd_export_llama2c))
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("out", help="output .bin file")
     p.add_argument("--version", type=int, default=0, choices=[0, 1], help="0: the legacy layout run.c reads (default); 1: the header-v1 layout")
     _force_option(p, "llama2.c model file")
     p = _command(export, "gguf", "Write a GGUF file that llama.cpp, llama-cpp-python, Ollama and LM Studio run (needs the "
-                 "'gguf' extra).", cmd_export_gguf)
+                 "'gguf' extra).", _writing_out(cmd_export_gguf))
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("out", help="output .gguf file")
     p.add_argument("--dtype", default="f16", help="matrices' type (norms stay f32): "
@@ -507,17 +539,17 @@ def _add_interop(commands: Subparsers) -> None:
                    "is stored as f16, and named)")
     p.add_argument("--tokenizer", dest="tokenizer_path", help="SentencePiece .model (default: the checkpoint's own)")
     _force_option(p, "GGUF file")
-    p = _command(export, "llama2c-tokenizer", "Write a SentencePiece model as run.c's tokenizer file (its -z option).", cmd_export_llama2c_tokenizer)
+    p = _command(export, "llama2c-tokenizer", "Write a SentencePiece model as run.c's tokenizer file (its -z option).", _writing_out(cmd_export_llama2c_tokenizer))
     p.add_argument("tokenizer", help="a SentencePiece .model")
     p.add_argument("out", help="output .bin file")
     _force_option(p, "run.c tokenizer file")
     imports = _group(commands, "import", "Import a Hugging Face Llama directory or a llama2.c model file as a Mini Llama checkpoint.", "FORMAT")
-    p = _command(imports, "hf", "Import a local transformers Llama directory (safetensors weights, config.json).", cmd_import_hf)
+    p = _command(imports, "hf", "Import a local transformers Llama directory (safetensors weights, config.json).", _writing_out(cmd_import_hf))
     p.add_argument("source", help="the model directory")
     p.add_argument("out", help="checkpoint directory to write")
     p.add_argument("--tokenizer", dest="tokenizer_path", help="SentencePiece .model (default: the directory's tokenizer.model, if any)")
     _force_option(p, "checkpoint")
-    p = _command(imports, "llama2c", "Import a llama2.c model file (version 0 or 1).", cmd_import_llama2c)
+    p = _command(imports, "llama2c", "Import a llama2.c model file (version 0 or 1).", _writing_out(cmd_import_llama2c))
     p.add_argument("source", help="the .bin model file")
     p.add_argument("out", help="checkpoint directory to write")
     p.add_argument("--tokenizer", required=True, help="the SentencePiece .model it was trained with (llama2.c files carry none)")
@@ -544,14 +576,30 @@ and train take --tokenizer / data.tokenizer (else Llama 2's is fetched once), pr
 eval hellaswag --data FILE, and eval harness --include-path with task YAMLs over local files."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake in the flags reported as one line like every other mistake (the usage block is
+    what --help shows). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("minillama").strip()
+        self.exit(2, f"minillama: error: {command + ': ' if command else ''}{message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minillama", description="Pretrain, sample, evaluate and export small Llama-architecture language models.",
+    parser = Parser(prog="minillama", description="Pretrain, sample, evaluate and export small Llama-architecture language models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXTRAS_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_tokenizer, _add_prepare, _add_train, _add_generate, _add_eval, _add_results, _add_interop, _add_serve,
                 _add_inspect):
         add(commands)  # in pipeline order, as --help lists them
     return parser
+
+
+STOPPED_BY_SIGTERM = {  # what SIGTERM (128 + 15 = exit code 143) meant for a command
+    "serve": "the server stopped on SIGTERM, after the requests in flight had finished",
+    None: "{command} stopped by SIGTERM before it finished; every file it wrote is whole (writes are atomic), and running "
+          "the same command again continues or redoes it",
+}
 
 
 class Terminated(Exception):
@@ -604,7 +652,7 @@ def _run(args: argparse.Namespace) -> int:
         print("minillama: interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"minillama: {args.command} stopped by SIGTERM before it finished; every file it wrote is whole (writes are "
-              "atomic), and running the same command again continues or redoes it", file=sys.stderr)
+        print(f"minillama: {STOPPED_BY_SIGTERM.get(args.command, STOPPED_BY_SIGTERM[None]).format(command=args.command)}",
+              file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0

@@ -71,6 +71,27 @@ def _remove(path: Path) -> Path:
     return path
 
 
+def require_regular_file(path: Path, what: str) -> None:
+    """Refuse `path` before opening it if something is there that is not a regular file: a FIFO or a device under
+    a checkpoint's file name would block the open, or stream without end."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        kind = "directory" if os.path.isdir(path) else "FIFO, socket or device"
+        raise MiniLlamaError(f"{path} is a {kind}, not a regular file; {what} must be a file")
+
+
+def require_folder_of(out: Path, what: str) -> None:
+    """Refuse to write `what` into a folder that does not exist: exports, plots and reports go where the user has a
+    folder, and a mistyped path grows no folders anywhere. (A file where a folder should be fails at the write.)"""
+    folder = Path(out).absolute().parent
+    try:
+        os.stat(folder)
+    except FileNotFoundError:
+        raise MiniLlamaError(f"{folder} does not exist; create it first (mkdir -p {folder}), or write the {what} into a "
+                             "folder that exists") from None
+    except NotADirectoryError:
+        pass
+
+
 def write_file_atomically(path: Path, data: bytes | memoryview) -> Path:
     """Write `data` to `path`: readers see the old content or all of the new, never a part."""
     return fill_file_atomically(path, lambda tmp: tmp.write_bytes(data))
@@ -178,13 +199,21 @@ def claim_output(out: Path, sources: list[Path], what: str, force: bool, is_earl
         out = given.resolve()
     except (OSError, RuntimeError) as exc:  # a symbolic link loop above it
         raise MiniLlamaError(f"{given} cannot be resolved ({exc}); give another path for the {what}") from None
+    require_folder_of(out, what)
     _check_output(out, sources, what, force, is_earlier_output, directory, owned)
     remove_leftovers_of(out)
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop
+        raise MiniLlamaError(f"{path} cannot be resolved ({exc}); pass the file itself") from None
+
+
 def _check_output(out: Path, sources: list[Path], what: str, force: bool, is_earlier_output: Callable[[Path], bool],
                   directory: bool, owned: Collection[str]) -> None:
-    for source in (Path(s).resolve() for s in sources):
+    for source in (_resolved(Path(s)) for s in sources):
         if out == source or source in out.parents or out in source.parents:
             raise MiniLlamaError(f"{out} is or holds the source {source}; write the {what} somewhere else")
     if not out.exists() and not out.is_symlink():
@@ -207,6 +236,19 @@ def _check_output(out: Path, sources: list[Path], what: str, force: bool, is_ear
                             "nothing else: move them away, or choose a new path", path=out, what=what, listed=listed)
 
 
+def claim_remade_output(out: Path, what: str, is_earlier_output: Callable[[Path], bool]) -> None:
+    """For an output a command makes anew on every call (a report, a plot, harness results): `out` may be new or an
+    earlier `what`, which is replaced; anything else there is the user's, and is refused before any work."""
+    out = Path(out)
+    if out.is_symlink():
+        raise MiniLlamaError(f"{out} is a symbolic link (to {os.readlink(out)}); give the path it points to, or a new path "
+                             f"for the {what}")
+    if out.is_dir():
+        raise MiniLlamaError(f"{out} is a directory; give a file name for the {what}")
+    if out.exists() and not is_earlier_output(out):
+        raise MiniLlamaError(f"{out} exists and is not a {what} Mini Llama wrote; it stays as it is: choose another path")
+
+
 class DirectoryLock:
     """An OS lock (flock) on DIR/.lock, held while one command owns DIR: a second command on the same folder is
     refused, naming the process that holds it. The OS drops the lock when the holder dies, even by kill -9, so a
@@ -215,19 +257,20 @@ class DirectoryLock:
 
     fd: int | None
 
-    def __init__(self, folder: Path, what: str):
+    def __init__(self, folder: Path, what: str, lock_name: str = ".lock", busy: str | None = None):
         self.folder = folder = Path(folder)
+        self.lock_file = folder / lock_name
         self.created = not folder.exists()
-        self.created_file = not (folder / ".lock").exists()
+        self.created_file = not self.lock_file.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
+        self.fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise MiniLlamaError(f"{folder} is in use by another {what} (process {holder}); wait for it to end, "
-                                 "or use another folder") from None
+            raise MiniLlamaError((busy or f"{folder} is in use by another {what} (process {{holder}}); wait for it to end, "
+                                  "or use another folder").format(holder=holder)) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -235,7 +278,7 @@ class DirectoryLock:
         if self.fd is None:
             return
         if self.created_file:  # the folder is left as it was found (removed while held: no other command uses it)
-            os.unlink(self.folder / ".lock")
+            os.unlink(self.lock_file)
             if self.created and not any(self.folder.iterdir()):
                 self.folder.rmdir()
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -247,3 +290,11 @@ class DirectoryLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def output_lock(out: Path, what: str) -> DirectoryLock:
+    """Held while one command writes `out` (a file or a folder): a second command writing the same path at the same
+    time is refused, instead of both succeeding and one silently replacing the other. The lock is .OUT.lock beside it."""
+    out = Path(out).absolute()
+    return DirectoryLock(out.parent, what, f".{out.name}.lock",
+                         busy=f"{out} is being written by another {what} (process {{holder}}); wait for it to end, or choose another path")

@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.inference.engine import Completion, Engine, Request, check_length
-from minillama.inference.sampling import SamplingParams
+from minillama.inference.sampling import SamplingParams, nth_seed
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
 
@@ -29,14 +29,18 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     return [c.tokens for c in completions]
 
 
+def check_num_samples(num_samples: int) -> None:
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise ArgumentError("{num_samples} is {value}; expected from 1 to {limit} (each holds a KV cache row; draw more in "
+                            "several calls)", value=num_samples, limit=MAX_SAMPLES)
+
+
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, num_samples: int = 4, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
              stop_at_eos: bool = True, cuda_graph: bool | None = None, compile: bool = False) -> list[str]:
     """`num_samples` completions of `prompt` (the new text only); sample i uses seed + i. An empty prompt starts
     from BOS alone. A sample ends where the model ends a document (BOS or EOS) unless `stop_at_eos` is False."""
-    if not 1 <= num_samples <= MAX_SAMPLES:
-        raise ArgumentError("{num_samples} is {value}; expected from 1 to {limit} (each holds a KV cache row; draw more in "
-                            "several calls)", value=num_samples, limit=MAX_SAMPLES)
+    check_num_samples(num_samples)
     stop_ids = document_end_ids(tokenizer) if stop_at_eos else ()
     engine, completions = _start(model, tokenizer, [(tokenizer.encode(prompt, bos=True), num_samples)], max_new_tokens,
                                  temperature, top_k, top_p, seed, stop_ids, cuda_graph, compile)
@@ -73,7 +77,7 @@ def _start(model: Transformer, tokenizer: Tokenizer | None, prompts: Sequence[tu
                     cuda_graph=cuda_graph, compile=compile)
     completions: list[Completion] = []
     for prompt, n in prompts:
-        sampling = SamplingParams(temperature, top_k, top_p, None if seed is None else seed + len(completions))
+        sampling = SamplingParams(temperature, top_k, top_p, nth_seed(seed, len(completions)))
         completions += engine.submit(Request(list(prompt), max_new_tokens, sampling, n=n, stop_ids=frozenset(stop_ids)))
     return engine, completions
 

@@ -12,11 +12,12 @@ HUB_LOGGERS = ("huggingface_hub", "datasets")
 
 @contextmanager
 def quiet_hub() -> Iterator[None]:
-    """Raise the hub libraries' log level to ERROR for the duration (import them before: importing resets it)."""
+    """Raise the hub libraries' log level above ERROR for the duration (import them before: importing resets it):
+    what fails reaches the user as our one line, which names the file and the fix, not as their log line first."""
     loggers = [logging.getLogger(name) for name in HUB_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from minillama.errors import ArgumentError, MiniLlamaError
-from minillama.files import claim_output, write_file_atomically
+from minillama.files import claim_output, require_regular_file, write_file_atomically
 from minillama.hub import quiet_hub
 
 # A public, ungated copy of Meta's Llama 2 tokenizer.model on the Hugging Face hub, and its sha256.
@@ -20,6 +20,7 @@ LLAMA2_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
 LLAMA2_TOKENIZER_FILE = "tokenizer.model"
 LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
 TOKENIZER_ENV = "MINILLAMA_TOKENIZER"
+SPECIAL_IDS = 3  # unk, bos, eos
 
 
 def file_sha256(path: Path) -> str:
@@ -42,6 +43,7 @@ class Tokenizer:
         import sentencepiece as spm
 
         self.path = Path(model_path)
+        require_regular_file(self.path, "a tokenizer")  # it is read twice (hashed, loaded): a FIFO would hang
         if not self.path.is_file():
             raise ArgumentError("tokenizer file {path} does not exist; pass {tokenizer} PATH to a SentencePiece .model", path=self.path)
         try:
@@ -172,12 +174,27 @@ def is_sentencepiece_model(path: Path) -> bool:
     return True
 
 
+def _refuse_a_tokenizer_in_use(out: Path) -> None:
+    """A checkpoint's tokenizer, or the one a prepared data folder was tokenized with, is part of what it belongs to:
+    a new one there (even with --force) would make the checkpoint or the shards unreadable."""
+    folder = out.absolute().parent
+    owner = ("checkpoint" if (folder / "config.json").is_file() and any((folder / n).exists() for n in ("model.safetensors", "sharded")) else
+             "prepared data folder" if out.exists() and (folder / "manifest.json").is_file() else None)
+    if owner:
+        raise ArgumentError("{path} belongs to the {owner} {folder}, which needs it as it is; write the tokenizer "
+                            "somewhere else", path=out, owner=owner, folder=folder)
+
+
 def train_tokenizer(files: list[Path], vocab_size: int, out: Path, text_field: str = "text", force: bool = False) -> Tokenizer:
     """Train a Llama-style SentencePiece BPE model: byte fallback (no unknown characters), digits split one by one,
     no Unicode normalisation, whitespace kept as is; ids 0/1/2 are unk/bos/eos as in Llama 2."""
     import sentencepiece as spm
 
     out = Path(out)
+    if vocab_size < SPECIAL_IDS:  # SentencePiece fails on these with its internal check; larger ones it explains
+        raise ArgumentError("{vocab_size} is {value}; expected at least 260: 3 special ids, 256 byte pieces and the "
+                            "text's own characters", value=vocab_size)
+    _refuse_a_tokenizer_in_use(out)
     claim_output(out, [Path(f) for f in files], "tokenizer model", force, is_sentencepiece_model, directory=False)
     model = io.BytesIO()
     input_errors: list[MiniLlamaError] = []

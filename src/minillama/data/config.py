@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,13 +27,18 @@ class DataConfig(ConfigSection):
     train_tokenizer: bool = False  # train a tokenizer of the model's vocab size on `files` if `tokenizer` is missing
 
 
+def max_workers() -> int:
+    """The tokenizer processes `prepare` may start: one per CPU core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def prepare_command(data: DataConfig) -> str:
     """The `minillama prepare` command that makes `data.dir` for this config."""
     if data.source == "fineweb-edu":
         parts = ["minillama", "prepare", "fineweb-edu", "--subset", data.subset]
     else:
         parts = ["minillama", "prepare", "text", *data.files] + (["--split-paragraphs"] if data.split_paragraphs else [])
-    parts += ["--out", data.dir, "--shard-tokens", str(data.shard_tokens), "--workers", str(data.prepare_workers)]
+    parts += ["--out", data.dir, "--shard-tokens", str(data.shard_tokens), "--workers", str(min(data.prepare_workers, max_workers()))]
     if data.val_tokens is not None:
         parts += ["--val-tokens", str(data.val_tokens)]
     if data.tokenizer:

@@ -68,6 +68,7 @@ class TrainLoader:
         if self.manifest is None:
             raise MiniLlamaError(f"{self.data_dir} has no manifest.json; make it with `minillama prepare`")
         self.n_shards = len(split_entries(self.manifest, split))
+        self.stream_fingerprint = split_fingerprint(self.manifest, split)
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.seed, self.shuffle, self.split = seed, shuffle, split
         self.set_step_windows(windows_per_step or batch_size * world_size)  # the largest step: _begin_epoch checks it fits
@@ -112,19 +113,30 @@ class TrainLoader:
         batch = torch.from_numpy(self._buffer.copy())
         return batch[:, :-1], batch[:, 1:]
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "world_size": self.world_size, "windows_per_step": self.windows_per_step}
+                "seq_len": self.seq_len, "world_size": self.world_size, "windows_per_step": self.windows_per_step,
+                "shards": split_fingerprint(self.manifest, self.split)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = {k: getattr(self, k) for k in ("seed", "seq_len")}
         for key, value in expected.items():
             if state[key] != value:
                 raise MiniLlamaError(f"the checkpoint's data position was saved with {key}={state[key]}, this run has {value}")
+        if state.get("shards", self.stream_fingerprint) != self.stream_fingerprint:  # checkpoints before it was kept: trusted
+            raise MiniLlamaError(f"the {self.split} shards of {self.data_dir} are not the ones this checkpoint's data position "
+                                 "counts in (the data was prepared again since); resume on the data it was trained on, or "
+                                 "start a new run_dir")
         # Checkpoints are taken between steps, and the batch schedule (total_tokens, stages, seq_len) is fixed on
         # resume, so the position is a step's start; the split into ranks and micro-batches may change.
         self.epoch, self.position, self.step_left = state["epoch"], state["position"], 0
         self._begin_epoch()
+
+
+def split_fingerprint(manifest: dict[str, Any], split: str) -> str:
+    """The identity of a split's shards (names, sizes, sha256 in order): a saved data position is valid only for it."""
+    entries = [(e["file"], e["tokens"], e["sha256"]) for e in split_entries(manifest, split)]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def validation_batches(data_dir: Path, batch_size: int, seq_len: int, total_tokens: int,

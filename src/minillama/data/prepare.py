@@ -33,6 +33,7 @@ from minillama.data.shards import (
     write_manifest,
     write_shard,
 )
+from minillama.data.config import max_workers
 from minillama.data.sources import SkipCounter
 from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.files import DirectoryLock, remove_leftovers, temporary_directory
@@ -295,6 +296,9 @@ def prepare(
     for name, value in (("shard_tokens", shard_tokens), ("val_tokens", val_tokens), ("max_tokens", max_tokens), ("workers", workers)):
         if value is not None and value < 1:
             raise ArgumentError(f"{{{name}}} is {{value}}; expected a positive integer", value=value)
+    if workers > max_workers():
+        raise ArgumentError("{workers} is {value}; expected at most {limit}, the CPU cores this process may use (more "
+                            "processes than cores only wait for each other)", value=workers, limit=max_workers())
     if shard_tokens > MAX_SHARD_TOKENS:  # a shard fills in memory before it is written
         raise ArgumentError("{shard_tokens} is {value:,}; expected at most {limit:,} (a shard is held in memory while it fills)",
                             value=shard_tokens, limit=MAX_SHARD_TOKENS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from minillama.data.config import DataConfig, prepare_command
+from minillama.data.config import DataConfig, max_workers, prepare_command
 from minillama.data.loader import check_data, is_verified, verify_shards
 from minillama.data.prepare import prepare
 from minillama.data.shards import read_manifest
@@ -24,6 +24,7 @@ def ready_tokenizer(data: DataConfig, vocab_size: int, ctx: Distributed) -> Toke
             raise MiniLlamaError("data.train_tokenizer is on but data.files is empty; name the text to train it on")
         if ctx.is_main:
             files = LocalFiles(list(data.files)).files
+            Path(data.tokenizer).parent.mkdir(parents=True, exist_ok=True)  # the run's own data folder, made as it names it
             trained = train_tokenizer(files, vocab_size, Path(data.tokenizer))
             print(f"trained a {trained.vocab_size}-token tokenizer on {', '.join(map(str, files))}: {trained.path}")
         barrier(ctx)
@@ -43,7 +44,8 @@ def ready_data(data: DataConfig, tokenizer: Tokenizer, vocab_size: int, ctx: Dis
                                  "set another data.dir or delete this one")
         if manifest is None or not manifest.get("complete"):
             if ctx.is_main:
-                prepare(source, data_dir, tokenizer, data.shard_tokens, data.val_tokens, workers=data.prepare_workers)
+                prepare(source, data_dir, tokenizer, data.shard_tokens, data.val_tokens,
+                        workers=min(data.prepare_workers, max_workers()))  # the config's is an upper bound
             barrier(ctx)
     elif manifest is None or not manifest.get("complete"):
         raise MiniLlamaError(f"{data_dir} holds no prepared data; make it with: {prepare_command(data)}  "

@@ -65,11 +65,19 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
         if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and shard.get("split") in ("train", "val")
                 and type(shard.get("tokens")) is int and shard["tokens"] >= 0 and isinstance(shard.get("sha256"), str)):
             return f"shard entry {i} needs a file name, a split (train or val), a token count and a sha256"
+        if not is_plain_name(shard["file"]):
+            return f"shard entry {i}'s file {shard['file']!r} is not a plain file name in the data folder"
     if not isinstance(manifest.get("complete"), bool):
         return "'complete' must be true or false"
     if manifest["complete"] and type(manifest.get("tokens")) is not int:
         return "a complete manifest needs its total of tokens"
     return None
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name that stays in its folder: no separators, no '..', nothing absolute (a manifest names only its own
+    shards, and none of them is opened before this holds)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def resume_problem(manifest: dict[str, Any]) -> str | None:

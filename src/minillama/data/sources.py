@@ -38,7 +38,7 @@ class SkipCounter:
 
 class FineWebEdu:
     """HuggingFaceFW/fineweb-edu in streaming mode: documents arrive as they download, nothing else is stored. With
-    `snapshot`, a local copy of the dataset repository (what `huggingface-cli download HuggingFaceFW/fineweb-edu
+    `snapshot`, a local copy of the dataset repository (what `hf download HuggingFaceFW/fineweb-edu
     --repo-type dataset --include "sample/10BT/*"` leaves) is read instead, through the same `datasets` streaming
     reader, in the same order: the same rows, the same shards."""
 
@@ -86,13 +86,28 @@ class FineWebEdu:
                     if row is None:
                         return
                     if index >= skip:
-                        yield _nonempty(row["text"], skipped)
+                        yield _nonempty(_text_of(row, where), skipped)
                     index += 1
+        except ValueError as exc:  # pyarrow's ArrowInvalid is one; so are `datasets`' refusals of a folder's layout
+            raise self._unreadable(where, exc) from None
         except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
             fix = ("check that the folder holds the dataset's parquet files (and README.md)" if self.snapshot else
-                   "check the network, or download the files with huggingface-cli and pass their folder as {snapshot}")
+                   "check the network, or download the files with `hf download` and pass their folder as {snapshot}")
             raise ArgumentError("cannot read {subset} from {where} ({why}); " + fix, subset=self.subset, where=where,
                                 why=f"{type(exc).__name__}: {exc}") from None
+
+    def _unreadable(self, where: str, exc: ValueError) -> MiniLlamaError:
+        """What a ValueError from `datasets` or pyarrow means for the user's files, in one line."""
+        text = str(exc)
+        if "not in the dataset" in text:
+            return MiniLlamaError(f"{where} has no 'text' column ({text.split('Columns in the dataset: ')[-1].rstrip('.')}); "
+                                  "FineWeb-Edu's parquet files hold each document in a string column named 'text'")
+        if "BuilderConfig" in text and self.snapshot is not None:
+            return MiniLlamaError(f"{self.snapshot / 'README.md'} is not FineWeb-Edu's dataset card (it names no config "
+                                  f"{self.subset!r}); use the card the dataset comes with, or move it away to read the files "
+                                  f"matching {FINEWEB_EDU_FILES.get(self.subset, 'the subset')}")
+        return MiniLlamaError(f"cannot read {where} ({type(exc).__name__}: {text[:200]}); a parquet file is damaged or not "
+                              "parquet: download it again")
 
     def _open(self, datasets: Any) -> Any:
         """The stream: from the hub, or from the snapshot by the dataset card's config (its README.md) when the snapshot
@@ -100,7 +115,7 @@ class FineWebEdu:
         if self.snapshot is None:
             return datasets.load_dataset(FINEWEB_EDU, name=self.subset, split="train", streaming=True)
         if not self.snapshot.is_dir():
-            raise ArgumentError("{snapshot} {folder} is not a folder; pass the folder huggingface-cli downloaded the dataset into",
+            raise ArgumentError("{snapshot} {folder} is not a folder; pass the folder `hf download` put the dataset into",
                                 folder=self.snapshot)
         if (self.snapshot / "README.md").is_file():
             return datasets.load_dataset(str(self.snapshot), name=self.subset, split="train", streaming=True)
@@ -109,10 +124,18 @@ class FineWebEdu:
                                 folder=self.snapshot, name=self.subset, known=", ".join(FINEWEB_EDU_FILES))
         pattern = FINEWEB_EDU_FILES[self.subset]
         if not list(self.snapshot.glob(pattern)):
-            raise ArgumentError("{snapshot} {folder} holds no {pattern} files; download them with: huggingface-cli download "
+            raise ArgumentError("{snapshot} {folder} holds no {pattern} files; download them with: hf download "
                                 "HuggingFaceFW/fineweb-edu --repo-type dataset --include \"{pattern}\" --local-dir {folder}",
                                 folder=self.snapshot, pattern=pattern)
         return datasets.load_dataset(str(self.snapshot), data_files={"train": pattern}, split="train", streaming=True)
+
+
+def _text_of(row: dict[str, Any], where: str) -> str | None:
+    text = row["text"]
+    if text is not None and not isinstance(text, str):
+        raise MiniLlamaError(f"{where}: column 'text' holds {type(text).__name__} values, not text; FineWeb-Edu's parquet files "
+                             "hold each document in a string column named 'text'")
+    return text
 
 
 def _nonempty(text: str | None, skipped: SkipCounter) -> str | None:

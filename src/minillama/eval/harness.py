@@ -30,6 +30,7 @@ from minillama.checkpoint import load_for_inference
 from minillama.device import pick_device
 from minillama.distributed import close_distributed, init_distributed
 from minillama.errors import ArgumentError, MiniLlamaError
+from minillama.files import claim_remade_output
 from minillama.generate import document_end_ids
 from minillama.inference.cache import right_padded
 from minillama.inference.engine import Engine, Request
@@ -217,6 +218,15 @@ class MiniLlamaLM(TemplateLM):
         return results
 
 
+def is_harness_results(path: Path) -> bool:
+    """A results file `run_harness` wrote: a JSON object naming the checkpoint, its results and the settings."""
+    try:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(summary, dict) and {"checkpoint", "results", "config"} <= summary.keys()
+
+
 def task_manager(include_path: Path | None = None, tasks: Sequence[str] = ()) -> Any:
     """The harness's index of tasks: of `include_path` alone when every one of `tasks` is a plain task there
     (indexing the thousands of task files the harness ships takes seconds, in every process of a torchrun), else
@@ -255,6 +265,12 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
         raise ArgumentError("no task names were given; pass {tasks}, e.g. hellaswag,arc_easy")
     if log_samples and output is None:
         raise ArgumentError("per-sample logs go beside the results file: give an {output} path for them")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ArgumentError("{num_fewshot} is {value}; expected 0 or more examples before each question", value=num_fewshot)
+    if include_path is not None and not Path(include_path).exists():
+        raise ArgumentError("{include_path} {path} does not exist; pass a folder (or a file) of task YAMLs", path=include_path)
+    if output is not None:
+        claim_remade_output(Path(output), "harness results file", is_harness_results)
     manager = task_manager(include_path, tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

@@ -145,6 +145,11 @@ def candidates(example: Example, tokenizer: Tokenizer, max_len: int) -> tuple[li
 
 
 @torch.no_grad()
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise MiniLlamaError(f"the batch size is {batch_size}; expected a positive integer")
+
+
 def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32) -> tuple[list[Prediction], int]:
     """Predictions for `examples` (batch_size examples per pass), and how many had their context truncated.
 
@@ -152,8 +157,7 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
     4 endings then continue (they differ only after it); the output head, a vocabulary-wide matmul, runs only at
     the positions that predict an ending token. Examples are batched in order of length, so little is padding.
     """
-    if batch_size < 1:
-        raise MiniLlamaError(f"the batch size is {batch_size}; expected a positive integer")
+    check_batch_size(batch_size)
     encoded = [candidates(example, tokenizer, model.config.max_seq_len) for example in examples]
     truncated = sum(was_truncated for _, was_truncated in encoded)
     order = sorted(range(len(examples)), key=lambda i: max(len(c.tokens) for c in encoded[i][0]))

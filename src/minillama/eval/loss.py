@@ -38,6 +38,17 @@ def token_byte_lengths(tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
+def check_loss_settings(max_seq_len: int, batch_size: int, seq_len: int, total_tokens: int) -> None:
+    """Refuse settings no evaluation can run with, before any work (and before a command names its checkpoint)."""
+    for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("tokens to score", total_tokens)):
+        if value < 1:
+            raise MiniLlamaError(f"the {name} is {value}; expected a positive integer")
+    if seq_len > max_seq_len:
+        raise MiniLlamaError(f"the sequence length {seq_len} exceeds the model's max_seq_len of {max_seq_len}; use at most {max_seq_len}")
+    if total_tokens < seq_len:
+        raise MiniLlamaError(f"{total_tokens:,} tokens to score are fewer than one sequence of {seq_len}; score at least {seq_len}")
+
+
 def evaluate_loss(
     model: nn.Module,
     data_dir: Path,
@@ -51,14 +62,7 @@ def evaluate_loss(
     """Mean loss over the first total_tokens/seq_len windows of the val split; all ranks must call it.
 
     `model` may be a compiled or DDP-unwrapped module; it is called as model(x)."""
-    max_len = model.config.max_seq_len if hasattr(model, "config") else seq_len
-    for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("tokens to score", total_tokens)):
-        if value < 1:
-            raise MiniLlamaError(f"the {name} is {value}; expected a positive integer")
-    if seq_len > max_len:
-        raise MiniLlamaError(f"the sequence length {seq_len} exceeds the model's max_seq_len of {max_len}; use at most {max_len}")
-    if total_tokens < seq_len:
-        raise MiniLlamaError(f"{total_tokens:,} tokens to score are fewer than one sequence of {seq_len}; score at least {seq_len}")
+    check_loss_settings(model.config.max_seq_len if hasattr(model, "config") else seq_len, batch_size, seq_len, total_tokens)
     byte_lengths, leading_space = token_byte_lengths(tokenizer)
     device = next(model.parameters()).device
     byte_lengths, leading_space = byte_lengths.to(device), leading_space.to(device)

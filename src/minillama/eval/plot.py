@@ -11,7 +11,7 @@ from typing import Any
 
 from minillama.data.sources import FineWebEdu
 from minillama.errors import MiniLlamaError
-from minillama.files import write_file_atomically
+from minillama.files import claim_remade_output, write_file_atomically
 from minillama.metrics import read_metrics
 from minillama.tokenizer import LLAMA2_TOKENIZER_SHA256
 
@@ -97,28 +97,49 @@ def _reference_line(ax, index: int, label: str, value: float, text: str, at_left
                 textcoords="offset points", ha="left" if at_left else "right", va="bottom", fontsize=6, color=color)
 
 
+PLOT_TITLE = "Mini Llama training curves"  # in every image's metadata: how a later plot knows it may replace it
+IMAGE_FORMATS = ("png", "svg", "pdf")
+MAX_PLOT_BYTES = 32 << 20  # far above any curves image; a larger file is not one
+
+
 def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.9) -> Path:
-    """Draw the runs' curves into the image `out`, in the format its suffix names (PNG without one)."""
-    if not 0 <= smoothing < 1:
-        raise MiniLlamaError(f"smoothing is {smoothing}; expected a number in [0, 1) (0: none, 0.9: the default)")
+    """Draw the runs' curves into the image `out`, in the format its suffix names (PNG without one); a file there is
+    replaced only if an earlier plot made it."""
     if Path(out).is_dir():
         raise MiniLlamaError(f"{out} is a directory; give the image's file name, e.g. {Path(out) / 'curves.png'}")
+    claim_remade_output(Path(out), "plot", is_plot)
+    return draw_curves(run_dirs, Path(out), smoothing)
+
+
+def draw_curves(run_dirs: list[Path], out: Path, smoothing: float = 0.9) -> Path:
+    """`plot_runs` for a caller that has already decided that `out` may be written."""
+    if not 0 <= smoothing < 1:
+        raise MiniLlamaError(f"smoothing is {smoothing}; expected a number in [0, 1) (0: none, 0.9: the default)")
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(out)
     image_format = out.suffix.lstrip(".").lower() or "png"
-    if image_format not in FigureCanvasAgg.get_supported_filetypes():
-        raise MiniLlamaError(f"{out}: matplotlib cannot write .{image_format} images; name the file .png, .svg or .pdf")
+    if image_format not in IMAGE_FORMATS:
+        raise MiniLlamaError(f"{out}: plots are written as .png, .svg or .pdf (formats whose metadata marks the file as a "
+                             f"plot), not .{image_format}; name the file .png, .svg or .pdf")
     fig = curves_figure([load_run(Path(d)) for d in run_dirs], smoothing)
     image = io.BytesIO()
-    fig.savefig(image, format=image_format, dpi=120)
+    fig.savefig(image, format=image_format, dpi=120, metadata={"Title": PLOT_TITLE})
     plt.close(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_file_atomically(out, image.getbuffer())
+
+
+def is_plot(path: Path) -> bool:
+    """An image `plot_runs` drew: PNG, SVG and PDF all carry its title in their metadata, as plain text."""
+    try:
+        with open(path, "rb") as f:
+            return PLOT_TITLE.encode() in f.read(MAX_PLOT_BYTES)
+    except OSError:
+        return False
 
 
 def curves_figure(runs: list[RunCurves], smoothing: float = 0.9):

@@ -8,14 +8,18 @@ import statistics
 from pathlib import Path
 
 from minillama.errors import MiniLlamaError
+from minillama.files import claim_remade_output, write_file_atomically
 from minillama.eval.plot import (
     HELLASWAG_CHANCE,
     REFERENCE_HELLASWAG,
     REFERENCE_VAL_LOSS,
+    draw_curves,
     load_run,
-    plot_runs,
 )
 from minillama.layout import harness_results
+
+
+REPORT_TITLE = "# Run report: "
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -24,9 +28,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     out = Path(out) if out else run_dir / "report.md"
-    curves = plot_runs([run_dir], curves_path(out))
+    claim_remade_output(out, "report", is_report)
+    curves = draw_curves([run_dir], curves_path(out))
 
-    lines = [f"# Run report: {run.name}", ""]
+    lines = [f"{REPORT_TITLE}{run.name}", ""]
     info = run.run
     if info:
         lines += [f"- model: {info.get('model_preset')}, {info.get('parameters', 0):,} parameters",
@@ -69,8 +74,16 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         lines += [f"## Samples at step {last_samples['step']:,}", ""]
         for i, text in enumerate(last_samples["samples"]):
             lines += [f"Sample {i}:", "", text_block(str(text)), ""]
-    out.write_text("\n".join(lines))
-    return out
+    return write_file_atomically(out, "\n".join(lines).encode())
+
+
+def is_report(path: Path) -> bool:
+    """A report this module wrote: a text file that starts with its title."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(REPORT_TITLE.encode())) == REPORT_TITLE.encode()
+    except OSError:
+        return False
 
 
 def text_block(text: str) -> str:

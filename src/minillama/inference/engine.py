@@ -35,7 +35,7 @@ from torch import Tensor
 
 from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.inference.cache import CachedPass, KVCache, right_padded
-from minillama.inference.sampling import MAX_SEED, SamplingParams, choose_tokens
+from minillama.inference.sampling import SamplingParams, choose_tokens, nth_seed
 from minillama.inference.scoring import Scores, TokenLogprobs, score_targets
 from minillama.inference.text import TextStream
 from minillama.model import Transformer, compute_dtype, evaluating
@@ -67,7 +67,7 @@ class Completion:
     def __init__(self, request: Request, index: int, tokenizer: Tokenizer | None):
         self.request, self.index = request, index
         seed = request.sampling.seed
-        self.sampling = request.sampling if seed is None else dataclasses.replace(request.sampling, seed=(seed + index) % (MAX_SEED + 1))
+        self.sampling = request.sampling if seed is None else dataclasses.replace(request.sampling, seed=nth_seed(seed, index))
         self.random = self.sampling.random_stream()
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprobs] = []

@@ -18,6 +18,12 @@ from minillama.errors import ArgumentError
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
+def nth_seed(seed: int | None, n: int) -> int | None:
+    """The seed of the n-th of several completions that share `seed`: seed + n, wrapping around past MAX_SEED, so
+    every seed the API accepts works with any number of completions."""
+    return None if seed is None else (seed + n) % (MAX_SEED + 1)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one row chooses its tokens. Any positive temperature works: a tiny one is greedy, never NaN."""

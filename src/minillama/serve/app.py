@@ -18,7 +18,6 @@ import html
 import ipaddress
 import json
 import os
-import signal
 import socket
 import sys
 import time
@@ -40,7 +39,7 @@ from minillama.errors import ArgumentError
 from minillama.generate import document_end_ids
 from minillama.inference.engine import Engine, Update, outside_vocabulary
 from minillama.inference.engine import Request as EngineRequest
-from minillama.inference.sampling import SamplingParams
+from minillama.inference.sampling import SamplingParams, nth_seed
 from minillama.model import Transformer
 from minillama.serve.metrics import Metrics
 from minillama.serve.protocol import (
@@ -144,6 +143,10 @@ class RequestGuard:
         if received > self.max_body_bytes or more or declared > self.max_body_bytes:
             # Past the limit the rest is read and dropped (up to DRAIN_BYTES), so that the client reads the answer.
             return await error_response(f"the request body is larger than {self.max_body_bytes:,} bytes", None, 413)(scope, receive, send)
+        if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
+            # every body this API takes is JSON: read it as such whatever the header says (`curl -d` sends a form's type)
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
         delivered = False
 
         async def replay() -> MutableMapping[str, Any]:
@@ -329,7 +332,7 @@ def _engine_request(serving: Serving, body: CompletionRequest, prompt: list[int]
     if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
         raise ServerError(f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty sequences", "stop")
     n = body.n or 1
-    seed = None if body.seed is None else body.seed + index * n
+    seed = nth_seed(body.seed, index * n)
     sampling = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_k or None,
                               body.top_p if body.top_p is not None and body.top_p < 1 else None, seed)
     logprobs = body.logprobs
@@ -421,6 +424,26 @@ class Reply:
 # --- the command ----------------------------------------------------------------------------------------------
 
 
+def uvicorn_config(app: FastAPI, **options: Any) -> Any:
+    """uvicorn's config for the app: its HTTP/1.1 protocol (h11) answers a request it cannot even parse (a garbage
+    request line, a negative Content-Length) in OpenAI's error shape, as every other error, not in plain text."""
+    import h11
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorsH11(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = error_response(f"the request is not valid HTTP ({msg})").body
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return uvicorn.Config(app, http=JsonErrorsH11, log_level="warning", **options)
+
+
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, device: str = "auto",
           dtype: str = "auto", tokenizer: str | None = None, model_name: str | None = None,
           allowed_hosts: list[str] | None = None, max_queue: int | None = None, threads: int | None = None) -> None:
@@ -447,16 +470,16 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
         if allowed_hosts is None:  # loopback only when bound to loopback; bound wider, it is meant to be reached by name
             allowed_hosts = list(LOOPBACK_HOSTS) if _is_loopback(host) else ["*"]
         stopped: list[str] = []
-        server = uvicorn.Server(uvicorn.Config(
+        server = uvicorn.Server(uvicorn_config(
             create_app(model, loaded_tokenizer, name, max_batch, max_queue, allowed_hosts=allowed_hosts,
                        on_stop=lambda reason: (stopped.append(reason), setattr(server, "should_exit", True)),
                        start_prompt=first_eval_prompt(info.metadata)),
-            log_level="warning", timeout_graceful_shutdown=60))
+            timeout_graceful_shutdown=60))
         shown = f"[{host}]" if ":" in host else host
         print(f"using {info.path}; serving {name} on http://{shown}:{listening.getsockname()[1]} (playground at /, API at "
               "/v1/completions, metrics at /metrics)", file=sys.stderr)
-        # SIGTERM is how a server is stopped: uvicorn drains the requests in flight, then lets the signal end the process.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # SIGTERM is how a server is stopped: uvicorn holds it while it drains the requests in flight, then raises it
+        # again, and the command's own handler ends `minillama serve` with its one line and exit code 143.
         server.run(sockets=[listening])
     finally:
         listening.close()

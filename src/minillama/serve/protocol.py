@@ -42,7 +42,7 @@ def _no_lone_surrogates(value: Any) -> Any:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "5" is not 5, nor "yes" true: OpenAI refuses them too
 
     include_usage: bool = False  # a last chunk with usage and no choices, as OpenAI sends only when asked
 
@@ -51,7 +51,7 @@ class CompletionRequest(BaseModel):
     """Every field of OpenAI's completions request. Those a base model cannot honour (penalties, logit_bias,
     best_of > n, suffix) are accepted at their no-op values and refused otherwise, naming the field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "5" is not 5, nor "yes" true: OpenAI refuses them too
 
     model: str | None = None
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
@@ -93,7 +93,7 @@ class CompletionRequest(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "5" is not 5, nor "yes" true: OpenAI refuses them too
 
     model: str | None = None
     prompt: str
@@ -103,7 +103,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "5" is not 5, nor "yes" true: OpenAI refuses them too
 
     model: str | None = None
     tokens: list[StrictInt]

@@ -171,6 +171,9 @@ class TrainConfig:
         if self.eval.val_tokens < self.batch.seq_len:
             raise MiniLlamaError(f"run config field 'eval.val_tokens' is {self.eval.val_tokens}; expected at least one "
                                  f"sequence of batch.seq_len={self.batch.seq_len} tokens")
+        if self.optim.min_lr > self.optim.lr:
+            raise MiniLlamaError(f"run config field 'optim.min_lr' is {self.optim.min_lr}; expected at most optim.lr={self.optim.lr} "
+                                 "(the decay ends below the peak)")
         if not self.optim.warmup_steps < self.optim.max_steps:
             raise MiniLlamaError(f"run config field 'optim.warmup_steps' is {self.optim.warmup_steps}; expected 0 <= it < optim.max_steps")
         momentum_steps = self.optim.muon_momentum_warmup_steps + self.optim.muon_momentum_cooldown_steps

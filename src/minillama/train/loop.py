@@ -33,6 +33,7 @@ from minillama.train.memory import check_model_fits, full_step_accumulation, gra
 from minillama.train.micro_batch import estimated_micro_batch, tried_micro_batch, with_micro_batch
 from minillama.train.optim import build_optimizer, set_learning_rates, zero_output_projections
 from minillama.train.parallel import clip_gradients, gradient_sync, parallelize
+from minillama.train.preflight import check_run_paths
 from minillama.train.resume import checkpoint_to_resume, restore_run, save_run
 from minillama.train.run import Run, RunState
 
@@ -40,6 +41,7 @@ from minillama.train.run import Run, RunState
 def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
     """Run (or continue) training as `config` says; returns the last step's metrics. Under torchrun, every
     process calls this."""
+    check_run_paths(config)
     ctx = init_distributed(config.device, alone_as_group=config.parallel == "fsdp")
     try:
         done = history.finished_step(Path(config.run_dir), config, resume)

@@ -122,8 +122,9 @@ def gradient_accumulation_steps(total_tokens: int, micro_batch: int, seq_len: in
     per_micro_step = micro_batch * seq_len * world_size
     if total_tokens % per_micro_step == 0:
         return total_tokens // per_micro_step
-    per_rank_tokens = total_tokens // world_size if total_tokens % world_size == 0 else None
-    fitting = [b for b in range(1, micro_batch * 2 + 1) if per_rank_tokens and per_rank_tokens % (b * seq_len) == 0]
+    per_rank_tokens = total_tokens // world_size if total_tokens % world_size == 0 else 0
+    sequences = per_rank_tokens // seq_len if per_rank_tokens % seq_len == 0 else 0  # micro-batches that fit divide it
+    fitting = sorted(b for b in (divisors(sequences) if sequences else []) if b <= 2 * micro_batch)
     nearby = max(per_micro_step, round(total_tokens / per_micro_step) * per_micro_step)
     suggestion = f"micro_batch {', '.join(map(str, fitting[-4:]))}, or " if fitting else ""
     raise MiniLlamaError(
@@ -146,7 +147,13 @@ def micro_batch_candidates(total_tokens: int, seq_len: int, ranks: int) -> list[
     if remainder or not sequences:
         raise MiniLlamaError(f"batch.total_tokens {total_tokens:,} is not a whole number of sequences of batch.seq_len {seq_len} "
                              f"on each of {ranks} ranks; choose a multiple of {seq_len * ranks:,}")
-    return [b for b in range(sequences, 0, -1) if sequences % b == 0]
+    return divisors(sequences)
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of `n`, largest first, found up to its square root (a billion sequences take 31,623 tries)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)}, reverse=True)
 
 
 def fitting_micro_batch(model: ModelConfig, parallel: str, ranks: int, total_tokens: int, seq_len: int,

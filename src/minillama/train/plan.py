@@ -15,6 +15,7 @@ from minillama.train.config import TrainConfig
 from minillama.train import history
 from minillama.train.memory import OPTIMIZER_STATE, MicroBatchChoice, full_step_accumulation, training_bytes_per_rank
 from minillama.train.micro_batch import estimate_for_ranks, with_micro_batch
+from minillama.train.preflight import check_run_paths
 
 MEASURED_STEPS = 5  # steps timed before the time left is told (the first, which compiles, is not one of them)
 
@@ -73,6 +74,7 @@ def dry_run(config: TrainConfig, tokens_per_s: float | None = None) -> str:
     nothing."""
     if tokens_per_s is not None and not tokens_per_s > 0:  # NaN too
         raise ArgumentError("{tokens_per_s} is {value}; expected a positive speed in tokens per second", value=tokens_per_s)
+    check_run_paths(config)
     device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
     ranks = int(os.environ.get("WORLD_SIZE", 1))
     choice = None
