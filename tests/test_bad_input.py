@@ -446,6 +446,11 @@ CASES = [
     (["train", "--dry-run", "--set", "data.tokenizer={w}/fake.gguf"], "fake.gguf is not a SentencePiece model"),
     (["train", "--dry-run", "--set", "data.tokenizer={w}/missing.model"], "data.tokenizer {w}/missing.model does not exist and data.train_tokenizer is off"),
     (["train", "--dry-run", "--set", "batch.micro_batch=1000000000000"], "is not a multiple of micro_batch 1000000000000"),
+    # found by a sweep of cases nobody listed: a FIFO where a file is read or replaced would block the command
+    (["export", "gguf", "{w}/ckpt", "{w}/fifo_ckpt/model.safetensors", "--force"], "model.safetensors is a FIFO, socket or device; give a new path"),
+    (["import", "llama2c", "{w}/fifo_ckpt/model.safetensors", "{w}/out", "--tokenizer", "{w}/ckpt/tokenizer.model"],
+     "model.safetensors is a FIFO, socket or device, not a regular file; a llama2.c model must be a file"),
+    (["generate", "{w}/ckpt", "hi", "--tokenizer", "{w}/fifo_ckpt/model.safetensors"], "is a FIFO, socket or device, not a regular file; a tokenizer"),
 ]
 
 

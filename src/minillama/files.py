@@ -218,6 +218,8 @@ def _check_output(out: Path, sources: list[Path], what: str, force: bool, is_ear
             raise MiniLlamaError(f"{out} is or holds the source {source}; write the {what} somewhere else")
     if not out.exists() and not out.is_symlink():
         return
+    if not out.is_dir() and not out.is_file():  # a FIFO, socket or device: never an earlier output, and opening it may block
+        raise MiniLlamaError(f"{out} is a FIFO, socket or device; give a new path for the {what}")
     if out.is_dir() != directory:
         raise MiniLlamaError(f"{out} is {'a file' if directory else 'a directory'}; give a new {'directory' if directory else 'file'} "
                              f"path for the {what}")

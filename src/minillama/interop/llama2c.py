@@ -30,7 +30,7 @@ from minillama.checkpoint import (
 )
 from minillama.config import ModelConfig
 from minillama.errors import ArgumentError, MiniLlamaError
-from minillama.files import claim_output, write_file_atomically
+from minillama.files import claim_output, require_regular_file, write_file_atomically
 from minillama.model import meta_model
 from minillama.tokenizer import Tokenizer, check_vocab
 
@@ -137,6 +137,7 @@ def export_llama2c(checkpoint: Path, out: Path, version: int = 0, force: bool = 
 def read_llama2c(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config and Mini Llama state dict of a llama2.c model file (version 0 or 1), checked against its size."""
     path = Path(path)
+    require_regular_file(path, "a llama2.c model")
     try:
         data = path.read_bytes()
     except OSError as exc:
