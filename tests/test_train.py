@@ -212,12 +212,14 @@ def test_auto_prepare_refuses_data_made_from_other_files(tmp_path, corpus_file, 
 
 def test_optimizer_decays_matrices_once_each_and_never_norm_gains(small_config):
     model = Transformer(small_config)  # tied: the head is the embedding matrix
-    decay, no_decay = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu")).param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    embedding, matrices, norms = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu")).param_groups
+    assert embedding["weight_decay"] == matrices["weight_decay"] == 0.1 and norms["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}  # named_parameters lists a shared tensor once
-    assert sorted(names[id(p)] for p in decay["params"]) == sorted(n for n, p in model.named_parameters() if p.dim() == 2)
-    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(n for n in names.values() if n.endswith("norm.weight"))
-    assert len(decay["params"]) + len(no_decay["params"]) == len(names) and "output.weight" not in names.values()
+    assert [names[id(p)] for p in embedding["params"]] == ["tok_embeddings.weight"]
+    assert sorted(names[id(p)] for p in matrices["params"]) == sorted(n for n, p in model.named_parameters()
+                                                                       if p.dim() == 2 and n.startswith("layers."))
+    assert sorted(names[id(p)] for p in norms["params"]) == sorted(n for n in names.values() if n.endswith("norm.weight"))
+    assert sum(len(g["params"]) for g in (embedding, matrices, norms)) == len(names) and "output.weight" not in names.values()
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -661,3 +663,57 @@ def test_a_resume_on_data_prepared_again_is_refused(tmp_path, corpus_file, token
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"minillama: error: the train shards of {data} are not the ones this checkpoint's data position counts in (the data "
         "was prepared again since); resume on the data it was trained on, or start a new run_dir")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_each_rate_and_decay_option_reaches_exactly_the_parameters_it_names(optimizer, tied):
+    """Every parameter's rate and decay after the schedule is set, read back from the real optimizer and compared
+    with what each option's documentation says, by parameter name: embedding_lr_multiplier reaches the embedding
+    (and an untied head) alone under both optimizers, norm_lr_multiplier the norm gains alone, weight_decay the
+    2-D weights AdamW trains, muon_weight_decay Muon's."""
+    from minillama.train.optim import set_learning_rates
+
+    config = OptimConfig(name=optimizer, lr=1e-3, min_lr=1e-4, warmup_steps=0, max_steps=100, muon_lr=0.02, weight_decay=0.1,
+                         muon_weight_decay=0.05, embedding_lr_multiplier=4.0, norm_lr_multiplier=0.5)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16,
+                                    tie_embeddings=tied))
+    built = build_optimizer(model, config, torch.device("cpu"))
+    set_learning_rates(built, 0, config)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    seen = {name_of[id(p)]: (g["lr"], g["weight_decay"]) for g in built.param_groups for p in g["params"]}
+    assert sorted(seen) == sorted(n for n, _ in model.named_parameters())  # each once
+
+    def expected(name, dims):
+        if name in ("tok_embeddings.weight", "output.weight"):
+            return 4e-3, 0.1
+        if dims == 1:
+            return 5e-4, 0.0
+        return (0.02, 0.05) if optimizer == "muon" else (1e-3, 0.1)
+
+    for name, param in model.named_parameters():
+        assert seen[name] == pytest.approx(expected(name, param.dim())), name
+    assert ("output.weight" in seen) == (not tied)
+
+
+def test_an_adamw_checkpoint_of_the_two_group_layout_resumes_into_the_groups_by_kind():
+    """Runs saved before the groups were described by kind held AdamW in two groups (2-D weights, then gains):
+    their moments go to the same parameters now, so the next step is the step the old layout would have taken."""
+    from minillama.train.optim import load_optimizer_state
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16,
+                                    tie_embeddings=False))
+    named = list(model.named_parameters())
+    old = torch.optim.AdamW([{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3)
+    tokens = torch.randint(64, (2, 8))
+    model(tokens, tokens)[1].backward()
+    old.step()
+    saved = old.state_dict()
+    config = OptimConfig(lr=1e-3, weight_decay=0.1)
+    new = build_optimizer(model, config, torch.device("cpu"))
+    load_optimizer_state(new, saved, model)
+    for name, param in named:
+        assert torch.equal(new.state[param]["exp_avg"], old.state[param]["exp_avg"]), name
+        assert torch.equal(new.state[param]["exp_avg_sq"], old.state[param]["exp_avg_sq"]), name

@@ -18,8 +18,8 @@ from minillama.config import ModelConfig
 from minillama.device import memory_bytes
 from minillama.errors import MiniLlamaError
 from minillama.summary import parameter_shapes
-from minillama.train.config import BatchConfig
-from minillama.train.optim import takes_muon
+from minillama.train.config import BatchConfig, OptimConfig
+from minillama.train.optim import param_groups
 
 FLOAT32, BFLOAT16 = 4, 2  # bytes per element
 OPTIMIZER_STATE = {"adamw": "AdamW moments", "muon": "Muon momentum and AdamW moments"}  # by optim.name
@@ -38,7 +38,8 @@ def model_state_bytes(config: ModelConfig, parallel: str, ranks: int, optimizer:
     shapes = parameter_shapes(config)
     held = {name: math.prod(s) if parallel == "ddp" else shard_elements(s, ranks) for name, s in shapes.items()}
     elements = sum(held.values())
-    in_muon = sum(n for name, n in held.items() if optimizer == "muon" and takes_muon(name, len(shapes[name])))
+    groups = param_groups({name: len(shape) for name, shape in shapes.items()}, OptimConfig(name=optimizer))
+    in_muon = sum(held[name] for g in groups if g.optimizer == "muon" for name in g.names)
     return {"parameters": FLOAT32 * elements, "gradients": FLOAT32 * elements,
             "optimizer": FLOAT32 * (2 * (elements - in_muon) + in_muon)}
 

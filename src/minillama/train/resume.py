@@ -23,7 +23,7 @@ from minillama.files import commit_directory, temporary_directory
 from minillama.layout import SHARDED_DIR, TRAINING_STATE_FILE, checkpoint_dir, complete_checkpoints
 from minillama.model import Transformer
 from minillama.tokenizer import Tokenizer
-from minillama.train.optim import MuonWithAdamW
+from minillama.train.optim import MuonWithAdamW, load_optimizer_state
 from minillama.train.parallel import is_sharded
 from minillama.train.run import Run
 
@@ -70,7 +70,7 @@ def restore_run(path: Path, run: Run) -> None:
         load_sharded_checkpoint(path, run.model, run.optimizer)
     else:
         load_weights(path, run.model)
-        run.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(run.optimizer, saved["optimizer"], run.model)
     notes = []
     if bool(saved["scaler"]) == run.scaler.is_enabled():  # an fp16 run saves its gradient scaler; other runs have none
         run.scaler.load_state_dict(saved["scaler"])
