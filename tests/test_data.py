@@ -541,3 +541,27 @@ def test_leftovers_of_an_interrupted_write_are_removed_by_the_next_prepare(tmp_p
     (out / ".notes").write_text("a user's hidden file")
     prepare(source, out, tokenizer, shard_tokens=20_000, val_tokens=2_000, progress=False)
     assert sorted(p.name for p in out.glob(".*")) == [".notes"]  # the .lock it made is gone too
+
+
+def test_the_download_command_we_name_exists_in_the_installed_hub_cli(capsys):
+    """README, `prepare fineweb-edu --help` and its errors name `hf download` with some flags: the hub's installed
+    CLI (huggingface_hub 1.x ships `hf`; `huggingface-cli` is gone) must know the command and every flag."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from minillama.cli import main
+
+    if not shutil.which("hf"):
+        pytest.skip("needs huggingface_hub's `hf` command on PATH")
+    with pytest.raises(SystemExit):
+        main(["prepare", "fineweb-edu", "--help"])
+    named = [Path("README.md").read_text(), " ".join(capsys.readouterr().out.split())]  # --help wraps its lines
+    commands = [line for text in named for line in re.findall(r"hf download [^`\n]*", text)]
+    assert len(commands) == 2, commands
+    usage = subprocess.run(["hf", "download", "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0, usage.stderr
+    for command in commands:
+        for flag in re.findall(r"--[a-z-]+", command):
+            assert flag in usage.stdout, (flag, command)

@@ -302,3 +302,25 @@ def test_report_text_blocks_fence_over_any_backticks_inside():
 
     assert text_block("plain") == "```text\nplain\n```"
     assert text_block("a ```code``` and ````more````") == "`````text\na ```code``` and ````more````\n`````"
+
+
+def test_eval_loss_of_a_run_finds_its_relative_data_dir_from_another_folder(tmp_path, corpus_file, tokenizer, monkeypatch, capsys):
+    """A run trained with data.dir = "data" (relative to where training ran) is scored from any folder: the
+    checkpoint records the data folder as training resolved it."""
+    from training import tiny_run
+
+    from minillama.data.sources import LocalFiles
+    from minillama.train.config import load_train_config
+    from minillama.train.loop import train
+
+    work = tmp_path / "work"
+    prepare(LocalFiles([str(corpus_file)], split_paragraphs=True), work / "data", tokenizer, shard_tokens=20_000,
+            val_tokens=4_096, progress=False)
+    monkeypatch.chdir(work)
+    tiny_config = Path(__file__).parents[1] / "configs" / "tiny.toml"
+    train(load_train_config(tiny_config, [*tiny_run(work, "data", tokenizer, "stop_at_step=4"), "run_dir=run"]))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "loss", str(work / "run"), "--tokens", "128", "--seq-len", "64"]) == 0
+    captured = capsys.readouterr()
+    assert f"scoring {work / 'data'}, the run's data.dir" in captured.err and captured.out.startswith("val loss ")

@@ -717,3 +717,16 @@ def test_an_adamw_checkpoint_of_the_two_group_layout_resumes_into_the_groups_by_
     for name, param in named:
         assert torch.equal(new.state[param]["exp_avg"], old.state[param]["exp_avg"]), name
         assert torch.equal(new.state[param]["exp_avg_sq"], old.state[param]["exp_avg_sq"]), name
+
+
+def test_a_dry_run_that_does_not_fit_says_so_and_what_auto_would_choose(capsys):
+    """micro_batch 512 of the 109M model needs hundreds of GiB: the plan ends with a verdict naming the micro-batch
+    that a dry run with micro_batch "auto" chooses on this same machine."""
+    from minillama.cli import main
+
+    base = ["train", "--dry-run", "--config", "configs/mini-llama-109M.toml", "--set", "device=cpu"]
+    assert main([*base, "--set", "batch.micro_batch=auto"]) == 0
+    auto = capsys.readouterr().out.split("batch.micro_batch auto: ")[1].split(" ")[0]
+    assert main([*base, "--set", "batch.micro_batch=512"]) == 0
+    verdict = capsys.readouterr().out.splitlines()[-1]
+    assert verdict.startswith("verdict: does not fit this device's ") and f"batch.micro_batch=auto would choose {auto} (" in verdict

@@ -70,7 +70,14 @@ def data_dir_of(checkpoint: Path) -> Path | None:
     run_dir = run_dir_of(checkpoint)
     if run_dir is None or not run_config_path(run_dir).is_file():
         return None
-    return Path(load_train_config(run_config_path(run_dir)).data.dir)
+    recorded = read_checkpoint_info(checkpoint).metadata.get("data_dir")  # absolute, as training resolved it
+    if isinstance(recorded, str) and Path(recorded).is_dir():
+        return Path(recorded)
+    data_dir = Path(load_train_config(run_config_path(run_dir)).data.dir)
+    if not data_dir.is_absolute() and not data_dir.is_dir():
+        raise MiniLlamaError(f"the run's data.dir {data_dir} is relative to the folder training ran in, and is not here "
+                             f"({Path.cwd()}); run from that folder, or pass --data DIR")
+    return data_dir
 
 
 def newest_step(run_dir: Path) -> int | None:

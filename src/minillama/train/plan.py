@@ -8,8 +8,10 @@ import os
 import statistics
 from pathlib import Path
 
+import torch
+
 from minillama.device import autocast_dtype, memory_bytes, peak_flops, pick_device
-from minillama.errors import ArgumentError
+from minillama.errors import ArgumentError, MiniLlamaError
 from minillama.summary import count_parameters, training_flops_per_token
 from minillama.train.config import TrainConfig
 from minillama.train import history
@@ -83,7 +85,26 @@ def dry_run(config: TrainConfig, tokens_per_s: float | None = None) -> str:
         config = with_micro_batch(config, choice.micro_batch)
     start = history.newest_step(Path(config.run_dir)) or 0
     float32 = autocast_dtype(device, config.dtype) is None
-    return summary(config, ranks, choice, memory_bytes(device), start, tokens_per_s, peak_flops(device), float32)
+    plan = summary(config, ranks, choice, memory_bytes(device), start, tokens_per_s, peak_flops(device), float32)
+    return plan + fit_verdict(config, device, ranks, choice)
+
+
+def fit_verdict(config: TrainConfig, device: torch.device, ranks: int, choice: MicroBatchChoice | None) -> str:
+    """A last line when the estimate does not fit the device's memory: say so, and what micro_batch "auto" would
+    choose (a run with micro_batch "auto" has already chosen)."""
+    memory = memory_bytes(device)
+    parts = training_bytes_per_rank(config.model, config.parallel, ranks, config.batch.micro_batch, config.batch.seq_len,
+                                    config.activation_checkpointing, full_step_accumulation(config.batch, ranks),
+                                    config.optim.name)
+    float32 = autocast_dtype(device, config.dtype) is None  # activations at twice their bf16 size, as `summary` counts them
+    if choice is not None or memory is None or parts["total"] + (parts["activations"] if float32 else 0) <= memory:
+        return ""
+    try:
+        auto = estimate_for_ranks(config, device, autocast_dtype(device, config.dtype), ranks)
+    except MiniLlamaError as exc:  # not even a micro-batch of 1 fits
+        return f"\nverdict: does not fit this device ({exc})"
+    return (f"\nverdict: does not fit this device's {memory / 2**30:,.1f} GiB; --set batch.micro_batch=auto would choose "
+            f"{auto.micro_batch} ({auto.accumulation} micro-steps per step)")
 
 
 def summary(config: TrainConfig, ranks: int, choice: MicroBatchChoice | None, memory: int | None, start_step: int,

@@ -44,7 +44,8 @@ def save_run(run: Run) -> Path:
     config, state = run.config, run.state
     rng = gather_objects(rng_state(run.device), run.ctx)
     training_state = {"scaler": run.scaler.state_dict(), "loader": run.loader.state_dict(), "rng": rng, **state.state_dict()}
-    metadata = {"step": state.step, "run_dir": config.run_dir, "model_preset": config.model_preset,
+    metadata = {"step": state.step, "run_dir": config.run_dir, "data_dir": str(Path(config.data.dir).resolve()),
+                "model_preset": config.model_preset,
                 "tokens_seen": state.tokens_seen, "eval_prompts": list(config.eval.prompts),
                 "run_config": to_dict(config)}  # how it was trained (every option), beside config.toml's history
     path = checkpoint_dir(run.run_dir, state.step)
