@@ -586,3 +586,18 @@ def test_the_playground_starts_from_the_checkpoints_eval_prompt_and_offers_top_k
     assert '<textarea id="prompt" name="prompt" placeholder="text for the model to continue">Tom &amp; &quot;Lily&quot; &lt;3</textarea>' in page
     assert '<input id="top_k" type="number" value="50"' in page and "body.top_k = Number(topK)" in page
     assert first_eval_prompt({"eval_prompts": ["ROMEO:", "JULIET:"]}) == "ROMEO:" and first_eval_prompt({}) == ""
+
+
+def test_logprobs_name_a_byte_token_that_is_a_whole_character_by_its_text(served):
+    """A byte token below 0x80 (a newline) is a whole character, named by its text; one byte of a longer character
+    (0xE6 of a CJK character) keeps OpenAI's "bytes:" form, as no text can name it."""
+    from minillama.serve.protocol import token_text
+
+    tokenizer = served[2]
+    byte_token = {tokenizer.byte_value(i): i for i in range(tokenizer.vocab_size) if tokenizer.is_byte(i)}
+    assert token_text(tokenizer, byte_token[0x0A]) == "\n" and token_text(tokenizer, byte_token[0x09]) == "\t"
+    assert token_text(tokenizer, byte_token[0xE6]) == "bytes:\\xe6"
+    newline = tokenizer.encode("a\nb", bos=False)
+    status, answer = post(f"{served[0]}/v1/completions", {"prompt": [1, *newline], "max_tokens": 1, "echo": True,
+                                                        "logprobs": 0, "temperature": 0})
+    assert status == 200 and "\n" in answer["choices"][0]["logprobs"]["tokens"]

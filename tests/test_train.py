@@ -730,3 +730,14 @@ def test_a_dry_run_that_does_not_fit_says_so_and_what_auto_would_choose(capsys):
     assert main([*base, "--set", "batch.micro_batch=512"]) == 0
     verdict = capsys.readouterr().out.splitlines()[-1]
     assert verdict.startswith("verdict: does not fit this device's ") and f"batch.micro_batch=auto would choose {auto} (" in verdict
+
+
+def test_the_hints_after_training_suggest_what_works_for_that_run():
+    from minillama.train.history import next_commands
+
+    tiny = next_commands(load_train_config("configs/tiny.toml"))  # a small corpus: HellaSwag would score chance
+    assert "eval loss runs/tiny" in tiny and "hellaswag" not in tiny and "export gguf runs/tiny" in tiny
+    reference = next_commands(load_train_config("configs/mini-llama-109M.toml"))
+    assert "eval hellaswag runs/mini-llama-109M  (downloads the validation file once)" in reference
+    local = next_commands(load_train_config("configs/mini-llama-109M.toml", ["eval.hellaswag_file=hs.jsonl"]))
+    assert "eval hellaswag runs/mini-llama-109M --data hs.jsonl" in local

@@ -110,9 +110,11 @@ class DetokenizeRequest(BaseModel):
 
 
 def token_text(tokenizer: Tokenizer, token: int) -> str:
-    """A token as OpenAI's logprobs name it: its text, or "bytes:\\xNN" for one byte of a longer character."""
+    """A token as OpenAI's logprobs name it: its text, or "bytes:\\xNN" for one byte of a longer character. A byte
+    token below 0x80 spells a whole character (a newline, a tab), so it is that character's text."""
     if tokenizer.is_byte(token):
-        return f"bytes:\\x{tokenizer.byte_value(token):02x}"
+        value = tokenizer.byte_value(token)
+        return chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"
     return tokenizer.id_to_piece(token).replace("\u2581", " ")
 
 

@@ -93,10 +93,18 @@ def finished_step(run_dir: Path, config: TrainConfig, resume: str) -> int | None
 
 
 def next_commands(config: TrainConfig) -> str:
-    """How to use a finished run: sample, evaluate, plot."""
+    """How to use a finished run offline: sample, evaluate, plot, export. HellaSwag only for a run on FineWeb-Edu
+    (a model of a small corpus scores chance), from its local file when the config names one."""
     run = shlex.quote(config.run_dir)
     prompt = shlex.quote(config.eval.prompts[0] if config.eval.prompts else "Once upon a time")
+    evaluate = f"minillama eval loss {run}"
+    if config.eval.hellaswag_file:
+        evaluate += f"   |   minillama eval hellaswag {run} --data {shlex.quote(config.eval.hellaswag_file)}"
+    elif config.data.source == "fineweb-edu":
+        evaluate += f"   |   minillama eval hellaswag {run}  (downloads the validation file once)"
     return (f"  sample:   minillama generate {run} {prompt}\n"
-            f"  evaluate: minillama eval loss {run}   |   minillama eval hellaswag {run}\n"
+            f"  evaluate: {evaluate}\n"
             f"  curves:   minillama plot {run} -o {shlex.quote(str(Path(config.run_dir) / 'curves.png'))}   |   "
-            f"minillama report {run}")
+            f"minillama report {run}\n"
+            f"  export:   minillama export gguf {run} {shlex.quote(str(Path(config.run_dir) / 'model.gguf'))}   |   "
+            f"minillama export hf {run} {shlex.quote(str(Path(config.run_dir) / 'hf'))}")
