@@ -438,6 +438,8 @@ CASES = [
     (["train", "--tokens-per-s", "1000"], "--tokens-per-s goes with --dry-run"),
     (["serve", "{w}/ckpt", "--port", "http"], "serve: argument --port: invalid int value: 'http'; see minillama serve --help"),
     (["train", "--dry-run", "--tokens-per-s", "fast"], "train: argument --tokens-per-s: invalid float value: 'fast'"),
+    (["serve", "{w}/ckpt", "--allowed-hosts", ""], "--allowed-hosts '' names no host; name at least one"),
+    (["serve", "{w}/ckpt", "--allowed-hosts", " , "], "--allowed-hosts ' , ' names no host"),
     # a dry run refuses what the run refuses
     (["train", "--dry-run", "--set", "data.dir={w}/data", "--set", "data.tokenizer={w}/ckpt/tokenizer.model", "--set", "model.vocab_size=100"],
      "tokenizer {w}/ckpt/tokenizer.model has vocab 320, model.vocab_size has 100"),

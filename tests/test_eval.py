@@ -324,3 +324,20 @@ def test_eval_loss_of_a_run_finds_its_relative_data_dir_from_another_folder(tmp_
     assert main(["eval", "loss", str(work / "run"), "--tokens", "128", "--seq-len", "64"]) == 0
     captured = capsys.readouterr()
     assert f"scoring {work / 'data'}, the run's data.dir" in captured.err and captured.out.startswith("val loss ")
+
+
+def test_a_report_of_an_interrupted_run_says_how_far_it_got_and_counts_only_the_time_it_ran(tmp_path):
+    """Sessions of 20 s and 10 s, stopped for an hour between them, 3 of 10 planned steps: the report says so."""
+    from minillama.eval.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"kind": "session", "step": 0, "planned_steps": 10, "time": 1000.0},
+               {"kind": "train", "step": 0, "loss": 5.0, "tokens_seen": 8, "step_time_s": 10.0, "tokens_per_s": 0.8, "time": 1010.0},
+               {"kind": "train", "step": 1, "loss": 4.0, "tokens_seen": 16, "step_time_s": 10.0, "tokens_per_s": 0.8, "time": 1020.0},
+               {"kind": "session", "step": 2, "planned_steps": 10, "time": 4620.0},
+               {"kind": "train", "step": 2, "loss": 3.0, "tokens_seen": 24, "step_time_s": 10.0, "tokens_per_s": 0.8, "time": 4630.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = write_report(run).read_text()
+    assert "- steps: 3 of 10 planned, incomplete; tokens seen: 24" in text
+    assert f"wall time {30 / 3600:.2f} h" in text  # 20 s + 10 s, not the 3,630 s from first to last record

@@ -90,8 +90,10 @@ def test_sigterm_saves_the_last_finished_step_and_the_resume_equals_an_uninterru
     assert process.returncode == 143, stderr
     steps_done = len(train_losses(stopped / "run")[0])
     checkpoint = stopped / "run" / "checkpoints" / f"step_{steps_done:07d}"
-    assert stderr.strip().splitlines()[-1] == (f"minillama: stopped by SIGTERM after step {steps_done}; saved {checkpoint}; "
-                                               "run the same command to resume")
+    last_logged = [r["step"] for r in train_losses(stopped / "run")[1] if r["kind"] == "train"][-1]
+    assert last_logged == steps_done - 1  # the log counts from step 0; the checkpoint counts the steps done
+    assert stderr.strip().splitlines()[-1] == (f"minillama: stopped by SIGTERM after {steps_done} steps (steps 0 to {last_logged}, "
+                                               f"as the log numbers them); saved {checkpoint}; run the same command to resume")
     assert 6 <= steps_done < 14 and checkpoint.is_dir()
     resume_in_this_process(stopped)
     assert train_losses(stopped / "run")[0] == expected
@@ -391,12 +393,12 @@ def test_a_run_says_what_it_did_keeps_config_history_and_refuses_a_meaningless_r
     short = ["optim.max_steps=8", "optim.warmup_steps=1", "stop_at_step=4"]
     train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *short)))
     out = capsys.readouterr().out
-    assert f"finished step 4 of 8; final checkpoint {run_dir / 'checkpoints' / 'step_0000004'}" in out
+    assert f"finished 4 of 8 steps; final checkpoint {run_dir / 'checkpoints' / 'step_0000004'}" in out
     assert f"minillama generate {run_dir} " in out and f"minillama eval loss {run_dir}   |" in out
 
     before = snapshot(run_dir)
     train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *short)))  # the same run again
-    assert f"{run_dir} is complete: its newest checkpoint is step 4 of 4" in capsys.readouterr().out
+    assert f"{run_dir} is complete: its newest checkpoint holds 4 of 4 steps" in capsys.readouterr().out
     assert snapshot(run_dir) == before  # nothing re-evaluated, nothing rewritten
 
     with pytest.raises(MiniLlamaError, match=r"was trained with model.n_layers = 4, this config gives 2: a resume must keep"):

@@ -262,7 +262,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
         raise MiniLlamaError("serve needs FastAPI and uvicorn: pip install 'minillama[serve]'") from None
-    allowed = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()] if args.allowed_hosts else None
+    allowed = None if args.allowed_hosts is None else [host.strip() for host in args.allowed_hosts.split(",") if host.strip()]
+    if allowed == []:
+        raise MiniLlamaError(f"--allowed-hosts {args.allowed_hosts!r} names no host; name at least one (e.g. "
+                             "127.0.0.1,localhost), '*' for any, or leave the flag out for the loopback names")
     serve(args.checkpoint, args.host, args.port, args.max_batch, args.device, args.dtype, args.tokenizer, args.model_name,
           allowed, args.max_queue, args.threads)
 

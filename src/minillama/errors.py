@@ -31,6 +31,7 @@ class TrainingStopped(Exception):
     """The run ended early on a signal, after saving a checkpoint of its last finished step."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step:,}; saved {checkpoint}; "
-                         "run the same command to resume")
+        done = f"steps 0 to {step - 1:,}" if step else "no step"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after {step:,} steps ({done}, as the log numbers them); "
+                         f"saved {checkpoint}; run the same command to resume")
         self.signum = signum

@@ -67,6 +67,11 @@ class MetricsLogger:
                 raise MiniLlamaError("log.wandb is on but the wandb package is missing: pip install wandb") from None
             self.wandb = wandb_module.init(project=wandb_project, dir=str(run_dir), config=config, resume="allow")
 
+    def bookkeep(self, record: dict[str, Any]) -> None:
+        """Write a record to metrics.jsonl alone: bookkeeping that no curve or console line shows."""
+        if self.enabled:
+            self.file.write(json.dumps(record) + "\n")
+
     def log(self, record: dict[str, Any], line: str) -> None:
         """Write one record (kind, step, values) to every sink, and `line` to the console."""
         if not self.enabled:

@@ -38,6 +38,7 @@ class RunCurves:
     evals: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     run: dict[str, Any] = field(default_factory=dict)
+    sessions: list[dict[str, Any]] = field(default_factory=list)  # where each start or resume began
 
     @property
     def like_reference(self) -> bool:
@@ -62,6 +63,7 @@ def load_run(run_dir: Path) -> RunCurves:
         train=[r for r in usable if r["kind"] == "train"],
         evals=[_without_partial_hellaswag(r) for r in usable if r["kind"] == "eval"],
         samples=[r for r in usable if r["kind"] == "samples" and isinstance(r.get("samples"), list)], run=run,
+        sessions=[r for r in usable if r["kind"] == "session"],
     )
 
 

@@ -40,7 +40,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     if run.train:
         last = run.train[-1]
         timed = [r for r in run.train if all(isinstance(r.get(k), (int, float)) for k in ("step_time_s", "tokens_per_s"))]
-        lines += [f"- steps: {last['step'] + 1:,}; tokens seen: {last['tokens_seen']:,}",
+        sessions = run.sessions
+        planned = sessions[-1].get("planned_steps") if sessions else None
+        progress = f" of {planned:,} planned" + (", incomplete" if last["step"] + 1 < planned else "") if isinstance(planned, int) else ""
+        lines += [f"- steps: {last['step'] + 1:,}{progress}; tokens seen: {last['tokens_seen']:,}",
                   f"- min train loss: {min(r['loss'] for r in run.train):.4f}"]
         if timed:
             mfu = [r["mfu"] for r in timed if isinstance(r.get("mfu"), (int, float))]
@@ -48,8 +51,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
                 f"- throughput: {statistics.median(r['tokens_per_s'] for r in timed):,.0f} tokens/s (median over steps)"
                 + (f", MFU {statistics.median(mfu):.1%}" if mfu else ""),
                 f"- training time: {sum(r['step_time_s'] for r in timed) / 3600:.2f} h in optimizer steps"
-                + (f"; wall time {(last['time'] - run.train[0]['time']) / 3600:.2f} h"
-                   if all(isinstance(r.get("time"), (int, float)) for r in (last, run.train[0])) else ""),
+                + (f"; wall time {wall / 3600:.2f} h" if (wall := wall_time_s(run.train, sessions)) is not None else ""),
             ]
     if run.evals:
         best = min(run.evals, key=lambda r: r["val_loss"])
@@ -84,6 +86,22 @@ def is_report(path: Path) -> bool:
             return f.read(len(REPORT_TITLE.encode())) == REPORT_TITLE.encode()
     except OSError:
         return False
+
+
+def wall_time_s(train: list[dict], sessions: list[dict]) -> float | None:
+    """Seconds the run trained by the clock, summed over its sessions (each start or resume to its last step), so
+    that hours it stood stopped between them do not count; a run logged before sessions were recorded: first to last."""
+    timed = [r for r in train if isinstance(r.get("time"), (int, float))]
+    if not timed:
+        return None
+    starts = [r for r in sessions if isinstance(r.get("time"), (int, float))]
+    if not starts:
+        return timed[-1]["time"] - timed[0]["time"]
+    total = 0.0
+    for start, end in zip(starts, [*starts[1:], None]):
+        inside = [r["time"] for r in timed if r["time"] >= start["time"] and (end is None or r["time"] < end["time"])]
+        total += max(inside) - start["time"] if inside else 0.0
+    return total
 
 
 def text_block(text: str) -> str:

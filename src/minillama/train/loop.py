@@ -47,7 +47,7 @@ def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
         done = history.finished_step(Path(config.run_dir), config, resume)
         if done is not None:
             if ctx.is_main:
-                print(f"{config.run_dir} is complete: its newest checkpoint is step {done:,} of {config.last_step:,}; nothing "
+                print(f"{config.run_dir} is complete: its newest checkpoint holds {done:,} of {config.last_step:,} steps; nothing "
                       f"to train (raise optim.max_steps or stop_at_step to go on, or choose another run_dir)\n"
                       + history.next_commands(config))
             return {}
@@ -55,7 +55,7 @@ def train(config: TrainConfig, resume: str = "auto") -> dict[str, Any]:
         barrier(ctx)  # no rank tears down its connections while another still uses them
         if ctx.is_main:
             final = complete_checkpoints(Path(config.run_dir))[-1]
-            print(f"finished step {config.last_step:,} of {config.optim.max_steps:,}; final checkpoint {final}\n"
+            print(f"finished {config.last_step:,} of {config.optim.max_steps:,} steps; final checkpoint {final}\n"
                   + history.next_commands(config))
         return result
     finally:
@@ -86,6 +86,8 @@ def _train(run: Run) -> dict[str, Any]:
     config, state = run.config, run.state
     last: dict[str, Any] = {}
     run.logger.say(plan.plan_line(config, state.step))
+    # Where this session starts: a report counts wall time within sessions, not the hours a run stood stopped.
+    run.logger.bookkeep({"kind": "session", "step": state.step, "planned_steps": config.last_step, "time": time.time()})
     time_left = plan.TimeLeft(state.step, config)
     with StopSignals() as signals:
         while state.step < config.last_step:
