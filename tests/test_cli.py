@@ -109,3 +109,23 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
                                stderr=subprocess.PIPE)
     process.stdout.close()  # gone before the first line is written
     assert process.wait(timeout=60) == 141 and process.stderr.read() == b""
+
+
+def test_a_runs_checkpoints_folder_means_its_newest_and_a_hugging_face_folder_is_named(tmp_path, capsys):
+    from minillama.checkpoint import save_checkpoint
+    from minillama.config import ModelConfig
+    from minillama.model import Transformer
+
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16))
+    run = tmp_path / "run"
+    for step in (2, 4):
+        save_checkpoint(run / "checkpoints" / f"step_{step:07d}", model, metadata={"step": step}, training_state={"step": step})
+    (run / "metrics.jsonl").write_text("")
+    assert main(["inspect", str(run / "checkpoints")]) == 0
+    assert capsys.readouterr().err == f"using {run / 'checkpoints' / 'step_0000004'} (step 4)\n"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama", "hidden_size": 32}')
+    assert main(["inspect", str(hf)]) == 2
+    assert capsys.readouterr().err == (f"minillama: error: {hf} is a Hugging Face model folder, not a Mini Llama checkpoint; "
+                                       f"convert it first: minillama import hf {hf} OUT\n")

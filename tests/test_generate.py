@@ -159,7 +159,7 @@ def test_bad_sampling_arguments(model, kwargs, message):
         generate_tokens(model, [[1, 2, 3, 4, 5, 6]], **{"max_new_tokens": 5, **kwargs})
 
 
-def test_cli_prints_labelled_samples_and_streams_one(tmp_path, model, tokenizer, capsys, monkeypatch):
+def test_cli_labels_several_samples_and_streams_one_as_plain_text(tmp_path, model, tokenizer, capsys, monkeypatch):
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     base = ["generate", str(tmp_path / "ckpt"), "The cat", "--max-new-tokens", "12", "--seed", "3"]
     assert main(base + ["--num-samples", "3"]) == 0
@@ -167,10 +167,24 @@ def test_cli_prints_labelled_samples_and_streams_one(tmp_path, model, tokenizer,
     assert lines == [f"Sample {i}: The cat{text}" for i, text in enumerate(generate(model, tokenizer, "The cat", 3, 12, seed=3))]
     assert main(base + ["--num-samples", "1", "--temperature", "0"]) == 0
     expected = generate(model, tokenizer, "The cat", num_samples=1, max_new_tokens=12, temperature=0)[0]
-    assert capsys.readouterr().out == f"Sample 0: The cat{expected}\n"
-    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"The cat\nA dog\n")))
-    assert main(base[:2] + ["--interactive", "--num-samples", "1", "--max-new-tokens", "3"]) == 0
-    assert capsys.readouterr().out.count("Sample 0:") == 2
+    assert capsys.readouterr().out == f"The cat{expected}\n"  # one sample: no label, as a pipe wants it
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"The cat\n\n  \nA dog\n")))
+    assert main(base[:2] + ["--interactive", "--num-samples", "1", "--max-new-tokens", "3", "--seed", "7"]) == 0
+    out, err = capsys.readouterr()
+    first, second = (generate(model, tokenizer, prompt, 1, 3, seed=seed)[0] for prompt, seed in (("The cat", 7), ("A dog", 8)))
+    assert out == f"The cat{first}\nA dog{second}\n"  # blank lines asked nothing and used no seed
+    assert "Type a prompt" not in err  # prompts from a pipe get no banner
+
+
+def test_cli_stop_ends_a_sample_before_the_text(tmp_path, model, tokenizer, capsys):
+    """--stop cuts each sample before the first occurrence of the text, as the server's `stop` does."""
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    full = generate(model, tokenizer, "The cat", num_samples=1, max_new_tokens=30, temperature=0, stop_at_eos=False)[0]
+    cut = next(piece for piece in (full[i:i + 2] for i in range(3, len(full) - 1)) if piece.strip())
+    assert main(["generate", str(tmp_path / "ckpt"), "The cat", "--max-new-tokens", "30", "--temperature", "0",
+                 "--num-samples", "1", "--no-stop-at-eos", "--stop", cut]) == 0
+    assert capsys.readouterr().out == "The cat" + full[:full.index(cut)] + "\n"
+    assert main(["generate", str(tmp_path / "ckpt"), "The cat", "--stop", ""]) == 2
 
 
 @pytest.mark.slow
@@ -184,7 +198,7 @@ def test_cli_stream_prints_characters_spelled_in_byte_tokens_whole(stories, caps
     for seed, expected in cases:
         assert main(["generate", str(stories), "Once upon a time", "--num-samples", "1", "--max-new-tokens", "48",
                      "--temperature", "1", "--top-k", "0", "--seed", str(seed), "--device", "cpu"]) == 0
-        assert capsys.readouterr().out == f"Sample 0: Once upon a time{expected}\n"
+        assert capsys.readouterr().out == f"Once upon a time{expected}\n"
 
 
 def test_cli_refuses_a_tokenizer_with_another_vocab(tmp_path, tokenizer, capsys):
@@ -209,9 +223,9 @@ def test_cli_interactive_prompts_get_successive_seeds_and_long_prompts_fail_befo
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"The cat\nThe cat\n")))  # as a terminal's lines arrive
     assert main(base + ["--interactive", "--seed", "7"]) == 0
     out, err = capsys.readouterr()
-    first, second = [line for line in out.splitlines() if line.startswith("Sample 0:")]
-    assert first == "Sample 0: The cat" + generate(model, tokenizer, "The cat", 1, 10, seed=7)[0]
-    assert second == "Sample 0: The cat" + generate(model, tokenizer, "The cat", 1, 10, seed=8)[0] != first
+    first, second = out.splitlines()
+    assert first == "The cat" + generate(model, tokenizer, "The cat", 1, 10, seed=7)[0]
+    assert second == "The cat" + generate(model, tokenizer, "The cat", 1, 10, seed=8)[0] != first
     assert f"using {tmp_path / 'ckpt'}" in err
     assert main(base[:2] + ["word " * 200] + base[2:]) == 2
     out, err = capsys.readouterr()

@@ -123,6 +123,9 @@ def read_checkpoint_info(path: Path) -> Checkpoint:
                              "the checkpoint is damaged") from None
     except json.JSONDecodeError as exc:
         raise MiniLlamaError(f"{config_path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    if isinstance(data, dict) and "model_type" in data and "format" not in data:
+        raise MiniLlamaError(f"{path} is a Hugging Face model folder, not a Mini Llama checkpoint; convert it first: "
+                             f"minillama import hf {path} OUT")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise MiniLlamaError(f"{config_path}: 'format' is {data.get('format') if isinstance(data, dict) else None!r}; expected '{FORMAT}'")
     if data.get("format_version") != FORMAT_VERSION:

@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from minillama.errors import ArgumentError, MiniLlamaError, TrainingStopped
 from minillama.files import output_lock, require_folder_of
+from minillama.inference.text import MAX_STOP_STRINGS
 
 Handler = Callable[[argparse.Namespace], None]
 
@@ -125,15 +126,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise MiniLlamaError(f"--max-new-tokens is {args.max_new_tokens}; expected at least 1")
     if not args.interactive:
         _check_prompt(args.prompt)
+    stops = args.stop or []
+    if len(stops) > MAX_STOP_STRINGS or not all(stops):
+        raise MiniLlamaError(f"--stop takes up to {MAX_STOP_STRINGS} non-empty strings; got {stops!r}")
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
 
     def run(prompt: str, seed: int | None) -> None:
         prompt_ids = tokenizer.encode(prompt, bos=True)
         check_length(model.config.max_seq_len, len(prompt_ids), args.max_new_tokens)  # before anything is printed
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=seed, stop_at_eos=not args.no_stop_at_eos, compile=args.compile)
-        if args.num_samples == 1:  # stream: print the text as soon as it is final
-            print(f"Sample 0: {prompt}", end="", flush=True)
+                       seed=seed, stop_at_eos=not args.no_stop_at_eos, compile=args.compile, stop=stops)
+        if args.num_samples == 1:  # stream: print the text as soon as it is final (one sample needs no label)
+            print(prompt, end="", flush=True)
             for piece in stream(model, tokenizer, prompt, **options):
                 print(piece, end="", flush=True)
             print()
@@ -148,13 +152,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         run(prompt, args.seed)
         return
     _say_which(info)
-    print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
+    if sys.stdin.isatty():  # a person at a terminal; prompts piped in need no banner
+        print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
     sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
-    for i, line in enumerate(sys.stdin):
+    answered = 0
+    for line in sys.stdin:
+        if not line.strip():
+            continue  # a blank line asks nothing, and uses no seed
         try:
-            run(_check_prompt(line.rstrip("\n")), nth_seed(args.seed, i))  # each its own seed
+            run(_check_prompt(line.rstrip("\n")), nth_seed(args.seed, answered))  # each prompt its own seed
         except MiniLlamaError as exc:
             print(f"minillama: {exc}; type another prompt", file=sys.stderr)
+        answered += 1
 
 
 def _check_prompt(prompt: str) -> str:
@@ -454,7 +463,10 @@ def _add_generate(commands: Subparsers) -> None:
                    "the i-th prompt (from 0) uses seed + i")
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep going past the end of a document (BOS, which training "
                    "puts between documents, or EOS)")
-    p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF (blank "
+                   "lines are skipped)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help=f"end a sample before this text (repeat for up to "
+                   f"{MAX_STOP_STRINGS}; e.g. --stop $'\\n\\n' ends at a blank line)")
     p.add_argument("--compile", action="store_true", help="decode with a torch.compile'd step of static shapes (a one-time "
                    "cost of seconds to a minute; on a CPU eager decoding is faster, see docs/benchmarks.md)")
 

@@ -37,13 +37,15 @@ def check_num_samples(num_samples: int) -> None:
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, num_samples: int = 4, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
-             stop_at_eos: bool = True, cuda_graph: bool | None = None, compile: bool = False) -> list[str]:
+             stop_at_eos: bool = True, cuda_graph: bool | None = None, compile: bool = False,
+             stop: Sequence[str] = ()) -> list[str]:
     """`num_samples` completions of `prompt` (the new text only); sample i uses seed + i. An empty prompt starts
-    from BOS alone. A sample ends where the model ends a document (BOS or EOS) unless `stop_at_eos` is False."""
+    from BOS alone. A sample ends where the model ends a document (BOS or EOS) unless `stop_at_eos` is False, and
+    before the first of the `stop` strings it writes."""
     check_num_samples(num_samples)
     stop_ids = document_end_ids(tokenizer) if stop_at_eos else ()
     engine, completions = _start(model, tokenizer, [(tokenizer.encode(prompt, bos=True), num_samples)], max_new_tokens,
-                                 temperature, top_k, top_p, seed, stop_ids, cuda_graph, compile)
+                                 temperature, top_k, top_p, seed, stop_ids, cuda_graph, compile, stop)
     for _ in engine.run():
         pass
     return [c.text for c in completions]
@@ -51,12 +53,13 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, num_samples:
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
            top_k: int | None = 50, top_p: float | None = None, seed: int | None = None, stop_at_eos: bool = True,
-           cuda_graph: bool | None = None, compile: bool = False) -> Iterator[str]:
+           cuda_graph: bool | None = None, compile: bool = False, stop: Sequence[str] = ()) -> Iterator[str]:
     """One completion of `prompt`, as pieces of text as soon as they are final (a character spelled in several
-    byte tokens comes whole); they add up to `generate`'s text for the same seed."""
+    byte tokens comes whole, text that may begin a `stop` string is held back); they add up to `generate`'s text
+    for the same seed."""
     stop_ids = document_end_ids(tokenizer) if stop_at_eos else ()
     engine, _ = _start(model, tokenizer, [(tokenizer.encode(prompt, bos=True), 1)], max_new_tokens, temperature, top_k, top_p,
-                       seed, stop_ids, cuda_graph, compile)
+                       seed, stop_ids, cuda_graph, compile, stop)
     for update in engine.run():
         if update.text:
             yield update.text
@@ -64,7 +67,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens
 
 def _start(model: Transformer, tokenizer: Tokenizer | None, prompts: Sequence[tuple[Sequence[int], int]], max_new_tokens: int,
            temperature: float, top_k: int | None, top_p: float | None, seed: int | None, stop_ids: Collection[int],
-           cuda_graph: bool | None, compile: bool) -> tuple[Engine, list[Completion]]:
+           cuda_graph: bool | None, compile: bool, stop: Sequence[str] = ()) -> tuple[Engine, list[Completion]]:
     """An engine with a row for each of the (prompt, n) completions, all submitted; the i-th completion in order
     samples with seed + i."""
     if not prompts or any(len(p) == 0 for p, _ in prompts):
@@ -78,7 +81,8 @@ def _start(model: Transformer, tokenizer: Tokenizer | None, prompts: Sequence[tu
     completions: list[Completion] = []
     for prompt, n in prompts:
         sampling = SamplingParams(temperature, top_k, top_p, nth_seed(seed, len(completions)))
-        completions += engine.submit(Request(list(prompt), max_new_tokens, sampling, n=n, stop_ids=frozenset(stop_ids)))
+        completions += engine.submit(Request(list(prompt), max_new_tokens, sampling, n=n, stop=tuple(stop),
+                                             stop_ids=frozenset(stop_ids)))
     return engine, completions
 
 

@@ -64,6 +64,8 @@ def find_checkpoint(path: Path) -> Path:
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return path
+    if path.name == CHECKPOINTS_DIR and is_run_dir(path.parent):  # RUN/checkpoints: the run's newest, as for RUN
+        path = path.parent
     saved = complete_checkpoints(path)
     if saved:
         return saved[-1]

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from minillama.tokenizer import Tokenizer
 
+MAX_STOP_STRINGS = 4  # stop strings per request, as OpenAI's API takes them
+
 
 class TextStream:
     """A completion's text, fed one token at a time; `add` and `finish` return what became final."""

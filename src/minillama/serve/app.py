@@ -40,6 +40,7 @@ from minillama.generate import document_end_ids
 from minillama.inference.engine import Engine, Update, outside_vocabulary
 from minillama.inference.engine import Request as EngineRequest
 from minillama.inference.sampling import SamplingParams, nth_seed
+from minillama.inference.text import MAX_STOP_STRINGS
 from minillama.model import Transformer
 from minillama.serve.metrics import Metrics
 from minillama.serve.protocol import (
@@ -58,7 +59,6 @@ from minillama.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 16 << 20  # a larger body is not even read
-MAX_STOP_SEQUENCES = 4
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 Scope = MutableMapping[str, Any]
@@ -329,8 +329,8 @@ def _check_token_ids(serving: Serving, ids: list[int], field: str) -> None:
 def _engine_request(serving: Serving, body: CompletionRequest, prompt: list[int], index: int) -> EngineRequest:
     """The engine's request for one prompt; its completions are choices index * n + j, seeded seed + that."""
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
-        raise ServerError(f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty sequences", "stop")
+    if len(stops) > MAX_STOP_STRINGS or not all(stops):
+        raise ServerError(f"'stop' takes up to {MAX_STOP_STRINGS} non-empty sequences", "stop")
     n = body.n or 1
     seed = nth_seed(body.seed, index * n)
     sampling = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_k or None,
