@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -129,3 +130,17 @@ def test_a_runs_checkpoints_folder_means_its_newest_and_a_hugging_face_folder_is
     assert main(["inspect", str(hf)]) == 2
     assert capsys.readouterr().err == (f"minillama: error: {hf} is a Hugging Face model folder, not a Mini Llama checkpoint; "
                                        f"convert it first: minillama import hf {hf} OUT\n")
+
+
+def test_inspect_of_a_training_checkpoint_shows_how_far_it_trained_and_its_recipe(tiny, capsys):
+    """The step, tokens seen and last val loss come from the run's own records (metadata and metrics.jsonl)."""
+    records = [json.loads(line) for line in (tiny.parents[1] / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in records if r["kind"] == "eval"][-1]
+    tokens = [r for r in records if r["kind"] == "train"][-1]["tokens_seen"]
+    assert main(["inspect", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    assert f"  steps done           40  ({tokens:,} tokens seen)" in out
+    assert f"  last val loss        {last_eval['val_loss']:.4f}  (at step {last_eval['step']:,})" in out
+    assert "recipe               optimizer adamw, schedule cosine" in out and "tokens_per_step 8,192" in out
+    assert main(["inspect", str(tiny), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"]["step"] == 40

@@ -167,7 +167,7 @@ BAD_REQUESTS = [
     ({"prompt": "hi", "max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
     ({"prompt": "hi", "n": 100}, "n", "less than or equal to 16"),
     ({"prompt": "hi " * 600, "max_tokens": 4}, "prompt", "exceeds the model's context of 512 tokens"),
-    ({"prompt": "hi", "max_tokens": 600}, "max_tokens", "exceeds the model's context"),
+    ({"prompt": "hi", "max_tokens": 600}, "max_tokens", "exceeds the model's context of 512 tokens; at most 509 fit: lower max_tokens"),
     ({"prompt": [], "max_tokens": 4}, "prompt", "empty list"),
     ({"prompt": [[]], "max_tokens": 4}, "prompt", "a token-id prompt is empty"),
     ({"prompt": [1, 512], "max_tokens": 4}, "prompt", "token id 512 is outside the vocabulary (0 to 511)"),

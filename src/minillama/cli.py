@@ -37,16 +37,18 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from minillama.config import PRESETS, preset
     from minillama.summary import describe, format_description
 
+    training = None
     if args.target in PRESETS or not (Path(args.target).exists() or "/" in args.target):
         config = preset(args.target)  # arithmetic only: no torch import
     else:
         from minillama.checkpoint import read_checkpoint_info
         from minillama.layout import find_checkpoint
+        from minillama.train.history import training_summary
 
         info = read_checkpoint_info(find_checkpoint(Path(args.target)))
         _say_which(info)
-        config = info.config
-    description = describe(config)
+        config, training = info.config, training_summary(info)
+    description = describe(config, training)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
 
 

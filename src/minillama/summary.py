@@ -50,8 +50,10 @@ def training_flops_per_token(config: ModelConfig, seq_len: int | None = None) ->
     return 6 * matmul_params + 12 * config.n_layers * config.dim * seq_len
 
 
-def describe(config: ModelConfig) -> dict[str, Any]:
+def describe(config: ModelConfig, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A model's config, derived sizes, parameter counts and FLOPs, and for a checkpoint how it was trained."""
     return {
+        **({"training": training} if training else {}),
         "config": to_dict(config),
         "derived": {"head_dim": config.head_dim, "kv_heads": config.kv_heads, "ffn_hidden_dim": config.ffn_hidden_dim},
         "parameters": count_parameters(config),
@@ -77,4 +79,20 @@ def format_description(description: dict[str, Any]) -> str:
         f"  final norm           {params['final_norm']:,}",
         f"training FLOPs/token   {description['training_flops_per_token']:,}  (at max_seq_len)",
     ]
-    return "\n".join(lines)
+    return "\n".join(_training_lines(description.get("training") or {}) + lines)
+
+
+def _training_lines(training: dict[str, Any]) -> list[str]:
+    if not training:
+        return []
+    lines = ["checkpoint:"]
+    if "step" in training:
+        lines.append(f"  steps done           {training['step']:,}" + (f"  ({training['tokens_seen']:,} tokens seen)"
+                                                                         if "tokens_seen" in training else ""))
+    if "last_val_loss" in training:
+        lines.append(f"  last val loss        {training['last_val_loss']['val_loss']:.4f}  (at step {training['last_val_loss']['step']:,})")
+    recipe = training.get("recipe")
+    if recipe:
+        lines.append("  recipe               " + ", ".join(f"{key} {value:,}" if isinstance(value, int) else f"{key} {value}"
+                                                          for key, value in recipe.items() if value is not None))
+    return lines

@@ -314,8 +314,10 @@ def _prompts(serving: Serving, body: CompletionRequest) -> tuple[list[list[int]]
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     for ids in encoded:
         if len(ids) + max_tokens > limit:
+            fix = (f"at most {limit - len(ids)} fit: lower max_tokens" if len(ids) < limit else
+                   f"the prompt alone fills it: shorten it by {len(ids) - limit + 1} tokens or more")
             raise ServerError(f"a prompt of {len(ids)} tokens plus max_tokens {max_tokens} exceeds the model's context of "
-                              f"{limit} tokens", "prompt" if len(ids) >= limit else "max_tokens")
+                              f"{limit} tokens; {fix}", "prompt" if len(ids) >= limit else "max_tokens")
     return encoded, texts
 
 

@@ -7,10 +7,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from minillama.checkpoint import read_checkpoint_info
+from minillama.checkpoint import Checkpoint, read_checkpoint_info
 from minillama.config import to_dict
 from minillama.errors import MiniLlamaError
-from minillama.layout import complete_checkpoints, replaced_run_config_path, run_config_path, run_dir_of
+from minillama.layout import complete_checkpoints, metrics_path, replaced_run_config_path, run_config_path, run_dir_of
+from minillama.metrics import read_metrics
 from minillama.train.config import TrainConfig, config_to_toml, load_train_config
 
 # Fields a resume must keep: the checkpoint's weights, optimizer state and data position only mean something
@@ -78,6 +79,26 @@ def data_dir_of(checkpoint: Path) -> Path | None:
         raise MiniLlamaError(f"the run's data.dir {data_dir} is relative to the folder training ran in, and is not here "
                              f"({Path.cwd()}); run from that folder, or pass --data DIR")
     return data_dir
+
+
+def training_summary(info: Checkpoint) -> dict[str, Any]:
+    """What `inspect` shows of a training checkpoint: its step and tokens seen, the run's last validation loss up to
+    that step (from metrics.jsonl, when the checkpoint sits in its run), and the recipe it was trained with."""
+    metadata = info.metadata
+    summary: dict[str, Any] = {key: metadata[key] for key in ("step", "tokens_seen") if key in metadata}
+    run_dir = run_dir_of(info.path)
+    if run_dir is not None and metrics_path(run_dir).is_file():
+        evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval" and isinstance(r.get("val_loss"), (int, float))
+                 and r.get("step", 0) <= metadata.get("step", 0)]
+        if evals:
+            summary["last_val_loss"] = {"step": evals[-1]["step"], "val_loss": evals[-1]["val_loss"]}
+    recipe = metadata.get("run_config")
+    if isinstance(recipe, dict):
+        optim, batch = recipe.get("optim", {}), recipe.get("batch", {})
+        summary["recipe"] = {"optimizer": optim.get("name"), "schedule": optim.get("schedule"), "lr": optim.get("lr"),
+                             "max_steps": optim.get("max_steps"), "tokens_per_step": batch.get("total_tokens"),
+                             "seq_len": batch.get("seq_len"), "dtype": recipe.get("dtype"), "parallel": recipe.get("parallel")}
+    return summary
 
 
 def newest_step(run_dir: Path) -> int | None:
