@@ -1,3 +1,4 @@
+import io
 import json
 from pathlib import Path
 
@@ -341,3 +342,25 @@ def test_a_report_of_an_interrupted_run_says_how_far_it_got_and_counts_only_the_
     text = write_report(run).read_text()
     assert "- steps: 3 of 10 planned, incomplete; tokens seen: 24" in text
     assert f"wall time {30 / 3600:.2f} h" in text  # 20 s + 10 s, not the 3,630 s from first to last record
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, as a person's is."""
+
+    def isatty(self):
+        return True
+
+
+def test_eval_loss_and_hellaswag_show_progress_on_a_terminal_and_nothing_in_a_pipe(tmp_path, data_dir, tokenizer, monkeypatch, capsys):
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=320, multiple_of=16, max_seq_len=64))
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    loss = ["eval", "loss", str(tmp_path / "ckpt"), "--data", str(data_dir), "--tokens", "512", "--seq-len", "64", "--batch-size", "2"]
+    hellaswag = ["eval", "hellaswag", str(tmp_path / "ckpt"), "--data", str(write_examples(tmp_path / "hs.jsonl", 6)), "--batch-size", "2"]
+    for argv, bar in ((loss, "scoring: 100%"), (hellaswag, "HellaSwag: 100%")):
+        assert main(argv) == 0
+        assert bar.split(":")[0] not in capsys.readouterr().err  # a pipe gets no bar
+        terminal = Terminal()
+        monkeypatch.setattr("sys.stderr", terminal)
+        assert main(argv) == 0
+        monkeypatch.undo()
+        assert bar in terminal.getvalue() and "<00:00" in terminal.getvalue()  # done, and the time it had left

@@ -200,7 +200,7 @@ def cmd_eval_hellaswag(args: argparse.Namespace) -> None:
     examples = load_examples(Path(args.data) if args.data else download_hellaswag(), args.limit)
     model, tokenizer, info = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
     _say_which(info)
-    result = evaluate_hellaswag(model, tokenizer, examples, args.batch_size)
+    result = evaluate_hellaswag(model, tokenizer, examples, args.batch_size, progress=True)
     predictions = result.pop("predictions")
     if args.json:
         print(json.dumps({**result, "scoring": HELLASWAG_NOTE, "predictions": [asdict(p) for p in predictions]}, indent=2))
@@ -233,7 +233,7 @@ def cmd_eval_loss(args: argparse.Namespace) -> None:
     seq_len = info.config.max_seq_len if args.seq_len is None else args.seq_len
     check_loss_settings(info.config.max_seq_len, args.batch_size, seq_len, args.tokens)
     _say_which(info)
-    result = evaluate_loss(model, data, tokenizer, args.batch_size, seq_len, args.tokens)
+    result = evaluate_loss(model, data, tokenizer, args.batch_size, seq_len, args.tokens, progress=True)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

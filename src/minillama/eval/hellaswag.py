@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from minillama.errors import MiniLlamaError
 from minillama.files import write_file_atomically
@@ -150,7 +151,8 @@ def check_batch_size(batch_size: int) -> None:
         raise MiniLlamaError(f"the batch size is {batch_size}; expected a positive integer")
 
 
-def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32) -> tuple[list[Prediction], int]:
+def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32,
+          progress: bool = False) -> tuple[list[Prediction], int]:
     """Predictions for `examples` (batch_size examples per pass), and how many had their context truncated.
 
     Work is done once where it can be: an example's context goes through the model once, into a KV cache that its
@@ -163,9 +165,12 @@ def score(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bat
     order = sorted(range(len(examples)), key=lambda i: max(len(c.tokens) for c in encoded[i][0]))
     losses = torch.zeros(len(examples), 4, dtype=torch.float64)
     with evaluating(model):
+        bar = tqdm(total=len(order), unit="example", desc="HellaSwag", disable=None if progress else True, dynamic_ncols=True)
         for first in range(0, len(order), batch_size):
             chunk = order[first : first + batch_size]
             losses[chunk] = _ending_losses(model, [encoded[i][0] for i in chunk]).cpu()
+            bar.update(len(chunk))
+        bar.close()
     predictions = []
     for example, loss_row, (cands, _) in zip(examples, losses.tolist(), encoded):
         counts = [len(c.ending) for c in cands]
@@ -220,10 +225,10 @@ def _ending_losses(model: Transformer, batch: list[list[Candidate]]) -> torch.Te
 
 
 def evaluate_hellaswag(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32,
-                       rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+                       rank: int = 0, world_size: int = 1, progress: bool = False) -> dict[str, Any]:
     """acc_norm and acc over `examples`, and this rank's predictions. With several ranks each scores every
     world_size-th example and the counts are summed across ranks (all ranks must call this)."""
-    predictions, truncated = score(model, tokenizer, examples[rank::world_size], batch_size)
+    predictions, truncated = score(model, tokenizer, examples[rank::world_size], batch_size, progress and rank == 0)
     counts = torch.tensor(
         [sum(p.pred_norm == p.label for p in predictions), sum(p.pred_sum == p.label for p in predictions), len(predictions), truncated],
         dtype=torch.long, device=model.tok_embeddings.weight.device,

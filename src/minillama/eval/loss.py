@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 import torch.nn.functional as F
 from torch import nn
 
@@ -58,8 +59,10 @@ def evaluate_loss(
     total_tokens: int,
     rank: int = 0,
     world_size: int = 1,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Mean loss over the first total_tokens/seq_len windows of the val split; all ranks must call it.
+    """Mean loss over the first total_tokens/seq_len windows of the val split; all ranks must call it. `progress`
+    shows a bar of tokens scored, with the time left, on a terminal.
 
     `model` may be a compiled or DDP-unwrapped module; it is called as model(x)."""
     check_loss_settings(model.config.max_seq_len if hasattr(model, "config") else seq_len, batch_size, seq_len, total_tokens)
@@ -68,6 +71,8 @@ def evaluate_loss(
     byte_lengths, leading_space = byte_lengths.to(device), leading_space.to(device)
     with evaluating(model):
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+        bar = tqdm(total=total_tokens // seq_len * seq_len // world_size, unit="token", unit_scale=True, desc="scoring",
+                   disable=None if progress else True, dynamic_ncols=True)  # None: only on a terminal
         for x, y in validation_batches(Path(data_dir), batch_size, seq_len, total_tokens, rank, world_size):
             largest = max(int(x.max()), int(y.max()))  # targets too: the last of a window is only ever a target
             if largest >= tokenizer.vocab_size:  # checked on the CPU, before an index error deep in torch
@@ -79,6 +84,8 @@ def evaluate_loss(
             opens_document = (x == tokenizer.bos_id) & leading_space[y]
             totals += torch.stack([nats.double(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
                                    (byte_lengths[y].sum() - opens_document.sum()).double()])
+            bar.update(y.numel())
+        bar.close()
         if world_size > 1:
             torch.distributed.all_reduce(totals)
     nats, tokens, n_bytes = totals.tolist()
