@@ -229,3 +229,28 @@ def test_lm_evals_own_api_client_scores_through_the_server_as_the_adapter_does_i
     generated = [[s["resps"][0][0] for s in run["samples"]["shakespeare_continue"]] for run in (ours, theirs)]
     assert [g.lstrip() for g in generated[0]] == [g.lstrip() for g in generated[1]] and any(generated[0])
     assert ours["results"]["shakespeare_continue"]["exact_match,none"] == theirs["results"]["shakespeare_continue"]["exact_match,none"]
+
+
+def test_a_second_run_to_the_same_results_file_merges_same_settings_and_refuses_others(stories, task_dir, tmp_path):
+    """Another task with the same settings joins the file; the same task with another --limit would pass itself off
+    as the earlier run's, so it is refused (file untouched) unless forced, which then replaces the file."""
+    from minillama.errors import ArgumentError
+
+    out = tmp_path / "results.json"
+
+    def run(tasks, limit, force=False):
+        return harness.run_harness(stories, tasks, limit=limit, device="cpu", include_path=task_dir, output=out, force=force)
+
+    first = run(["hellaswag_local"], 4)["results"]["hellaswag_local"]
+    run(["shakespeare_continue"], 4)
+    merged = json.loads(out.read_text())
+    assert sorted(merged["results"]) == ["hellaswag_local", "shakespeare_continue"]
+    assert merged["results"]["hellaswag_local"]["acc,none"] == first["acc,none"]
+    before = out.read_bytes()
+    with pytest.raises(ArgumentError, match=r"holds results of hellaswag_local, shakespeare_continue made with limit 4 \(now 2\); "
+                                            r"pass force to replace them"):
+        run(["hellaswag_local"], 2)
+    assert out.read_bytes() == before
+    run(["hellaswag_local"], 2, force=True)
+    replaced = json.loads(out.read_text())
+    assert sorted(replaced["results"]) == ["hellaswag_local"] and replaced["config"]["limit"] == 2

@@ -258,7 +258,8 @@ def cmd_eval_harness(args: argparse.Namespace) -> None:
     output = Path(args.output) if args.output else harness_output(checkpoint)
     results = run_harness(checkpoint, [t.strip() for t in args.tasks.split(",") if t.strip()], args.limit, args.batch_size,
                           args.device, args.dtype, Path(args.tokenizer) if args.tokenizer else None,
-                          Path(args.include_path) if args.include_path else None, args.num_fewshot, output, args.log_samples)
+                          Path(args.include_path) if args.include_path else None, args.num_fewshot, output, args.log_samples,
+                          args.force)
     if results is not None:  # rank 0
         print(f"using {checkpoint}", file=sys.stderr)
         print(make_table(results))
@@ -498,7 +499,10 @@ def _add_eval(commands: Subparsers) -> None:
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
     p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default 16)")
     p.add_argument("--include-path", help="a folder of extra task YAMLs (e.g. tasks over local files)")
-    p.add_argument("--output", help="results JSON (default for a run's checkpoint: RUN_DIR/harness/step_N.json)")
+    p.add_argument("--output", help="results JSON (default for a run's checkpoint: RUN_DIR/harness/step_N.json); results "
+                   "of other tasks already there with the same settings are kept")
+    p.add_argument("--force", action="store_true", help="replace an earlier results file made with other settings (--limit, "
+                   "--num-fewshot) instead of refusing")
     p.add_argument("--log-samples", action="store_true", help="also write every document's prompts, responses and "
                    "scores, as lm_eval --log_samples does: samples_TASK_DATE.jsonl beside the results JSON")
 

@@ -218,6 +218,23 @@ class MiniLlamaLM(TemplateLM):
         return results
 
 
+def _earlier_results(output: Path, checkpoint: Path, settings: dict[str, Any], force: bool) -> dict[str, Any]:
+    """The results an earlier run wrote to `output` that this run keeps: all of them when made for the same checkpoint
+    with the same settings, none with `force`; anything else is refused."""
+    if force or not output.is_file():
+        return {}
+    earlier = json.loads(output.read_text(encoding="utf-8"))
+    config = earlier.get("config") if isinstance(earlier.get("config"), dict) else {}
+    before = {"checkpoint": str(Path(str(earlier.get("checkpoint"))).resolve()), **{key: config.get(key) for key in settings}}
+    now = {"checkpoint": str(Path(checkpoint).resolve()), **settings}
+    if before != now:
+        differ = ", ".join(f"{key} {before[key]} (now {now[key]})" for key in now if before[key] != now[key])
+        tasks = ", ".join(sorted(earlier.get("results") or {})) or "no task"
+        raise ArgumentError("{path} holds results of {tasks} made with {differ}; pass {force} to replace them, or write to "
+                            "another {output}", path=output, tasks=tasks, differ=differ)
+    return earlier
+
+
 def is_harness_results(path: Path) -> bool:
     """A results file `run_harness` wrote: a JSON object naming the checkpoint, its results and the settings."""
     try:
@@ -252,11 +269,14 @@ def _indexed_tasks(include_path: str | None, yaml_files: tuple[tuple[str, int], 
 
 def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = None, batch_size: int = 16,
                 device: str = "auto", dtype: str = "auto", tokenizer: Path | None = None, include_path: Path | None = None,
-                num_fewshot: int | None = None, output: Path | None = None, log_samples: bool = False) -> dict[str, Any] | None:
+                num_fewshot: int | None = None, output: Path | None = None, log_samples: bool = False,
+                force: bool = False) -> dict[str, Any] | None:
     """Evaluate `tasks` on a checkpoint; the harness's results dict on rank 0 (None on other ranks), also written
     to `output` as JSON when given. Under torchrun the ranks join one process group for the harness to split on.
     `log_samples` also writes each document's requests, responses and metrics, in the harness's own
-    samples_TASK_DATE.jsonl files (as `lm_eval --log_samples` does), beside `output`."""
+    samples_TASK_DATE.jsonl files (as `lm_eval --log_samples` does), beside `output`. An earlier results file there
+    made with the same settings keeps its other tasks' results (a task run again is replaced); one made with other
+    settings is refused unless `force`, as a --limit run would otherwise pass itself off as the full one's."""
     from lm_eval import simple_evaluate
 
     if limit is not None and not limit > 0:  # NaN too
@@ -269,8 +289,11 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
         raise ArgumentError("{num_fewshot} is {value}; expected 0 or more examples before each question", value=num_fewshot)
     if include_path is not None and not Path(include_path).exists():
         raise ArgumentError("{include_path} {path} does not exist; pass a folder (or a file) of task YAMLs", path=include_path)
+    settings = {"limit": limit, "num_fewshot": num_fewshot}
+    earlier: dict[str, Any] = {}
     if output is not None:
         claim_remade_output(Path(output), "harness results file", is_harness_results)
+        earlier = _earlier_results(Path(output), checkpoint, settings, force)
     manager = task_manager(include_path, tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -301,9 +324,11 @@ def run_harness(checkpoint: Path, tasks: list[str], limit: int | float | None = 
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             for task in results["configs"]:
                 tracker.save_results_samples(task_name=task, samples=samples[task])
-        summary = {"checkpoint": str(model.info.path), "step": model.info.metadata.get("step"), "results": results["results"],
-                   "versions": results.get("versions"), "n-samples": results.get("n-samples"),
-                   "config": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}}
+        summary = {"checkpoint": str(model.info.path), "step": model.info.metadata.get("step"),
+                   "results": {**earlier.get("results", {}), **results["results"]},
+                   "versions": {**(earlier.get("versions") or {}), **(results.get("versions") or {})},
+                   "n-samples": {**(earlier.get("n-samples") or {}), **(results.get("n-samples") or {})},
+                   "config": {**settings, "batch_size": batch_size}}
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         write_file_atomically(Path(output), json.dumps(summary, indent=2, default=str).encode())
     return results
