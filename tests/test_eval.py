@@ -364,3 +364,26 @@ def test_eval_loss_and_hellaswag_show_progress_on_a_terminal_and_nothing_in_a_pi
         assert main(argv) == 0
         monkeypatch.undo()
         assert bar in terminal.getvalue() and "<00:00" in terminal.getvalue()  # done, and the time it had left
+
+
+def test_the_reference_val_loss_is_drawn_only_beside_curves_it_compares_with():
+    """2.7095 is a per-token loss of the Llama 2 tokenizer on FineWeb-Edu: drawn for such runs alone, never beside a
+    512-token run's curve (which it would seem to lose to); legends name tokenizers by vocabulary and fingerprint."""
+    from minillama.eval.plot import REFERENCE_DATA, RunCurves, curves_figure, tokenizer_label
+    from minillama.tokenizer import LLAMA2_TOKENIZER_SHA256
+
+    def run(name, sha, vocab, data):
+        record = {"tokenizer_sha256": sha, "vocab_size": vocab, "data_source": data}
+        train = [{"step": s, "loss": 4.0 - s / 10, "tokens_seen": 8 * (s + 1)} for s in range(5)]
+        return RunCurves(name=name, tokenizer=tokenizer_label(record), tokens_per_step=8, train=train, run=record)
+
+    reference_like = run("big", LLAMA2_TOKENIZER_SHA256, 32000, REFERENCE_DATA)
+    small = run("tiny", "ab" * 32, 512, {"kind": "text"})
+
+    def has_reference_line(runs):
+        loss_ax = curves_figure(runs).axes[0]
+        return any("2.7095" in label for label in loss_ax.get_legend_handles_labels()[1])
+
+    assert has_reference_line([reference_like]) and not has_reference_line([reference_like, small])
+    assert not has_reference_line([small])
+    assert (reference_like.tokenizer, small.tokenizer) == ("Llama 2, vocab 32000", "vocab 512, sha256 abababab")

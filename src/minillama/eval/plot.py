@@ -57,7 +57,7 @@ def load_run(run_dir: Path) -> RunCurves:
         raise MiniLlamaError(f"{run_dir}/metrics.jsonl holds no records yet")
     usable = [r for r in records if all(_is_number(r.get(name)) for name in REQUIRED_NUMBERS.get(r["kind"], ()))]
     run = next((r for r in usable if r["kind"] == "run"), {})
-    tokenizer = f"{run.get('tokenizer', 'unknown tokenizer')}, vocab {run.get('vocab_size', '?')}"
+    tokenizer = tokenizer_label(run)
     return RunCurves(
         name=Path(run_dir).resolve().name, tokenizer=tokenizer, tokens_per_step=run.get("tokens_per_step"),
         train=[r for r in usable if r["kind"] == "train"],
@@ -65,6 +65,15 @@ def load_run(run_dir: Path) -> RunCurves:
         samples=[r for r in usable if r["kind"] == "samples" and isinstance(r.get("samples"), list)], run=run,
         sessions=[r for r in usable if r["kind"] == "session"],
     )
+
+
+def tokenizer_label(run: dict[str, Any]) -> str:
+    """A run's tokenizer by what tells tokenizers apart, its vocabulary size and fingerprint (two files named
+    tokenizer.model are alike by name only): "Llama 2, vocab 32000" or "vocab 512, sha256 1a2b3c4d"."""
+    vocab, fingerprint = run.get("vocab_size", "?"), run.get("tokenizer_sha256")
+    if fingerprint == LLAMA2_TOKENIZER_SHA256:
+        return f"Llama 2, vocab {vocab}"
+    return f"vocab {vocab}, sha256 {fingerprint[:8]}" if isinstance(fingerprint, str) else f"vocab {vocab}"
 
 
 def _without_partial_hellaswag(record: dict) -> dict:
@@ -166,7 +175,7 @@ def curves_figure(runs: list[RunCurves], smoothing: float = 0.9):
         hella = [r for r in run.evals if "hellaswag_acc_norm" in r]
         if hella:
             hella_ax.plot([r["step"] for r in hella], [r["hellaswag_acc_norm"] for r in hella], color=color, marker=".", label=run.name)
-    if any(run.like_reference for run in runs):
+    if all(run.like_reference for run in runs):  # per-token losses compare only within one tokenizer and data
         label, value = REFERENCE_VAL_LOSS
         _reference_line(loss_ax, 0, label, value, f"{value} (Llama 2 tokenizer, FineWeb-Edu)")
     loss_ax.set(title="Loss (per token; comparable only within a tokenizer)", xlabel="step", ylabel="loss (nats/token)")
