@@ -225,3 +225,17 @@ def test_gguf_export_refuses_in_one_line_and_changes_nothing(stories, tmp_path, 
     assert main(["export", "gguf", str(stories), str(tmp_path / "m.gguf")]) == 0
     assert main(["export", "gguf", str(stories), str(tmp_path / "m.gguf"), "--dtype", "f32", "--force"]) == 0
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.file_type"].contents() == 0
+
+
+def test_export_says_when_llama_cpp_will_tokenize_repeated_spaces_otherwise(stories, test_data, tmp_path, capsys):
+    """tok512 folds runs of spaces (SentencePiece's remove_extra_whitespaces); llama.cpp's SPM tokenizer does not,
+    so the export says so, and llama.cpp indeed splits 'a  b   c' otherwise. Llama 2's vocabulary keeps spaces."""
+    from minillama.interop.llamacpp import collapses_whitespace
+    from minillama.tokenizer import Tokenizer
+
+    assert main(["export", "gguf", str(stories), str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
+    assert "note: this SentencePiece model folds runs of spaces into one" in capsys.readouterr().err
+    tokenizer = load_checkpoint_tokenizer(load_checkpoint(stories)[1])
+    text = "a  b   c    d"
+    assert in_child(llama_cpp_child.tokenize, str(tmp_path / "m.gguf"), [text])[0] != tokenizer.encode(text)
+    assert not collapses_whitespace(Tokenizer(data_file(test_data, "llama2_tokenizer.model")))

@@ -326,7 +326,9 @@ def cmd_export_llama2c_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
-    from minillama.interop.llamacpp import export_gguf
+    from minillama.checkpoint import load_checkpoint_tokenizer, read_checkpoint_info
+    from minillama.interop.llamacpp import collapses_whitespace, export_gguf
+    from minillama.tokenizer import load_tokenizer
 
     checkpoint = _checkpoint_to_export(args)
     out, fell_back = export_gguf(checkpoint, Path(args.out), args.dtype, force=args.force,
@@ -334,6 +336,10 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
     if fell_back:
         print(f"note: {len(fell_back)} matrices have rows that are not a multiple of 32, which q8_0 needs; they are "
               f"stored as f16: {', '.join(fell_back)}", file=sys.stderr)
+    tokenizer = load_tokenizer(args.tokenizer_path) if args.tokenizer_path else load_checkpoint_tokenizer(read_checkpoint_info(checkpoint))
+    if collapses_whitespace(tokenizer):
+        print("note: this SentencePiece model folds runs of spaces into one (remove_extra_whitespaces); llama.cpp does not, "
+              "so text with repeated spaces tokenizes differently there", file=sys.stderr)
     print(f"wrote {out} from {checkpoint}")
 
 

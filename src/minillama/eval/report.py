@@ -70,7 +70,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         comparisons.append("HellaSwag " + ", ".join(f"{label} {value:.2%}" for label, value in REFERENCE_HELLASWAG)
                            + f" (chance {HELLASWAG_CHANCE:.0%})")
     lines += ["", "For comparison: " + "; ".join(comparisons) + ".", "", f"![training curves]({curves.name})", ""]
-    lines += harness_section(run_dir)
+    lines += harness_section(run_dir, any("hellaswag_acc_norm" in r for r in run.evals))
     if run.samples:
         last_samples = run.samples[-1]
         lines += [f"## Samples at step {last_samples['step']:,}", ""]
@@ -123,8 +123,9 @@ def curves_path(report: Path) -> Path:
     return image
 
 
-def harness_section(run_dir: Path) -> list[str]:
-    """The newest `minillama eval harness` results of the run (RUN_DIR/harness/step_N.json), as a table."""
+def harness_section(run_dir: Path, with_own_hellaswag: bool) -> list[str]:
+    """The newest `minillama eval harness` results of the run (RUN_DIR/harness/step_N.json), as a table; how its
+    HellaSwag differs from Mini Llama's own when the report shows both."""
     files = harness_results(run_dir)
     if not files:
         return []
@@ -133,10 +134,11 @@ def harness_section(run_dir: Path) -> list[str]:
         results = saved["results"]
     except (OSError, ValueError, KeyError, TypeError):
         return [f"(harness results in {files[-1]} cannot be read)", ""]
-    lines = [f"## lm-evaluation-harness, {files[-1].stem}", "",
-             "Mini Llama's own HellaSwag above is completion-style (mean loss per ending token); the harness's "
-             "hellaswag acc_norm normalises by the ending's length in bytes, so the two differ for the same model.", "",
-             "| task | metric | value | stderr |", "| --- | --- | --- | --- |"]
+    lines = [f"## lm-evaluation-harness, {files[-1].stem}", ""]
+    if with_own_hellaswag and any(task.startswith("hellaswag") for task in results):
+        lines += ["Mini Llama's own HellaSwag above is completion-style (mean loss per ending token); the harness's "
+                  "hellaswag acc_norm normalises by the ending's length in bytes, so the two differ for the same model.", ""]
+    lines += ["| task | metric | value | stderr |", "| --- | --- | --- | --- |"]
     for task, metrics in sorted(results.items()):
         for key, value in metrics.items():
             if "," not in key or key.startswith("alias") or "_stderr" in key or not isinstance(value, (int, float)):

@@ -99,6 +99,13 @@ def export_gguf(checkpoint: Path, out: Path, dtype: str = "f16", force: bool = F
     return out, fell_back
 
 
+def collapses_whitespace(tokenizer: Tokenizer) -> bool:
+    """Whether the SentencePiece model folds runs of spaces into one before tokenizing (its normalizer's
+    remove_extra_whitespaces, as llama2.c's tok512 has it): llama.cpp's SPM tokenizer does not fold them, so text
+    with repeated spaces tokenizes differently there."""
+    return tokenizer.encode("a  b", bos=False) == tokenizer.encode("a b", bos=False)
+
+
 def _add_hyperparameters(writer: Any, gguf: Any, config: ModelConfig, dtype: str, metadata: dict[str, Any]) -> None:
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
