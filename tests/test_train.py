@@ -5,6 +5,7 @@ import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -743,3 +744,26 @@ def test_the_hints_after_training_suggest_what_works_for_that_run():
     assert "eval hellaswag runs/mini-llama-109M  (downloads the validation file once)" in reference
     local = next_commands(load_train_config("configs/mini-llama-109M.toml", ["eval.hellaswag_file=hs.jsonl"]))
     assert "eval hellaswag runs/mini-llama-109M --data hs.jsonl" in local
+
+
+def test_the_tiny_config_trains_on_data_prepared_elsewhere_and_says_which_tokenizer_it_needs(tmp_path, data_dir, tokenizer,
+                                                                                             monkeypatch, capsys):
+    """configs/tiny.toml names data.files to prepare from; pointed at a folder already prepared (and its files not
+    here), it trains on that data, and without its tokenizer says which one (dry run and run alike)."""
+    from minillama.cli import main
+
+    config = str(Path("configs/tiny.toml").resolve())
+    monkeypatch.chdir(tmp_path)  # data/tinyshakespeare.txt is not here
+    base = ["train", "--config", config, "--set", f"data.dir={data_dir}", "--set", "model.vocab_size=320"]
+    for extra in (["--dry-run"], []):
+        assert main([*base, *extra]) == 2
+        assert capsys.readouterr().err == (
+            "minillama: error: data.tokenizer data/tiny/tokenizer.model does not exist, and data.files to train one on are "
+            f"not here (data/tinyshakespeare.txt: no such file); {data_dir} was prepared with a tokenizer of vocab 320 "
+            f"(sha256 {tokenizer.fingerprint[:12]}…): pass it with --set data.tokenizer=PATH\n")
+    run = ["--set", f"data.tokenizer={tokenizer.path}", "--set", "optim.max_steps=2", "--set", "optim.warmup_steps=1",
+           "--set", "batch.seq_len=64", "--set", "model.max_seq_len=64", "--set", "batch.total_tokens=512", "--set",
+           "batch.micro_batch=8", "--set", "eval.num_samples=0", "--set", "eval.val_tokens=512", "--set", "device=cpu",
+           "--set", "compile=false"]
+    assert main([*base, *run]) == 0
+    assert f"using the prepared data in {data_dir} (data.files are not here, and not needed)" in capsys.readouterr().out

@@ -37,17 +37,27 @@ def ready_data(data: DataConfig, tokenizer: Tokenizer, vocab_size: int, ctx: Dis
     """The prepared data directory, checked against model and tokenizer; prepared first when the config says so."""
     data_dir = Path(data.dir)
     manifest = read_manifest(data_dir)
+    complete = manifest is not None and manifest.get("complete")
+    source = None
     if data.auto_prepare:
-        source = FineWebEdu(data.subset) if data.source == "fineweb-edu" else LocalFiles(list(data.files), split_paragraphs=data.split_paragraphs)
+        try:
+            source = FineWebEdu(data.subset) if data.source == "fineweb-edu" else LocalFiles(list(data.files), split_paragraphs=data.split_paragraphs)
+        except MiniLlamaError:
+            if not complete:
+                raise
+            # The files it was prepared from are not here; the prepared data is all a run needs (checked below).
+            if ctx.is_main:
+                print(f"using the prepared data in {data_dir} (data.files are not here, and not needed)")
+    if source is not None:
         if manifest is not None and manifest["source"] != source.describe():
             raise MiniLlamaError(f"{data_dir} was prepared from {manifest['source']}, but the config names {source.describe()}; "
                                  "set another data.dir or delete this one")
-        if manifest is None or not manifest.get("complete"):
+        if not complete:
             if ctx.is_main:
                 prepare(source, data_dir, tokenizer, data.shard_tokens, data.val_tokens,
                         workers=min(data.prepare_workers, max_workers()))  # the config's is an upper bound
             barrier(ctx)
-    elif manifest is None or not manifest.get("complete"):
+    elif not complete:
         raise MiniLlamaError(f"{data_dir} holds no prepared data; make it with: {prepare_command(data)}  "
                              "(or --set data.auto_prepare=true)")
     check_data(data_dir, vocab_size, tokenizer.fingerprint)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minillama.data.shards import MANIFEST
+from minillama.data.shards import MANIFEST, read_manifest
+from minillama.data.sources import LocalFiles
 from minillama.errors import MiniLlamaError
 from minillama.files import require_regular_file
 from minillama.layout import CONFIG_FILE, is_run_dir
@@ -26,6 +27,23 @@ def check_run_paths(config: TrainConfig) -> None:
         require_regular_file(Path(tokenizer), "data.tokenizer")
         check_vocab(Tokenizer(tokenizer), config.model.vocab_size, "model.vocab_size",
                     "pass the matching --set data.tokenizer=PATH or --set model.vocab_size=N")
+    elif tokenizer and config.data.train_tokenizer:
+        _check_files_to_train_on(config)
+
+
+def _check_files_to_train_on(config: TrainConfig) -> None:
+    """A tokenizer to be trained needs data.files; when they are not here but data.dir is prepared, the tokenizer
+    those shards were made with is what the run needs, and the message says which."""
+    try:
+        LocalFiles(list(config.data.files))
+    except MiniLlamaError as exc:
+        manifest = read_manifest(Path(config.data.dir))
+        if manifest is None:
+            raise
+        made_with = manifest["tokenizer"]
+        raise MiniLlamaError(f"data.tokenizer {config.data.tokenizer} does not exist, and data.files to train one on are not "
+                             f"here ({exc}); {config.data.dir} was prepared with a tokenizer of vocab {made_with['vocab_size']} "
+                             f"(sha256 {made_with['fingerprint'][:12]}…): pass it with --set data.tokenizer=PATH") from None
 
 
 def _check_run_dir(run_dir: Path) -> None:
