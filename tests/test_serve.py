@@ -601,3 +601,19 @@ def test_logprobs_name_a_byte_token_that_is_a_whole_character_by_its_text(served
     status, answer = post(f"{served[0]}/v1/completions", {"prompt": [1, *newline], "max_tokens": 1, "echo": True,
                                                         "logprobs": 0, "temperature": 0})
     assert status == 200 and "\n" in answer["choices"][0]["logprobs"]["tokens"]
+
+
+def test_each_request_is_one_access_log_line_with_status_time_and_tokens_but_no_text(served, caplog):
+    import logging
+    import re
+
+    _, _, tokenizer = served
+    caplog.set_level(logging.INFO, logger="minillama.serve.access")
+    assert post(f"{served[0]}/v1/completions", {"prompt": "Tim the secret", "max_tokens": 3, "temperature": 0})[0] == 200
+    assert post(f"{served[0]}/v1/completions", {"prompt": "hi", "n": 100})[0] == 400
+    lines = [r.getMessage() for r in caplog.records if r.name == "minillama.serve.access"]
+    prompt_tokens = len(tokenizer.encode("Tim the secret", bos=True))
+    assert re.fullmatch(r'127\.0\.0\.1:\d+ - "POST /v1/completions HTTP/1\.1" 200 \d+\.\d\d s, tokens '
+                        rf"{prompt_tokens} in 3 out", lines[-2]), lines
+    assert re.fullmatch(r'127\.0\.0\.1:\d+ - "POST /v1/completions HTTP/1\.1" 400 \d+\.\d\d s', lines[-1]), lines
+    assert not any("secret" in line for line in lines)

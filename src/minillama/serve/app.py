@@ -17,6 +17,7 @@ import asyncio
 import html
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
@@ -57,6 +58,7 @@ from minillama.serve.protocol import (
 from minillama.serve.worker import EngineWorker, Job
 from minillama.tokenizer import Tokenizer
 
+ACCESS_LOG = logging.getLogger("minillama.serve.access")  # one line per request; `serve` sends it to stderr
 MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 16 << 20  # a larger body is not even read
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -123,6 +125,19 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started, status = time.monotonic(), [0]
+
+        async def send_noting_status(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_noting_status)
+        finally:
+            ACCESS_LOG.info(access_line(scope, status[0], time.monotonic() - started))
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         host = _hostname(headers.get("host", ""))
         if not self.any_host and host not in self.allowed:
@@ -157,6 +172,18 @@ class RequestGuard:
             return await receive()  # after the body: the disconnect a streaming response listens for
 
         return await self.app(scope, replay, send)
+
+
+def access_line(scope: Scope, status: int, seconds: float) -> str:
+    """One request as uvicorn's access log writes it, with the time it took and, for a completion, its tokens in and
+    out (never the prompt's text): 127.0.0.1:50512 - "POST /v1/completions HTTP/1.1" 200 0.41 s, tokens 12 in 16 out."""
+    client = scope.get("client") or ("-", 0)
+    line = f'{client[0]}:{client[1]} - "{scope["method"]} {scope["path"]} HTTP/{scope.get("http_version", "1.1")}" {status} {seconds:.2f} s'
+    usage = (scope.get("state") or {}).get("usage")
+    if usage is not None:
+        counted = usage()
+        line += f", tokens {counted['prompt_tokens']} in {counted['completion_tokens']} out"
+    return line
 
 
 def _hostname(host_header: str) -> str:
@@ -280,6 +307,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     job = Job([_engine_request(serving, body, ids, index) for index, ids in enumerate(prompts)], asyncio.get_running_loop())
     serving.worker.submit(job)
     reply = Reply(serving, body, job, prompt_texts)
+    request.state.usage = reply.usage  # for the access log, read once the response is sent
     if body.stream:
         return StreamingResponse(reply.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return JSONResponse(await reply.whole())
@@ -356,7 +384,7 @@ class Reply:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.serving.model_name,
                 "choices": choices, **extra}
 
-    def _usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, int]:
         prompt_tokens = sum(len(r.prompt) for r in self.job.requests)  # each prompt once, however many completions it has
         completion_tokens = sum(len(c.tokens) for c in self.job.completions)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
@@ -386,7 +414,7 @@ class Reply:
                 logprobs = choice_logprobs(self.serving.tokenizer, completion, bool(self.body.echo), self.prompt_texts[index])
             choices.append({"text": echoed + completion.text, "index": index, "logprobs": logprobs,
                             "finish_reason": completion.finish_reason})
-        return self._chunk(choices, usage=self._usage())
+        return self._chunk(choices, usage=self.usage())
 
     async def stream(self) -> AsyncIterator[str]:
         # As OpenAI: with include_usage every chunk says usage null, and one more chunk, without choices, has it.
@@ -399,7 +427,7 @@ class Reply:
                 started.add(index)
                 yield f"data: {json.dumps(self._chunk([choice], **per_chunk))}\n\n"
             if include_usage:
-                yield f"data: {json.dumps(self._chunk([], usage=self._usage()))}\n\n"
+                yield f"data: {json.dumps(self._chunk([], usage=self.usage()))}\n\n"
             yield "data: [DONE]\n\n"
         except ServerError as exc:
             yield f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
@@ -477,6 +505,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
                        on_stop=lambda reason: (stopped.append(reason), setattr(server, "should_exit", True)),
                        start_prompt=first_eval_prompt(info.metadata)),
             timeout_graceful_shutdown=60))
+        _log_requests_to_stderr()
         shown = f"[{host}]" if ":" in host else host
         print(f"using {info.path}; serving {name} on http://{shown}:{listening.getsockname()[1]} (playground at /, API at "
               "/v1/completions, metrics at /metrics)", file=sys.stderr)
@@ -487,6 +516,14 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
         listening.close()
     if stopped:
         raise SystemExit(f"minillama: the engine stopped ({stopped[0]}); the server exited")
+
+
+def _log_requests_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ACCESS_LOG.addHandler(handler)
+    ACCESS_LOG.setLevel(logging.INFO)
+    ACCESS_LOG.propagate = False
 
 
 def first_eval_prompt(metadata: dict) -> str:
