@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, through the official `openai` client and raw HTTP, on a free localhost port."""
 
+import contextlib
 import json
 import shutil
 import signal
@@ -341,20 +342,31 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits(stories, tmp_path):
         process.kill()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs Debian's chromium and chromium-driver")
-def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
-    """Headless Chromium opens the page, types a prompt, presses Generate, and the streamed text appears."""
+@contextlib.contextmanager
+def headless_chrome(tmp_path):
+    """Debian's Chromium, headless, driven by selenium; closed after the block."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    url, model, tokenizer = served
     options = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
     try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs Debian's chromium and chromium-driver")
+def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
+    """Headless Chromium opens the page, types a prompt, presses Generate, and the streamed text appears, each token
+    also shown with its log-probability."""
+    pytest.importorskip("selenium.webdriver", reason="needs selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, model, tokenizer = served
+    with headless_chrome(tmp_path) as driver:
         driver.get(url)
         for field, value in (("prompt", "Once upon a time"), ("max_tokens", "12"), ("temperature", "0")):
             element = driver.find_element(By.ID, field)
@@ -365,6 +377,7 @@ def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
         driver.save_screenshot(str(tmp_path / "playground.png"))  # an artifact beside the test, never in git
         shown = driver.find_element(By.ID, "completion").text
         status = driver.find_element(By.ID, "status").text
+        tokens = driver.execute_script("return [...document.querySelectorAll('#tokens .token')].map(t => [t.textContent, t.title])")
         max_tokens = driver.find_element(By.ID, "max_tokens")
         max_tokens.clear()
         max_tokens.send_keys("100000")  # past the context, refused by the server: the page says so, in the error colour
@@ -372,11 +385,53 @@ def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
         WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("error"))
         error = driver.find_element(By.ID, "status")
         error_colour, error_class = error.value_of_css_property("color"), error.get_attribute("class")
-    finally:
-        driver.quit()
     assert error_class == "error" and error_colour == "rgba(176, 0, 32, 1)"
     expected = generate(model, tokenizer, "Once upon a time", num_samples=1, max_new_tokens=12, temperature=0, top_k=None)[0]
     assert shown == expected.strip() and status == "finished: length"
+    assert len(tokens) == 12 and "".join(text for text, _ in tokens).strip() == expected.strip()
+    assert all(title.startswith("log-probability -") and "likeliest: " in title for _, title in tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs Debian's chromium and chromium-driver")
+def test_playground_stops_a_generation_keys_and_keeps_labels_beside_their_inputs(served, tmp_path):
+    """Generate is disabled while a long generation streams; Stop ends it (the server frees its row) and enables
+    Generate again; Ctrl-Enter in the prompt generates; at a phone's, a laptop's and a desktop's width every label
+    stays one box on one line with its input."""
+    pytest.importorskip("selenium.webdriver", reason="needs selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = served[0]
+    with headless_chrome(tmp_path) as driver:
+        driver.get(url)
+        for field, value in (("prompt", "Once"), ("max_tokens", "400"), ("temperature", "1")):
+            element = driver.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_element(By.ID, "completion").text) > 0)
+        during = [driver.find_element(By.ID, name).is_enabled() for name in ("generate", "stop")]
+        driver.find_element(By.ID, "stop").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text == "stopped")
+        after = [driver.find_element(By.ID, name).is_enabled() for name in ("generate", "stop")]
+        wait_until_running(url, 0)  # the aborted stream's row is freed
+        prompt = driver.find_element(By.ID, "prompt")
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("5")
+        prompt.send_keys(Keys.CONTROL, Keys.ENTER)
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("finished"))
+        layouts = {}
+        for width in (390, 800, 1280):
+            driver.set_window_size(width, 900)
+            layouts[width] = driver.execute_script(
+                "return [...document.querySelectorAll('label')].map(l => { const input = l.querySelector('input').getBoundingClientRect();"
+                " const box = l.getBoundingClientRect(); return l.getClientRects().length === 1 && input.top >= box.top - 1 &&"
+                " input.bottom <= box.bottom + 1 && box.height < 2 * input.height; })")
+        driver.save_screenshot(str(tmp_path / "playground_narrow.png"))
+    assert during == [False, True] and after == [True, False]
+    assert all(all(fits) and len(fits) == 5 for fits in layouts.values()), layouts
 
 
 @pytest.mark.slow
