@@ -395,7 +395,7 @@ def test_a_run_says_what_it_did_keeps_config_history_and_refuses_a_meaningless_r
     train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *short)))
     out = capsys.readouterr().out
     assert f"finished 4 of 8 steps; final checkpoint {run_dir / 'checkpoints' / 'step_0000004'}" in out
-    assert f"minillama generate {run_dir} " in out and f"minillama eval loss {run_dir}   |" in out
+    assert f"minillama generate {run_dir} " in out and f"  evaluate: minillama eval loss {run_dir}\n" in out
 
     before = snapshot(run_dir)
     train(load_train_config("configs/tiny.toml", tiny_run(tmp_path, data_dir, tokenizer, *short)))  # the same run again
