@@ -356,6 +356,16 @@ def headless_chrome(tmp_path):
         driver.quit()
 
 
+def fill_in(driver, **fields: str) -> None:
+    """Type each value into the page's field of that id, replacing what it held."""
+    from selenium.webdriver.common.by import By
+
+    for field, value in fields.items():
+        element = driver.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs Debian's chromium and chromium-driver")
 def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
@@ -368,10 +378,7 @@ def test_playground_streams_into_the_page_in_a_real_browser(served, tmp_path):
     url, model, tokenizer = served
     with headless_chrome(tmp_path) as driver:
         driver.get(url)
-        for field, value in (("prompt", "Once upon a time"), ("max_tokens", "12"), ("temperature", "0")):
-            element = driver.find_element(By.ID, field)
-            element.clear()
-            element.send_keys(value)
+        fill_in(driver, prompt="Once upon a time", max_tokens="12", temperature="0")
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("finished"))
         driver.save_screenshot(str(tmp_path / "playground.png"))  # an artifact beside the test, never in git
@@ -406,10 +413,7 @@ def test_playground_stops_a_generation_keys_and_keeps_labels_beside_their_inputs
     url = served[0]
     with headless_chrome(tmp_path) as driver:
         driver.get(url)
-        for field, value in (("prompt", "Once"), ("max_tokens", "400"), ("temperature", "1")):
-            element = driver.find_element(By.ID, field)
-            element.clear()
-            element.send_keys(value)
+        fill_in(driver, prompt="Once", max_tokens="400", temperature="1")
         driver.find_element(By.ID, "generate").click()
         WebDriverWait(driver, 60).until(lambda d: len(d.find_element(By.ID, "completion").text) > 0)
         during = [driver.find_element(By.ID, name).is_enabled() for name in ("generate", "stop")]
