@@ -86,9 +86,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer | MuonWithAdamW, state
         now = [named[index[id(p)]][0] for g in optimizer.param_groups for p in g["params"]]
         at = {name: i for i, name in enumerate(before)}
         state = {"state": {i: state["state"][at[name]] for i, name in enumerate(now) if at[name] in state["state"]},
-                 "param_groups": [{**g, "params": list(range(sum(len(h["params"]) for h in optimizer.param_groups[:k]),
-                                                             sum(len(h["params"]) for h in optimizer.param_groups[:k + 1])))}
-                                  for k, g in enumerate(optimizer.state_dict()["param_groups"])]}
+                 "param_groups": optimizer.state_dict()["param_groups"]}  # today's groups, numbered in the same order
     optimizer.load_state_dict(state)
 
 
